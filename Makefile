@@ -1,0 +1,43 @@
+# Every target installs what it needs first, so `make demo` and `make test` work on a fresh
+# Debian 12 machine as root and are cheap to repeat.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := python3 python3-venv python3-pip etcd-server etcd-client iproute2 util-linux
+STAMP_APT := .deps-apt
+STAMP_VENV := $(VENV)/.installed
+
+.PHONY: deps test lint unit demo bench lab-down clean
+
+deps: $(STAMP_APT) $(STAMP_VENV)
+
+$(STAMP_APT):
+	DEBIAN_FRONTEND=noninteractive apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	touch $@
+
+$(STAMP_VENV): pyproject.toml $(STAMP_APT)
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+lint: deps
+	$(VENV)/bin/ruff check .
+
+unit: deps
+	$(VENV)/bin/pytest -q tests/unit
+
+test: deps lint
+	$(VENV)/bin/pytest -v -rs tests
+
+demo: deps
+	$(PY) compose/demo
+
+bench: deps
+	$(PY) bench/failover
+
+lab-down: deps
+	$(PY) compose/lab down
+
+clean: lab-down
+	rm -rf $(VENV) $(STAMP_APT)

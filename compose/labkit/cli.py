@@ -1,0 +1,122 @@
+"""`compose/lab` command line: thin wrapper over Lab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from .errors import LabError
+from .lab import Lab
+from .topology import MEMBERS, NODES
+
+USAGE = """usage: lab COMMAND ...
+  up [--heartbeat-ms N] [--election-ms N] [--timeout S]
+  down | status | leader
+  kill-node NODE | revive-node NODE | partition-node NODE | heal [NODE]
+  kill-etcd N | start-etcd N
+  exec NAME -- ARGV...        NAME: {names}
+  etcdctl ARGS...             (client namespace, all three endpoints)
+State dir: $NFSHA_LAB_DIR (default /run/nfsha-lab).""".format(names="|".join(MEMBERS))
+
+
+def _passthrough(argv: list[str]) -> int:
+    # Interactive commands keep our stdin/stdout/stderr; their exit code becomes ours.
+    return subprocess.run(argv, check=False).returncode
+
+
+def _exec(rest: list[str]) -> int:
+    if not rest:
+        raise LabError("exec needs NAME -- ARGV...")
+    name, argv = rest[0], rest[1:]
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        raise LabError("exec needs a command after NAME --")
+    return _passthrough(Lab.attach().ns_cmd(name, argv))
+
+
+def _etcdctl(rest: list[str]) -> int:
+    proc = Lab.attach().etcdctl(*rest, check=False, timeout=3600)
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    return proc.returncode
+
+
+def _up(rest: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lab up")
+    parser.add_argument("--heartbeat-ms", type=int, default=50)
+    parser.add_argument("--election-ms", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    opts = parser.parse_args(rest)
+    started = time.monotonic()
+    lab = Lab(heartbeat_ms=opts.heartbeat_ms, election_ms=opts.election_ms)
+    lab.up(timeout=opts.timeout)
+    print(f"lab up in {time.monotonic() - started:.1f}s (state {lab.state_dir})")
+    return 0
+
+
+def _one_arg(command: str, rest: list[str], allowed: list[str], optional: bool = False) -> str | None:
+    if not rest and optional:
+        return None
+    if len(rest) != 1 or rest[0] not in allowed:
+        raise LabError(f"{command} needs one of: {' '.join(allowed)}")
+    return rest[0]
+
+
+def _simple(command: str, rest: list[str]) -> int:
+    lab = Lab.attach()
+    nodes, members = list(NODES), ["1", "2", "3"]
+    if command == "down":
+        started = time.monotonic()
+        lab.down()
+        print(f"lab down in {time.monotonic() - started:.1f}s")
+    elif command == "status":
+        print(json.dumps(lab.status(), indent=2))
+    elif command == "leader":
+        print(f"etcd{lab.etcd_leader()}")
+    elif command == "kill-node":
+        node = str(_one_arg(command, rest, nodes))
+        print(f"killed {node}: pids {lab.kill_node(node)}")
+    elif command == "revive-node":
+        lab.revive_node(str(_one_arg(command, rest, nodes)))
+    elif command == "partition-node":
+        lab.partition_node(str(_one_arg(command, rest, nodes)))
+    elif command == "heal":
+        lab.heal(_one_arg(command, rest, nodes, optional=True))
+    elif command == "kill-etcd":
+        index = int(str(_one_arg(command, rest, members)))
+        pid = lab.etcd_pid(index)
+        lab.kill_etcd_member(index)
+        print(f"etcd{index} (pid {pid}) killed" if pid else f"etcd{index} was not running")
+    elif command == "start-etcd":
+        print(lab.start_etcd_member(int(str(_one_arg(command, rest, members)))))
+    else:
+        print(USAGE, file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    try:
+        # exec/etcdctl take raw argv (flags included), so they bypass argparse.
+        if command == "exec":
+            return _exec(rest)
+        if command == "etcdctl":
+            return _etcdctl(rest)
+        if command == "up":
+            return _up(rest)
+        return _simple(command, rest)
+    except LabError as exc:
+        print(f"lab {command}: {exc}", file=sys.stderr)
+        return 1

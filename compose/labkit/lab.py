@@ -1,0 +1,322 @@
+"""The Lab facade: build, inspect, break and tear down the namespace lab."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from . import build, etcd, faults, mntns, netns, procs
+from .errors import LabError
+from .nscmd import netns_exec, node_enter
+from .probe import probe_argv
+from .report import node_report
+from .runner import DEFAULT_TIMEOUT, run
+from .state import StateDir, forget_proc, read_pidfile, record_proc, resolve_state_dir
+from .topology import ETCD_MEMBERS, MEMBERS, NODES, Member, client_url, etcd_member, lab_namespaces
+
+
+class Lab:
+    """Three etcd members, three nfs-ha nodes and a client on one bridge, all in namespaces.
+
+    Host names: ``node-a``, ``node-b``, ``node-c`` (10.77.0.21-23), ``client`` (10.77.0.50),
+    ``etcd1``..``etcd3`` (10.77.0.11-13). Nodes run in their network namespace *and* a
+    persistent private mount namespace (own /sys, own tmpfs on /run/nfs-ha); other hosts run
+    via ``ip netns exec``. All state (pids, logs, etcd data, namespace pins) lives in
+    ``state_dir`` ($NFSHA_LAB_DIR, default /run/nfsha-lab), so a later process can act on a
+    running lab (see ``Lab.attach``).
+    """
+
+    def __init__(
+        self, state_dir: str | os.PathLike[str] | None = None, heartbeat_ms: int = 50, election_ms: int = 500
+    ) -> None:
+        self.state = StateDir(resolve_state_dir(state_dir))
+        self.heartbeat_ms = heartbeat_ms
+        self.election_ms = election_ms
+        # Our own children, kept so they get reaped instead of lingering as zombies.
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    @classmethod
+    def attach(cls, state_dir: str | os.PathLike[str] | None = None) -> Lab:
+        """Lab object for an already running lab, with the etcd timings its `up` recorded."""
+        lab = cls(state_dir)
+        config = lab.state.read_config()
+        lab.heartbeat_ms = int(config.get("heartbeat_ms", lab.heartbeat_ms))
+        lab.election_ms = int(config.get("election_ms", lab.election_ms))
+        return lab
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state.root
+
+    # ----- names and commands -------------------------------------------------------------
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """["http://10.77.0.11:2379", "http://10.77.0.12:2379", "http://10.77.0.13:2379"]."""
+        return list(etcd.ENDPOINTS)
+
+    @property
+    def etcd_endpoints_arg(self) -> str:
+        """The endpoints comma-joined, as etcdctl --endpoints wants them."""
+        return ",".join(etcd.ENDPOINTS)
+
+    def node_cmd(self, node: str, argv: list[str]) -> list[str]:
+        """argv running ``argv`` in the node's network + persistent mount namespace (cwd "/")."""
+        return node_enter(_node(node), str(self.state.mntns_file(node)), list(argv))
+
+    def client_cmd(self, argv: list[str]) -> list[str]:
+        """argv running ``argv`` in the client namespace."""
+        return netns_exec(MEMBERS["client"], list(argv))
+
+    def ns_cmd(self, name: str, argv: list[str]) -> list[str]:
+        """argv running ``argv`` in any lab host (node, client or etcdN)."""
+        if name in NODES:
+            return self.node_cmd(name, argv)
+        return netns_exec(_member(name), list(argv))
+
+    def run(
+        self, name: str, argv: list[str], check: bool = True, timeout: float = DEFAULT_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in host ``name``, text output captured; CommandError if check and rc != 0."""
+        return run(self.ns_cmd(name, argv), check=check, timeout=timeout)
+
+    def etcdctl(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        endpoints: list[str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """``etcdctl --endpoints=<all three, or endpoints> ARGS`` (API v3) from the client ns."""
+        env = {**os.environ, "ETCDCTL_API": "3"}
+        argv = etcd.etcdctl_argv(list(args), endpoints)
+        return run(self.client_cmd(argv), check=check, timeout=timeout, env=env)
+
+    def probe(self, name: str, ip: str, port: int, timeout: float = 1.0) -> str:
+        """TCP connect from host ``name`` (the lab has no ping): "open" or "refused" (both mean
+        reachable), "timeout", or "error:<ERRNO>" (e.g. "error:EINVAL" through a blackhole)."""
+        return self.run(name, probe_argv(ip, port, timeout), timeout=timeout + 10).stdout.strip()
+
+    def mac_of(self, node: str) -> str:
+        """MAC address of eth0 in that node, lowercase aa:bb:cc:dd:ee:ff."""
+        return netns.mac_of(_node(node).ns)
+
+    # ----- lifecycle -----------------------------------------------------------------------
+
+    def up(self, timeout: float = 30.0) -> None:
+        """Clean leftovers of any earlier run, build the lab, wait for a healthy etcd cluster.
+
+        Raises LabError (with the etcd log tails) if etcd is not healthy within ``timeout``;
+        the half-built lab is then left for inspection and ``down()`` removes it.
+        """
+        self.down()
+        self.state.make()
+        self.state.write_config({"heartbeat_ms": self.heartbeat_ms, "election_ms": self.election_ms})
+        build.build_hosts(self.state)
+        for member in ETCD_MEMBERS.values():
+            self._start_etcd(member, new=True)
+        etcd.wait_healthy(self._etcdctl_nocheck, self.state, timeout, self._all_etcd_alive)
+
+    def down(self) -> None:
+        """Kill every process in any nfsha-* namespace (by PID, found via namespace inodes),
+        unpin the node mount namespaces, delete the namespaces, remove the state dir.
+        Idempotent and copes with a killed run's leftovers; raises LabError only if a lab mount
+        cannot be removed."""
+        build.teardown(self.state)
+        for pid, proc in list(self._children.items()):
+            if proc.poll() is not None:
+                del self._children[pid]
+
+    def status(self) -> dict[str, Any]:
+        """Snapshot: {"up": bool, "state_dir", "namespaces": {ns: exists}, "etcd": {name: {ip,
+        pid, alive}}, "nodes": {node: {ip, mac, link_up, switch_port_up, partitioned_from,
+        mntns, pids, spawned}}}. "up" means every namespace exists and etcd is healthy."""
+        present = set(netns.existing_lab_namespaces())
+        result: dict[str, Any] = {
+            "state_dir": str(self.state.root),
+            "namespaces": {ns: ns in present for ns in lab_namespaces()},
+            "etcd": {},
+            "nodes": {node: node_report(m, self.state, present) for node, m in NODES.items()},
+        }
+        for name, member in ETCD_MEMBERS.items():
+            pid = self._etcd_pid(member)
+            result["etcd"][name] = {"ip": member.ip, "pid": pid, "alive": pid is not None}
+        healthy = all(result["namespaces"].values()) and self._all_etcd_alive()
+        if healthy:
+            healthy = self._etcdctl_nocheck([*etcd.POLL_FLAGS, "endpoint", "health"]).returncode == 0
+        result["up"] = healthy
+        return result
+
+    # ----- processes -----------------------------------------------------------------------
+
+    def spawn(
+        self, name: str, argv: list[str], log_path: str | os.PathLike[str], env: dict[str, str] | None = None
+    ) -> int:
+        """Start ``argv`` detached (own session) in host ``name``; stdout+stderr appended to
+        ``log_path``; ``env`` entries are added to the current environment. Returns the pid
+        once the process is inside the host's namespaces; it is recorded under
+        STATE/procs/<name>/ and found again by kill_node and down."""
+        cmd = self.ns_cmd(name, argv)
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **env} if env else None,
+            )
+        self._children[proc.pid] = proc
+        record_proc(self.state.procs_dir(name), proc.pid, {"argv": list(argv), "log": str(log_path)})
+        self._wait_entered(name, proc.pid)
+        return proc.pid
+
+    def stop(self, pid: int, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int | None:
+        """Send ``sig`` to a lab process, wait for it, SIGKILL after ``timeout``.
+
+        Returns the exit code (negative = killed by that signal) when known, i.e. when it is
+        our child; otherwise /proc is polled and None returned. Refuses (LabError) a live pid
+        that is neither our child nor inside a lab namespace.
+        """
+        popen = self._children.pop(pid, None)
+        if popen is None and procs.is_alive(pid) and pid not in build.lab_pids(self.state):
+            raise LabError(f"pid {pid} is not a lab process; not signalling it")
+        code = procs.stop(pid, sig, timeout, popen)
+        forget_proc(self.state, pid)
+        return code
+
+    def pids(self, name: str) -> list[int]:
+        """PIDs of every process now living in host ``name``'s network namespace."""
+        inode = procs.ns_inode(_member(name).netns_path)
+        return procs.pids_in_namespaces([inode] if inode is not None else [])
+
+    # ----- node faults ---------------------------------------------------------------------
+
+    def kill_node(self, node: str) -> list[int]:
+        """Crash a node: both ends of its cable down, SIGKILL everything in its namespaces, and
+        (a crash loses mounts) a fresh mount namespace replaces the old one. Returns the
+        killed pids. ``revive_node`` plugs the cable back in."""
+        killed = faults.crash(_node(node), self.state)
+        for pid in killed:
+            self._children.pop(pid, None)
+            forget_proc(self.state, pid)
+        return killed
+
+    def revive_node(self, node: str) -> None:
+        """Both link ends up again; addresses and routes were kept."""
+        faults.revive(_node(node))
+
+    def partition_node(self, node: str) -> None:
+        """Cut the node off from etcd (blackhole /32 routes to each member, so connects fail
+        at once with EINVAL) while the client and the other nodes still reach it."""
+        faults.partition(_node(node))
+
+    def heal(self, node: str | None = None) -> None:
+        """Remove the etcd blackhole routes and bring both link ends up, for ``node`` or all."""
+        for member in [_node(node)] if node else NODES.values():
+            faults.heal(member)
+
+    # ----- etcd members --------------------------------------------------------------------
+
+    def kill_etcd_member(self, index: int, sig: int = signal.SIGKILL) -> int | None:
+        """Stop etcd member ``index`` (1..3), SIGKILL by default (a crash). Returns its exit
+        code when known (our child); None if it was not running or not ours."""
+        member = etcd_member(index)
+        pid = self._etcd_pid(member)
+        if pid is None:
+            return None
+        code = procs.stop(pid, sig, 5.0, self._children.pop(pid, None))
+        self.state.etcd_pidfile(member.name).unlink(missing_ok=True)
+        return code
+
+    def start_etcd_member(self, index: int, wait: bool = True, timeout: float = 20.0) -> int:
+        """(Re)start member ``index`` on its existing data dir (--initial-cluster-state
+        existing); with ``wait``, block until it answers health checks. Returns its pid."""
+        member = etcd_member(index)
+        pid = self._etcd_pid(member)
+        if pid is None:
+            pid = self._start_etcd(member, new=False)
+        if wait:
+            self._wait_member_healthy(member, timeout)
+        return pid
+
+    def etcd_pid(self, index: int) -> int | None:
+        """PID of etcd member ``index`` (1..3) if it is running, else None."""
+        return self._etcd_pid(etcd_member(index))
+
+    def etcd_leader(self) -> int:
+        """Index (1..3) of the current etcd leader (asked from the client namespace);
+        LabError if no reachable member claims leadership right now."""
+        proc = self.etcdctl(*etcd.POLL_FLAGS, "endpoint", "status", "-w", "json", check=False)
+        return etcd.leader_index(proc.stdout)
+
+    def wait_etcd_leader(self, timeout: float = 10.0) -> int:
+        """Poll until some reachable member reports itself leader; its index (1..3).
+
+        After the leader dies, writes sent before a new election are dropped by etcd and
+        hang for the full request timeout (~5 s), so fault tests should wait here first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.etcd_leader()
+            except LabError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    # ----- internals -----------------------------------------------------------------------
+
+    def _start_etcd(self, member: Member, new: bool) -> int:
+        proc = etcd.start_member(member, self.state, self.heartbeat_ms, self.election_ms, new)
+        self._children[proc.pid] = proc
+        self._wait_entered(member.name, proc.pid)
+        return proc.pid
+
+    def _wait_entered(self, name: str, pid: int) -> None:
+        # Return only once the process is inside the host, so kill_node/down can find it.
+        pin = self.state.mntns_file(name)
+        mnt = procs.ns_inode(pin) if name in NODES and mntns.is_pinned(pin) else None
+        procs.wait_entered(pid, procs.ns_inode(_member(name).netns_path), mnt)
+
+    def _etcd_pid(self, member: Member) -> int | None:
+        """Recorded pid if that process is alive *and* inside the member's namespace."""
+        pid = read_pidfile(self.state.etcd_pidfile(member.name))
+        inode = procs.ns_inode(member.netns_path)
+        if pid is None or inode is None or not procs.is_alive(pid):
+            return None
+        return pid if pid in procs.pids_in_namespaces([inode]) else None
+
+    def _all_etcd_alive(self) -> bool:
+        return all(self._etcd_pid(m) is not None for m in ETCD_MEMBERS.values())
+
+    def _etcdctl_nocheck(self, args: list[str]) -> subprocess.CompletedProcess[str]:
+        return self.etcdctl(*args, check=False)
+
+    def _wait_member_healthy(self, member: Member, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.etcdctl(*etcd.POLL_FLAGS, "endpoint", "health", check=False,
+                                endpoints=[client_url(member)])
+            if proc.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise LabError(f"{member.name} not healthy within {timeout}s\n{etcd.log_tail(self.state)}")
+
+
+def _member(name: str) -> Member:
+    try:
+        return MEMBERS[name]
+    except KeyError:
+        raise LabError(f"unknown lab host {name!r}; expected one of {', '.join(MEMBERS)}") from None
+
+
+def _node(node: str) -> Member:
+    if node not in NODES:
+        raise LabError(f"unknown node {node!r}; expected one of {', '.join(NODES)}")
+    return NODES[node]

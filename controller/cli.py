@@ -1,0 +1,130 @@
+"""The operator CLI: `nfs-ha status` and `nfs-ha move`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from controller.keyspace import DEFAULT_PREFIX, InvalidName, Keyspace, check_name
+from controller.spec import SpecError, parse_intent, parse_spec
+from controller.store import EtcdStore, StoreError
+from controller.view import ClusterView
+
+
+def collect(view: ClusterView) -> dict[str, Any]:
+    """Everything `status` shows, as plain data."""
+    live = view.live_nodes()
+    vfs_rows = []
+    held: dict[str, list[str]] = {}
+    known_nodes = set(live)
+    for name in view.vfs_names():
+        config = view.config(name)
+        owner = view.owner(name)
+        status = view.status(name) or {}
+        if config.spec:
+            known_nodes.update(config.spec.candidates)
+        if owner:
+            held.setdefault(owner.node, []).append(name)
+        errors = [e for e in (config.error, status.get("error", "")) if e]
+        if len(errors) == 2 and errors[0] in errors[1]:
+            errors = errors[1:]  # the status already says it
+        vfs_rows.append({
+            "vfs": name,
+            "vip": config.spec.vip_cidr if config.spec else status.get("vip"),
+            "owner": owner.node if owner else None,
+            "phase": status.get("phase", "unplaced"),
+            "epoch": owner.epoch if owner else None,
+            "intent": view.raw_intent(name),
+            "error": "; ".join(dict.fromkeys(errors)),
+            "status_updated": status.get("updated"),
+        })
+    node_rows = []
+    for node in sorted(known_nodes):
+        info = live.get(node)
+        node_rows.append({
+            "node": node, "alive": info is not None, "vfs": sorted(held.get(node, [])),
+            "backoff": (info or {}).get("backoff") or {}, "addresses": (info or {}).get("addresses", []),
+        })
+    return {"revision": view.revision, "vfs": vfs_rows, "nodes": node_rows}
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def render(data: dict[str, Any]) -> str:
+    vfs = [["VFS", "VIP", "OWNER", "PHASE", "EPOCH", "INTENT", "ERROR"]]
+    for r in data["vfs"]:
+        vfs.append([r["vfs"], r["vip"] or "-", r["owner"] or "-", r["phase"], str(r["epoch"] or "-"),
+                    r["intent"] or "-", r["error"] or "-"])
+    nodes = [["NODE", "ALIVE", "VFS", "BACKOFF"]]
+    for r in data["nodes"]:
+        backoff = "; ".join(f"{k}: {v}" for k, v in r["backoff"].items()) or "-"
+        nodes.append([r["node"], "yes" if r["alive"] else "no", ",".join(r["vfs"]) or "-", backoff])
+    return _table(vfs) + "\n\n" + _table(nodes)
+
+
+def cmd_status(store: EtcdStore, ks: Keyspace, args: argparse.Namespace) -> int:
+    revision, keys = store.load(ks.root)
+    data = collect(ClusterView(ks, revision, keys))
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else render(data))
+    return 0
+
+
+def cmd_move(store: EtcdStore, ks: Keyspace, args: argparse.Namespace) -> int:
+    try:
+        check_name(args.vfs, "VFS name")
+        check_name(args.node, "node name")
+    except InvalidName as exc:
+        return _fail(str(exc))
+    rec = store.get(ks.spec(args.vfs))
+    if rec is None:
+        return _fail(f"VFS {args.vfs!r} has no spec")
+    try:
+        spec = parse_spec(args.vfs, rec.value)
+        parse_intent(args.node, spec)
+    except SpecError as exc:
+        return _fail(str(exc))
+    store.put(ks.intent(args.vfs), args.node)
+    if store.get(ks.node(args.node)) is None:
+        print(f"warning: {args.node} is not alive; {args.vfs} moves there when it registers", file=sys.stderr)
+    print(f"intent for {args.vfs}: {args.node}")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"nfs-ha: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nfs-ha", description="operate nfs-ha virtual fileservers")
+    parser.add_argument("--etcd", default=os.environ.get("NFS_HA_ETCD", "http://127.0.0.1:2379"),
+                        help="comma-separated etcd endpoints (env NFS_HA_ETCD)")
+    parser.add_argument("--prefix", default=os.environ.get("NFS_HA_PREFIX", DEFAULT_PREFIX))
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("status", help="one row per VFS and per node")
+    st.add_argument("--json", action="store_true")
+    mv = sub.add_parser("move", help="ask for a VFS to be served by a node (writes the intent)")
+    mv.add_argument("vfs")
+    mv.add_argument("node")
+    args = parser.parse_args(argv)
+    try:
+        store = EtcdStore(args.etcd, timeout=5.0)
+        ks = Keyspace(args.prefix)
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
+        return {"status": cmd_status, "move": cmd_move}[args.cmd](store, ks, args)
+    except StoreError as exc:
+        return _fail(str(exc))
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

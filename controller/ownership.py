@@ -1,0 +1,215 @@
+"""Ownership of a VFS: the per-VFS etcd lease, its keepalive, and the self-fence rule.
+
+Invariants (the safety argument is in docs/protocol.md):
+
+1. One holder. A node owns a VFS only while `<prefix>/vfs/<vfs>/owner` exists, bound to
+   that node's lease for the VFS. The key is only ever created by a transaction that
+   compares `create_revision == 0`, so at most one node at a time can create it; its
+   create_revision is the epoch (fencing token) of that ownership.
+2. Self-fence before expiry. etcd expires a lease TTL seconds after it *received* the
+   last keepalive. A keepalive *sent* at local monotonic time t is received after t, so
+   the lease cannot expire before t + TTL. The holder keeps `deadline = t_ack + TTL -
+   margin`, where t_ack is the send time of the newest acknowledged keepalive (or of the
+   grant), and drops the VIP as soon as monotonic time passes the deadline. Therefore the
+   VIP is gone strictly before the owner key can be deleted by expiry and before any other
+   node can create it.
+3. Fenced is final. Once fenced, a Holding never raises its VIP again; serving again
+   needs a fresh acquire transaction (a new Holding with a new epoch).
+4. Raising the VIP and fencing are serialised by one lock per Holding, and raising
+   checks the deadline under that lock, so a fence can never be overtaken by a raise.
+5. Only monotonic time is used here: a wall-clock jump can neither extend nor shorten
+   a holding.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from controller.store import EtcdStore, StoreError
+
+log = logging.getLogger(__name__)
+
+FENCE_CHECK_SECONDS = 0.02
+
+
+class Fenced(RuntimeError):
+    """The holding passed its self-fence deadline or lost its lease."""
+
+
+def fence_margin(ttl: float) -> float:
+    """How long before the earliest possible expiry the holder gives up.
+
+    A quarter of the TTL, at least 0.3 s: enough for a missed keepalive to be noticed
+    and the VIP to be deleted (a netlink call) with time to spare.
+    """
+    return max(0.3, ttl / 4)
+
+
+@dataclass
+class Holding:
+    """One node's ownership of one VFS, from its acquire transaction to its end."""
+
+    vfs: str
+    lease_id: int
+    ttl: int
+    granted_at: float  # monotonic send time of the grant request
+    drop: Callable[[], None]  # takes the VIP down at once; called by fence()
+    epoch: int = 0
+    on_fence: Callable[[Holding], None] | None = None
+    fence_reason: str = ""
+    _deadline: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _fenced: bool = False
+    last_ack: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._deadline = self.granted_at + self.ttl - fence_margin(self.ttl)
+        self.last_ack = self.granted_at
+
+    @property
+    def fenced(self) -> bool:
+        return self._fenced
+
+    @property
+    def deadline(self) -> float:
+        return self._deadline
+
+    def acked(self, sent_at: float, ttl: int) -> None:
+        """A keepalive sent at `sent_at` was acknowledged with a fresh TTL."""
+        with self._lock:
+            if self._fenced:
+                return
+            self.last_ack = max(self.last_ack, sent_at)
+            self._deadline = max(self._deadline, sent_at + ttl - fence_margin(ttl))
+
+    def guarded(self, action: Callable[[], None]) -> None:
+        """Run `action` (raising the VIP) only while the holding is valid (invariant 4)."""
+        with self._lock:
+            if self._fenced or time.monotonic() >= self._deadline:
+                raise Fenced(f"{self.vfs}: holding fenced before {action!r} could run")
+            action()
+
+    def fence(self, reason: str) -> bool:
+        """Fence now: mark fenced, then take the VIP down. True if newly fenced.
+
+        The flag is set under the lock, so a raise in progress finishes first and is then
+        undone by `drop`; a raise that has not started yet will refuse (invariant 4).
+        """
+        with self._lock:
+            if self._fenced:
+                return False
+            self._fenced = True
+            self.fence_reason = reason
+        log.warning("%s: self-fence: %s", self.vfs, reason)
+        try:
+            self.drop()
+        finally:
+            if self.on_fence:
+                self.on_fence(self)
+        return True
+
+    def overdue(self, now: float) -> bool:
+        return not self._fenced and now >= self._deadline
+
+
+class LeaseKeeper:
+    """Keeps every lease of this agent alive and fences holdings whose deadline passes.
+
+    Two threads: the keepalive loop (which may block on a slow etcd) and the fence
+    monitor (which never touches the network, so a hung etcd cannot delay a fence).
+    """
+
+    def __init__(self, store: EtcdStore) -> None:
+        self._store = store
+        self._holdings: dict[str, Holding] = {}
+        self._extra: dict[int, tuple[int, Callable[[int], None]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for target, name in ((self._keepalive_loop, "keepalive"), (self._fence_loop, "fence-monitor")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def add(self, holding: Holding) -> None:
+        with self._lock:
+            self._holdings[holding.vfs] = holding
+        self._wake.set()
+
+    def remove(self, holding: Holding) -> None:
+        with self._lock:
+            if self._holdings.get(holding.vfs) is holding:
+                del self._holdings[holding.vfs]
+
+    def add_plain(self, lease_id: int, ttl: int, on_lost: Callable[[int], None]) -> None:
+        """Keep a lease alive that guards no VIP (the node registration)."""
+        with self._lock:
+            self._extra[lease_id] = (ttl, on_lost)
+        self._wake.set()
+
+    def remove_plain(self, lease_id: int) -> None:
+        with self._lock:
+            self._extra.pop(lease_id, None)
+
+    def _fence_loop(self) -> None:
+        while not self._stop.wait(FENCE_CHECK_SECONDS):
+            now = time.monotonic()
+            with self._lock:
+                due = [h for h in self._holdings.values() if h.overdue(now)]
+            for h in due:
+                h.fence(f"no keepalive acknowledged in time (last acked send "
+                              f"{now - h.last_ack:.2f}s ago, TTL {h.ttl}s)")
+
+    def _keepalive_loop(self) -> None:
+        next_due: dict[int, float] = {}
+        clients = {}
+        while not self._stop.is_set():
+            with self._lock:
+                leases = {h.lease_id: (h.ttl, h) for h in self._holdings.values() if not h.fenced}
+                leases.update({lid: (ttl, cb) for lid, (ttl, cb) in self._extra.items()})
+            now = time.monotonic()
+            for lease_id, (ttl, owner) in leases.items():
+                if next_due.get(lease_id, 0.0) > now:
+                    continue
+                interval = max(0.1, ttl / 4)
+                client = clients.get(interval)
+                if client is None:
+                    client = clients[interval] = self._store.new_client(timeout=interval)
+                self._keepalive_one(lease_id, owner, client)
+                next_due[lease_id] = time.monotonic() + interval
+            for lease_id in list(next_due):
+                if lease_id not in leases:
+                    del next_due[lease_id]
+            wait = min(next_due.values(), default=time.monotonic() + 1.0) - time.monotonic()
+            self._wake.wait(max(0.01, wait))
+            self._wake.clear()
+
+    def _keepalive_one(self, lease_id: int, owner: Holding | Callable[[int], None], client: object) -> None:
+        sent_at = time.monotonic()
+        try:
+            ttl = self._store.keepalive(lease_id, client)  # type: ignore[arg-type]
+        except StoreError as exc:
+            log.debug("keepalive of lease %x failed: %s", lease_id, exc)
+            return
+        if isinstance(owner, Holding):
+            if ttl > 0:
+                owner.acked(sent_at, ttl)
+            else:
+                owner.fence("lease is gone in etcd (expired or revoked)")
+        elif ttl <= 0:
+            with self._lock:
+                self._extra.pop(lease_id, None)
+            owner(lease_id)

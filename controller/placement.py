@@ -1,0 +1,82 @@
+"""Placement: which node should serve a VFS, and what this node should do about it.
+
+Pure functions of the cluster view, so every agent reaches the same answer from the same
+view. Safety never rests on these answers (the owner transaction and the self-fence do
+that); placement only decides who tries first.
+
+Preference order for a VFS: the intent node, if it is a live candidate; then the live
+candidates in spec order. Nodes that are backing off from the VFS after a failed
+takeover go last, so they are not chosen again while another candidate can serve.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from controller.view import Owner, VfsConfig
+
+
+class Action(enum.Enum):
+    NOTHING = "nothing"
+    ACQUIRE = "acquire"
+    RELEASE = "release"
+    CLEAR_STALE = "clear-stale"  # an owner key of ours from an earlier life of this agent
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str = ""
+    rank: int = 0  # ACQUIRE: 0 = first choice; wait rank * rank_delay before trying
+
+
+def backing_off(node_info: dict[str, Any], vfs: str) -> bool:
+    backoff = node_info.get("backoff")
+    return isinstance(backoff, dict) and vfs in backoff
+
+
+def preference(config: VfsConfig, live: dict[str, dict[str, Any]]) -> list[str]:
+    """Live candidates, best first."""
+    if config.spec is None:
+        return []
+    order = list(config.spec.candidates)
+    if config.intent in order:
+        order.remove(config.intent)
+        order.insert(0, config.intent)
+    alive = [n for n in order if n in live]
+    ready = [n for n in alive if not backing_off(live[n], config.name)]
+    return ready + [n for n in alive if n not in ready]
+
+
+def decide(me: str, config: VfsConfig, owner: Owner | None, live: dict[str, dict[str, Any]],
+           held_vip: str | None) -> Decision:
+    """What `me` should do for one VFS. `held_vip`: the VIP this agent process holds it with."""
+    if owner is not None and owner.node == me and held_vip is None:
+        return Decision(Action.CLEAR_STALE, "owner key left by an earlier run of this agent")
+    if held_vip is not None:
+        return _decide_holder(me, config, live, held_vip)
+    if owner is not None or config.spec is None:
+        return Decision(Action.NOTHING)
+    order = preference(config, live)
+    if me not in order:
+        return Decision(Action.NOTHING)
+    cause = "intent" if config.intent == me else "placement"
+    return Decision(Action.ACQUIRE, cause, rank=order.index(me))
+
+
+def _decide_holder(me: str, config: VfsConfig, live: dict[str, dict[str, Any]], held_vip: str) -> Decision:
+    if config.spec is None:
+        if config.errors == ("no spec",):
+            return Decision(Action.RELEASE, "spec_changed: spec deleted")
+        # A bad spec moves nothing: keep serving what the last valid spec said.
+        return Decision(Action.NOTHING)
+    if me not in config.spec.candidates:
+        return Decision(Action.RELEASE, "spec_changed: this node is no longer a candidate")
+    if config.spec.vip_cidr != held_vip:
+        return Decision(Action.RELEASE, f"spec_changed: VIP is now {config.spec.vip_cidr}")
+    target = config.intent
+    if target and target != me and target in live and not backing_off(live[target], config.name):
+        return Decision(Action.RELEASE, f"intent: move to {target}")
+    return Decision(Action.NOTHING)

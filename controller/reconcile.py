@@ -1,0 +1,329 @@
+"""The reconcile loop of one VFS on one node: level-triggered, one thread per VFS.
+
+Every run looks at the newest cluster view and this agent's own holding, and moves one
+step towards what placement asks for: acquire, release, clear a stale owner key, or
+write status. A slow step of one VFS never delays another VFS.
+
+Rules kept here (the ownership invariants themselves are in ownership.py):
+- Only a successful owner transaction starts a Holding; a Holding that was fenced or
+  whose owner key is gone is torn down and never reused.
+- Every status write is guarded by the owner's epoch (0 = "no owner"), so a node that
+  lost a VFS cannot overwrite the new owner's status.
+- Release takes the VIP down before the owner key is deleted and the lease revoked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.keyspace import Keyspace
+from controller.ownership import Holding, LeaseKeeper
+from controller.placement import Action, decide, preference
+from controller.spec import VfsSpec
+from controller.status import encode, make_status, same, wall_clock
+from controller.store import EtcdStore, StoreError
+from controller.takeover import Step, StepFailed, TakeoverContext, bring_down, bring_up
+from controller.view import ClusterView, VfsConfig
+
+log = logging.getLogger(__name__)
+
+RESYNC_SECONDS = 5.0
+RETRY_SECONDS = 1.0
+
+
+@dataclass
+class Backoff:
+    """VFS this node failed to take over, and until when it stands back (monotonic)."""
+
+    initial: float = 5.0
+    maximum: float = 60.0
+    entries: dict[str, tuple[float, float, str]] = field(default_factory=dict)  # until, length, reason
+    on_change: Callable[[], None] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fail(self, vfs: str, reason: str) -> None:
+        with self._lock:
+            _, length, _ = self.entries.get(vfs, (0.0, self.initial / 2, ""))
+            length = min(self.maximum, length * 2)
+            self.entries[vfs] = (time.monotonic() + length, length, reason)
+        self._changed()
+
+    def succeed(self, vfs: str) -> None:
+        with self._lock:
+            changed = self.entries.pop(vfs, None) is not None
+        if changed:
+            self._changed()
+
+    def remaining(self, vfs: str) -> float:
+        with self._lock:
+            entry = self.entries.get(vfs)
+        if entry is None:
+            return 0.0
+        left = entry[0] - time.monotonic()
+        return max(0.0, left)
+
+    def published(self) -> dict[str, str]:
+        """What other nodes see in this node's registration (expired entries included
+        until the VFS is retried, so nobody hands the VFS back too early)."""
+        with self._lock:
+            return {vfs: reason for vfs, (_, _, reason) in self.entries.items()}
+
+    def _changed(self) -> None:
+        if self.on_change:
+            self.on_change()
+
+
+@dataclass
+class AgentContext:
+    """What every VFS reconciler of one agent shares."""
+
+    me: str
+    keyspace: Keyspace
+    store: EtcdStore
+    keeper: LeaseKeeper
+    steps: list[Step]
+    view: Callable[[], ClusterView]
+    default_ttl: int
+    rank_delay: float
+    backoff: Backoff
+    vip_down: Callable[[Any], None]
+
+
+class VfsReconciler:
+    def __init__(self, vfs: str, ctx: AgentContext) -> None:
+        self.vfs = vfs
+        self.ctx = ctx
+        self.holding: Holding | None = None
+        self.held_spec: VfsSpec | None = None
+        self._pending_since: float | None = None
+        self._last_decision: object = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"vfs-{vfs}", daemon=True)
+
+    # --- thread plumbing ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, release: bool) -> None:
+        """Stop the loop; with `release`, hand the VFS over first (SIGTERM)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        if release and self.holding is not None:
+            self._release(self.holding, "agent stopping")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                delay = self.reconcile()
+            except StoreError as exc:
+                log.warning("%s: etcd unavailable: %s", self.vfs, exc)
+                delay = RETRY_SECONDS
+            except Exception:
+                log.exception("%s: reconcile failed", self.vfs)
+                delay = RETRY_SECONDS
+            self._wake.wait(RESYNC_SECONDS if delay is None else delay)
+
+    # --- one reconcile pass --------------------------------------------------------------
+
+    def reconcile(self) -> float | None:
+        """Move one step; return how soon to look again (None: on the next event)."""
+        view = self.ctx.view()
+        config = view.config(self.vfs)
+        owner = view.owner(self.vfs)
+        h = self.holding
+        if h is not None and (h.fenced or self._lost(h, view)):
+            self._teardown_after_loss(h)
+            return 0.0
+        if h is not None and owner is None:
+            # Our own owner key may not have reached this view yet.
+            return self._write_holder_status(h, config, view)
+        held_vip = self.held_spec.vip_cidr if (h and self.held_spec) else None
+        decision = decide(self.ctx.me, config, owner, view.live_nodes(), held_vip)
+        if decision != self._last_decision:
+            log.debug("%s: %s (rev %d, owner %s, live %s)", self.vfs, decision, view.revision,
+                      owner.node if owner else None, sorted(view.live_nodes()))
+            self._last_decision = decision
+        if decision.action is not Action.ACQUIRE:
+            self._pending_since = None
+        if decision.action is Action.CLEAR_STALE and owner is not None:
+            self._clear_stale(owner.epoch, owner.lease)
+            return None  # the owner key's deletion wakes us
+        if decision.action is Action.RELEASE and h is not None:
+            self._release(h, decision.reason)
+            return None
+        if decision.action is Action.ACQUIRE and config.spec is not None:
+            return self._maybe_acquire(config, decision.rank, decision.reason)
+        if h is not None:
+            return self._write_holder_status(h, config, view)
+        if owner is None:
+            self._write_unowned_status(config, view)
+        return None
+
+    def _lost(self, h: Holding, view: ClusterView) -> bool:
+        owner = view.owner(self.vfs)
+        if owner is not None:
+            return owner.epoch != h.epoch
+        return view.revision >= h.epoch  # created, then deleted since
+
+    # --- acquire ---------------------------------------------------------------------------
+
+    def _maybe_acquire(self, config: VfsConfig, rank: int, cause: str) -> float | None:
+        assert config.spec is not None
+        wait = self.ctx.backoff.remaining(self.vfs)
+        if wait > 0:
+            return wait
+        now = time.monotonic()
+        if self._pending_since is None:
+            self._pending_since = now
+        wait = self._pending_since + rank * self.ctx.rank_delay - now
+        if wait > 0:
+            return wait  # lower-ranked: give the better candidates their chance first
+        self._pending_since = None
+        self._acquire(config.spec, cause if rank == 0 else "placement")
+        return 0.0
+
+    def _acquire(self, spec: VfsSpec, cause: str) -> None:
+        ks, store = self.ctx.keyspace, self.ctx.store
+        ttl = spec.lease_ttl or self.ctx.default_ttl
+        sent_at = time.monotonic()
+        lease_id, granted = store.grant(ttl)
+        h = Holding(vfs=self.vfs, lease_id=lease_id, ttl=granted, granted_at=sent_at,
+                    drop=lambda: self.ctx.vip_down(spec.vip), on_fence=lambda _h: self.wake())
+        previous = (self.ctx.view().status(self.vfs) or {}).get("node")
+        owner_doc = {"node": self.ctx.me, "since": wall_clock(), "lease": f"{lease_id:x}", "vip": spec.vip_cidr}
+        status = make_status("acquiring", self.ctx.me, 0, "", vip=spec.vip_cidr, cause=cause, previous=previous)
+        try:
+            epoch = store.create_owner(ks.owner(self.vfs), json.dumps(owner_doc), lease_id,
+                                       {ks.status(self.vfs): encode(status)})
+        except StoreError:
+            self._revoke_quietly(lease_id)
+            raise
+        if epoch is None:
+            self._revoke_quietly(lease_id)  # somebody else won the race; fine
+            return
+        h.epoch = epoch
+        self.ctx.keeper.add(h)
+        self.holding, self.held_spec = h, spec
+        log.info("%s: owner with epoch %d (lease %x, cause %s)", self.vfs, epoch, lease_id, cause)
+        try:
+            bring_up(self.ctx.steps, TakeoverContext(spec, h))
+        except StepFailed as exc:
+            log.warning("%s: takeover failed: %s", self.vfs, exc)
+            self.ctx.backoff.fail(self.vfs, str(exc))
+            self._end_holding(h, make_status("error", self.ctx.me, epoch, str(exc), vip=spec.vip_cidr))
+            return
+        self.ctx.backoff.succeed(self.vfs)
+        self._put_status(h.epoch, make_status("serving", self.ctx.me, epoch, "", vip=spec.vip_cidr,
+                                              cause=cause, previous=previous))
+
+    # --- release ---------------------------------------------------------------------------
+
+    def _release(self, h: Holding, reason: str) -> None:
+        spec = self.held_spec
+        assert spec is not None
+        log.info("%s: releasing: %s", self.vfs, reason)
+        self._put_status(h.epoch, make_status("releasing", self.ctx.me, h.epoch, "", vip=spec.vip_cidr,
+                                              cause=reason), quiet=True)
+        self.ctx.keeper.remove(h)
+        errors = bring_down(self.ctx.steps, TakeoverContext(spec, h))
+        self._end_holding(h, make_status("unplaced", None, 0, "; ".join(errors), vip=spec.vip_cidr,
+                                         previous=self.ctx.me, cause=reason))
+
+    def _teardown_after_loss(self, h: Holding) -> None:
+        spec = self.held_spec
+        assert spec is not None
+        h.fence(h.fence_reason or "owner key is gone or belongs to a newer epoch")
+        self.ctx.keeper.remove(h)
+        bring_down(self.ctx.steps, TakeoverContext(spec, h))
+        self._end_holding(h, make_status("fenced", None, 0, f"{self.ctx.me} self-fenced: {h.fence_reason}",
+                                         vip=spec.vip_cidr, previous=self.ctx.me))
+
+    def _end_holding(self, h: Holding, final_status: dict[str, Any]) -> None:
+        """Delete our owner key (if still ours) with a final status, then revoke the lease."""
+        self.ctx.keeper.remove(h)
+        self.holding, self.held_spec = None, None
+        ks = self.ctx.keyspace
+        try:
+            self.ctx.store.put_if_epoch(ks.owner(self.vfs), h.epoch, {ks.status(self.vfs): encode(final_status)},
+                                        delete_owner=True)
+        except StoreError as exc:
+            log.warning("%s: could not delete owner key: %s", self.vfs, exc)
+        self._revoke_quietly(h.lease_id)
+
+    def _clear_stale(self, epoch: int, lease_id: int) -> None:
+        log.info("%s: removing owner key left by an earlier run (epoch %d)", self.vfs, epoch)
+        ks = self.ctx.keyspace
+        self.ctx.store.put_if_epoch(ks.owner(self.vfs), epoch, {ks.status(self.vfs): encode(
+            make_status("unplaced", None, 0, "", previous=self.ctx.me, cause="agent restarted"))},
+            delete_owner=True)
+        if lease_id:
+            self._revoke_quietly(lease_id)
+
+    def _revoke_quietly(self, lease_id: int) -> None:
+        try:
+            self.ctx.store.revoke(lease_id)
+        except StoreError as exc:
+            log.warning("%s: revoking lease %x failed (it will expire): %s", self.vfs, lease_id, exc)
+
+    # --- status ------------------------------------------------------------------------------
+
+    def _put_status(self, epoch: int, doc: dict[str, Any], quiet: bool = False) -> bool:
+        ks = self.ctx.keyspace
+        try:
+            return self.ctx.store.put_if_epoch(ks.owner(self.vfs), epoch, {ks.status(self.vfs): encode(doc)})
+        except StoreError:
+            if not quiet:
+                raise
+            return False
+
+    def _write_holder_status(self, h: Holding, config: VfsConfig, view: ClusterView) -> float | None:
+        spec = self.held_spec
+        assert spec is not None
+        error = config.error
+        if config.spec is None and error:
+            error += f" (still serving the last valid spec: VIP {spec.vip_cidr})"
+        current = view.status(self.vfs) or {}
+        wanted = {**current, "phase": "serving", "node": self.ctx.me, "epoch": h.epoch, "error": error,
+                  "vip": spec.vip_cidr}
+        # Only once our owner key is visible do we rewrite status; before that, the
+        # acquire path's own write is authoritative.
+        if view.owner(self.vfs) is not None and not same(current, wanted):
+            self._put_status(h.epoch, wanted)
+        return None
+
+    def _write_unowned_status(self, config: VfsConfig, view: ClusterView) -> None:
+        """Status of a VFS nobody owns; written by one node only (the lowest-named live one)."""
+        live = view.live_nodes()
+        if not live or min(live) != self.ctx.me:
+            return
+        if config.errors == ("no spec",):
+            return  # a VFS without spec has nothing to report (e.g. only an intent was written)
+        if config.spec is None:
+            wanted = make_status("error", None, 0, config.error)
+        elif not preference(config, live):
+            wanted = make_status("unplaced", None, 0, _join(config.error, "no live candidate among "
+                                 f"{list(config.spec.candidates)}"), vip=config.spec.vip_cidr)
+        else:
+            return  # a candidate will acquire it and write status then
+        current = view.status(self.vfs)
+        keep = {k: current[k] for k in ("previous",) if current and k in current}
+        wanted.update(keep)
+        if not same(current, wanted):
+            self._put_status(0, wanted)
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)

@@ -1,0 +1,188 @@
+"""The etcd store: a thin, typed layer over the python-etcd3 API (`pyetcd`).
+
+All etcd traffic of nfs-ha goes through here, so the client's pitfalls are handled once:
+- each endpoint's `time_retry` is lowered (the default shuns an endpoint for 300 s after
+  one error, which turns a brief etcd hiccup into a five-minute outage);
+- every call has a timeout, and every failure becomes a StoreError;
+- gRPC keepalive pings (no more often than etcd allows) detect a dead connection.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+import pyetcd
+from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
+
+from controller.view import KeyRecord
+
+ENDPOINT_RETRY_SECONDS = 1.0
+GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class StoreError(RuntimeError):
+    """etcd could not be reached or refused the request."""
+
+
+@dataclass(frozen=True)
+class WatchBatch:
+    """One watch response: (key, record or None for a delete, revision of the change)."""
+
+    revision: int
+    events: list[tuple[str, KeyRecord | None, int]]
+
+
+def parse_endpoints(spec: str | Iterable[str]) -> list[tuple[str, int]]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    result = []
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        url = urlsplit(item if "://" in item else f"http://{item}")
+        if url.scheme != "http" or not url.hostname:
+            raise ValueError(f"etcd endpoint {item!r}: only http://HOST:PORT is supported")
+        result.append((url.hostname, url.port or 2379))
+    if not result:
+        raise ValueError("no etcd endpoints given")
+    return result
+
+
+def _record(kv: Any) -> KeyRecord:
+    return KeyRecord(value=bytes(kv.value), create_revision=kv.create_revision,
+                     mod_revision=kv.mod_revision, lease=kv.lease)
+
+
+class EtcdStore:
+    def __init__(self, endpoints: str | Iterable[str], timeout: float = 2.0) -> None:
+        self._endpoints = parse_endpoints(endpoints)
+        self.timeout = timeout
+        self._client = self.new_client(timeout)
+        self._watch_client: MultiEndpointEtcd3Client | None = None
+        self._lock = threading.Lock()
+
+    def new_client(self, timeout: float) -> MultiEndpointEtcd3Client:
+        eps = [Endpoint(host, port, secure=False, time_retry=ENDPOINT_RETRY_SECONDS, opts=GRPC_OPTIONS)
+               for host, port in self._endpoints]
+        return MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout, failover=True)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except (grpc.RpcError, pyetcd.exceptions.Etcd3Exception, ValueError) as exc:
+            raise StoreError(f"etcd {what} failed: {type(exc).__name__} {exc}") from exc
+
+    # --- reads -------------------------------------------------------------------------
+
+    def load(self, prefix: str) -> tuple[int, dict[str, KeyRecord]]:
+        resp = self._call("range", lambda: self._client.get_prefix_response(prefix))
+        return resp.header.revision, {kv.key.decode(): _record(kv) for kv in resp.kvs}
+
+    def get(self, key: str) -> KeyRecord | None:
+        resp = self._call("get", lambda: self._client.get_response(key))
+        return _record(resp.kvs[0]) if resp.kvs else None
+
+    # --- watch ---------------------------------------------------------------------------
+
+    def watch(self, prefix: str, start_revision: int,
+              on_batch: Callable[[WatchBatch | Exception], None]) -> int:
+        """Watch a prefix from a revision; `on_batch` gets batches, or the error that ended it.
+
+        The caller re-creates the watch from its last revision + 1 after an error.
+        """
+        with self._lock:
+            if self._watch_client is not None:
+                self._watch_client.close()
+            self._watch_client = client = self.new_client(self.timeout)
+
+        def callback(resp: Any) -> None:
+            if isinstance(resp, Exception):
+                on_batch(resp)
+                return
+            events = []
+            for ev in resp.events:
+                kv = ev._event.kv
+                deleted = isinstance(ev, pyetcd.events.DeleteEvent)
+                events.append((kv.key.decode(), None if deleted else _record(kv), kv.mod_revision))
+            on_batch(WatchBatch(resp.header.revision, events))
+
+        return self._call("watch", lambda: client.add_watch_prefix_callback(
+            prefix, callback, start_revision=start_revision))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._watch_client is not None:
+                self._watch_client.close()
+        self._client.close()
+
+    # --- leases --------------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        lease = self._call("lease grant", lambda: self._client.lease(ttl))
+        return lease.id, lease.ttl
+
+    def keepalive(self, lease_id: int, client: MultiEndpointEtcd3Client | None = None) -> int:
+        """One keepalive; returns the TTL etcd granted anew (<= 0: the lease is gone)."""
+        c = client or self._client
+        responses = self._call("lease keepalive", lambda: list(c.refresh_lease(lease_id)))
+        if not responses:
+            raise StoreError("etcd lease keepalive got no answer")
+        return int(responses[0].TTL)
+
+    def revoke(self, lease_id: int) -> None:
+        try:
+            self._call("lease revoke", lambda: self._client.revoke_lease(lease_id))
+        except StoreError as exc:
+            if "NotFound" in str(exc) or "not found" in str(exc):
+                return
+            raise
+
+    # --- writes --------------------------------------------------------------------------
+
+    def put(self, key: str, value: str | bytes, lease: int | None = None) -> None:
+        self._call("put", lambda: self._client.put(key, value, lease=lease))
+
+    def delete(self, key: str) -> None:
+        self._call("delete", lambda: self._client.delete(key))
+
+    def create_owner(self, owner_key: str, owner_value: str, lease_id: int,
+                     also: dict[str, str]) -> int | None:
+        """Create the owner key bound to a lease, iff it does not exist; also put `also`.
+
+        Returns the owner key's create_revision (the new epoch), or None if it existed.
+        """
+        c = self._client
+        success = [c.transactions.put(owner_key, owner_value, lease=lease_id)]
+        success += [c.transactions.put(k, v) for k, v in also.items()]
+        success.append(c.transactions.get(owner_key))
+        ok, responses = self._call("owner create", lambda: c.transaction(
+            compare=[c.transactions.create(owner_key) == 0], success=success, failure=[]))
+        if not ok:
+            return None
+        _value, meta = responses[-1][0]
+        return int(meta.create_revision)
+
+    def put_if_epoch(self, owner_key: str, epoch: int, puts: dict[str, str],
+                     delete_owner: bool = False) -> bool:
+        """Write `puts` (and optionally delete the owner key) iff the owner's epoch is `epoch`.
+
+        epoch 0 means "iff there is no owner". This is how status can never be
+        overwritten by a node that lost ownership in the meantime.
+        """
+        c = self._client
+        ops = [c.transactions.put(k, v) for k, v in puts.items()]
+        if delete_owner:
+            ops.append(c.transactions.delete(owner_key))
+        ok, _ = self._call("guarded put", lambda: c.transaction(
+            compare=[c.transactions.create(owner_key) == epoch], success=ops, failure=[]))
+        return bool(ok)

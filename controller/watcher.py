@@ -1,0 +1,121 @@
+"""Keeps a ClusterView current: one load, then a prefix watch, plus periodic resyncs.
+
+A watch dies with its stream (etcd restart, partition, member change). On any error the
+watch is re-created from the last seen revision + 1, which replays what happened in the
+meantime; if that revision was compacted away, or anything else goes wrong, the whole
+prefix is loaded again. A periodic full load also catches a stream that hangs silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from controller.keyspace import Keyspace
+from controller.store import EtcdStore, StoreError, WatchBatch
+from controller.view import ClusterView
+
+log = logging.getLogger(__name__)
+
+
+class ViewKeeper:
+    def __init__(self, store: EtcdStore, keyspace: Keyspace, on_change: Callable[[ClusterView], None],
+                 resync_seconds: float = 10.0) -> None:
+        self._store = store
+        self._ks = keyspace
+        self._on_change = on_change
+        self._resync = resync_seconds
+        self._events: queue.Queue[WatchBatch | Exception] = queue.Queue()
+        self._view = ClusterView(keyspace)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watch", daemon=True)
+        self._watching = False
+
+    @property
+    def view(self) -> ClusterView:
+        return self._view
+
+    def load(self) -> ClusterView:
+        """Load the whole prefix synchronously (used at start-up and on resync)."""
+        revision, keys = self._store.load(self._ks.root)
+        self._publish(ClusterView(self._ks, revision, keys))
+        return self._view
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._events.put(RuntimeError("stopping"))
+        self._thread.join(timeout=5)
+
+    def _publish(self, view: ClusterView) -> None:
+        self._view = view
+        self._on_change(view)
+
+    def _start_watch(self) -> None:
+        self._store.watch(self._ks.root, self._view.revision + 1, self._events.put)
+        self._watching = True
+        log.debug("watching %s from revision %d", self._ks.root, self._view.revision + 1)
+
+    def _run(self) -> None:
+        next_resync = time.monotonic() + self._resync
+        while not self._stop.is_set():
+            try:
+                if not self._watching:
+                    self._start_watch()
+                item = self._events.get(timeout=max(0.05, next_resync - time.monotonic()))
+            except queue.Empty:
+                item = None
+            except StoreError as exc:
+                log.warning("watch could not be created: %s", exc)
+                self._reload_later()
+                continue
+            if self._stop.is_set():
+                return
+            if isinstance(item, Exception):
+                log.warning("watch ended (%s); re-creating from revision %d", item, self._view.revision + 1)
+                self._watching = False
+                if "Compacted" in type(item).__name__:
+                    self._reload_later()
+                continue
+            if item is not None:
+                self._apply([item, *self._drain()])
+            if time.monotonic() >= next_resync:
+                next_resync = time.monotonic() + self._resync
+                self._reload_quietly()
+
+    def _drain(self) -> list[WatchBatch | Exception]:
+        items = []
+        while True:
+            try:
+                items.append(self._events.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _apply(self, items: list[WatchBatch | Exception]) -> None:
+        view = self._view
+        for item in items:
+            if isinstance(item, Exception):
+                self._watching = False
+                continue
+            view = view.applied(item.revision, item.events)
+        self._publish(view)
+
+    def _reload_quietly(self) -> bool:
+        try:
+            revision, keys = self._store.load(self._ks.root)
+        except StoreError as exc:
+            log.warning("resync failed: %s", exc)
+            return False
+        if revision >= self._view.revision:
+            self._publish(ClusterView(self._ks, revision, keys))
+        return True
+
+    def _reload_later(self) -> None:
+        self._watching = False
+        if not self._reload_quietly():
+            self._stop.wait(0.5)

@@ -1,0 +1,199 @@
+"""The node agent: registers the node, watches the keyspace, runs one reconciler per VFS.
+
+Start-up order matters: leftover VIPs are removed before any reconciler runs, so this
+agent never serves something it does not hold. SIGTERM hands every VFS over at once
+(VIP down, then owner key deleted and lease revoked).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from importlib import metadata
+from typing import TypeVar
+
+from controller.keyspace import Keyspace
+from controller.ownership import LeaseKeeper
+from controller.reconcile import AgentContext, Backoff, VfsReconciler
+from controller.spec import SpecError, parse_spec
+from controller.status import wall_clock
+from controller.store import EtcdStore, StoreError
+from controller.takeover import vip_steps
+from controller.view import ClusterView
+from controller.watcher import ViewKeeper
+from node import config as agent_config
+from node.host import Host
+from node.vip import VipError
+
+log = logging.getLogger("nfs-ha-agent")
+T = TypeVar("T")
+
+
+class Agent:
+    def __init__(self, cfg: agent_config.AgentConfig) -> None:
+        self.cfg = cfg
+        self.ks = Keyspace(cfg.prefix)
+        self.store = EtcdStore(cfg.etcd)
+        self.host = Host(cfg.interface, cfg.node_state_dir)
+        self.keeper = LeaseKeeper(self.store)
+        self.backoff = Backoff(on_change=self._register_soon)
+        self.views = ViewKeeper(self.store, self.ks, self._on_view)
+        self.reconcilers: dict[str, VfsReconciler] = {}
+        self._lock = threading.Lock()
+        self._node_lease = 0
+        self._stopping = threading.Event()
+        self._registration_due = threading.Event()
+        self._ready = False  # no reconciler may run before leftovers are cleaned up
+        self.ctx = AgentContext(me=cfg.name, keyspace=self.ks, store=self.store, keeper=self.keeper,
+                                steps=vip_steps(self.host), view=lambda: self.views.view,
+                                default_ttl=cfg.lease_ttl, rank_delay=cfg.rank_delay, backoff=self.backoff,
+                                vip_down=self.host.vip_down)
+
+    # --- node registration -------------------------------------------------------------
+
+    def _registration(self) -> str:
+        return json.dumps({
+            "version": _version(), "interface": self.cfg.interface, "mac": self.host.mac,
+            "addresses": sorted(a.with_prefixlen for a in self.host.iface.addresses()),
+            "hostname": socket.gethostname(), "started": self._started, "backoff": self.backoff.published(),
+        }, sort_keys=True)
+
+    def register(self) -> None:
+        if not self._node_lease:
+            self._node_lease, ttl = self.store.grant(self.cfg.lease_ttl)
+            self.keeper.add_plain(self._node_lease, ttl, self._node_lease_lost)
+        self.store.put(self.ks.node(self.cfg.name), self._registration(), lease=self._node_lease)
+
+    def _node_lease_lost(self, _lease_id: int) -> None:
+        log.warning("node lease lost; registering again")
+        self._node_lease = 0
+        self._registration_due.set()
+
+    def _register_soon(self) -> None:
+        self._registration_due.set()
+
+    # --- start-up ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._started = wall_clock()
+        view = self._retry("initial load", self.views.load)
+        removed = self.host.remove_leftovers(_managed_vips(view))
+        if removed:
+            log.warning("removed leftover VIPs of an earlier run: %s", removed)
+        self.keeper.start()
+        self._retry("registration", self.register)
+        self._ready = True
+        self.views.start()
+        self._on_view(self.views.view)
+        log.info("agent %s started on %s (lease TTL %ds, prefix %s)", self.cfg.name, self.cfg.interface,
+                 self.cfg.lease_ttl, self.ks.prefix)
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        while not self._stopping.is_set():
+            try:
+                return fn()
+            except StoreError as exc:
+                log.warning("%s failed, retrying: %s", what, exc)
+                self._stopping.wait(1.0)
+        raise SystemExit(1)
+
+    def _on_view(self, view: ClusterView) -> None:
+        with self._lock:
+            if self._stopping.is_set() or not self._ready:
+                return
+            for name in view.vfs_names():
+                if name not in self.reconcilers:
+                    rec = VfsReconciler(name, self.ctx)
+                    self.reconcilers[name] = rec
+                    rec.start()
+            for rec in self.reconcilers.values():
+                rec.wake()
+
+    # --- main loop and stop ----------------------------------------------------------------
+
+    def run_until_stopped(self) -> None:
+        while not self._stopping.is_set():
+            if self._registration_due.wait(1.0):
+                self._registration_due.clear()
+                try:
+                    self.register()
+                except StoreError as exc:
+                    log.warning("registration failed: %s", exc)
+                    self._registration_due.set()
+                    self._stopping.wait(1.0)
+
+    def stop(self) -> None:
+        """Hand everything over: VIPs down, owner keys deleted, leases revoked."""
+        self._stopping.set()
+        self.views.stop()
+        with self._lock:
+            reconcilers = list(self.reconcilers.values())
+        threads = [threading.Thread(target=r.stop, args=(True,)) for r in reconcilers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.keeper.stop()
+        if self._node_lease:
+            try:
+                self.store.revoke(self._node_lease)
+            except StoreError as exc:
+                log.warning("could not revoke node lease: %s", exc)
+        self.store.close()
+
+
+def _managed_vips(view: ClusterView) -> list[ipaddress.IPv4Interface]:
+    vips = []
+    for name in view.vfs_names():
+        rec = view.keys.get(view.keyspace.spec(name))
+        if rec is None:
+            continue
+        try:
+            vips.append(parse_spec(name, rec.value).vip)
+        except SpecError:
+            continue
+    return vips
+
+
+def _version() -> str:
+    try:
+        return metadata.version("nfs-ha")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = agent_config.load(argv)
+    except (ValueError, OSError) as exc:
+        print(f"nfs-ha-agent: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    try:
+        agent = Agent(cfg)
+    except VipError as exc:
+        print(f"nfs-ha-agent: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    agent.start()
+    waiter = threading.Thread(target=agent.run_until_stopped, daemon=True, name="registration")
+    waiter.start()
+    while not stop.wait(0.5):
+        pass
+    log.info("stopping: handing over every VFS")
+    agent.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Agent configuration: command line over NFS_HA_* environment over a TOML file over defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from controller.keyspace import DEFAULT_PREFIX, InvalidName, check_name, normalize_prefix
+from controller.spec import MAX_LEASE_TTL, MIN_LEASE_TTL
+from controller.store import parse_endpoints
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str
+    etcd: str
+    interface: str
+    lease_ttl: int = 5
+    prefix: str = DEFAULT_PREFIX
+    rank_delay: float = 0.5
+    state_dir: str = "/run/nfs-ha"
+    log_level: str = "INFO"
+
+    def validate(self) -> AgentConfig:
+        try:
+            check_name(self.name, "node name")
+        except InvalidName as exc:
+            raise ValueError(str(exc)) from None
+        parse_endpoints(self.etcd)
+        if not self.interface or "/" in self.interface or len(self.interface) > 15:
+            raise ValueError(f"invalid interface name {self.interface!r}")
+        if not MIN_LEASE_TTL <= self.lease_ttl <= MAX_LEASE_TTL:
+            raise ValueError(f"lease TTL must be {MIN_LEASE_TTL}..{MAX_LEASE_TTL} s")
+        if self.rank_delay < 0:
+            raise ValueError("rank delay must not be negative")
+        normalize_prefix(self.prefix)
+        return self
+
+    @property
+    def node_state_dir(self) -> Path:
+        return Path(self.state_dir) / self.name
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = {f.name: f.type for f in fields(AgentConfig)}[name]
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return str(value)
+
+
+def load(argv: list[str] | None = None) -> AgentConfig:
+    parser = argparse.ArgumentParser(prog="nfs-ha-agent", description="nfs-ha node agent")
+    parser.add_argument("--config", help="TOML file with the same keys as the long options (underscores)")
+    parser.add_argument("--name", help="this node's name")
+    parser.add_argument("--etcd", help="comma-separated etcd endpoints, http://HOST:PORT")
+    parser.add_argument("--interface", help="interface that carries the VIPs")
+    parser.add_argument("--lease-ttl", type=int, help="default per-VFS lease TTL in seconds (default 5)")
+    parser.add_argument("--prefix", help=f"etcd key prefix (default {DEFAULT_PREFIX})")
+    parser.add_argument("--rank-delay", type=float, help="seconds a lower-ranked candidate waits per rank")
+    parser.add_argument("--state-dir", help="local state directory (default /run/nfs-ha)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+    args = parser.parse_args(argv)
+
+    values: dict[str, Any] = {}
+    config_file = args.config or os.environ.get("NFS_HA_CONFIG")
+    if config_file:
+        with open(config_file, "rb") as fh:
+            data = tomllib.load(fh)
+        values.update({k.replace("-", "_"): v for k, v in data.items()})
+    for f in fields(AgentConfig):
+        env = os.environ.get(f"NFS_HA_{f.name.upper()}")
+        if env is not None:
+            values[f.name] = env
+        cli = getattr(args, f.name, None)
+        if cli is not None:
+            values[f.name] = cli
+    unknown = set(values) - {f.name for f in fields(AgentConfig)}
+    if unknown:
+        raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
+    missing = [k for k in ("name", "etcd", "interface") if k not in values]
+    if missing:
+        raise ValueError(f"missing required settings: {missing} (options, NFS_HA_* or config file)")
+    return AgentConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
