@@ -27,8 +27,11 @@ lint: deps
 unit: deps
 	$(VENV)/bin/pytest -q tests/unit
 
+# Two runs: the lab self-test builds and destroys a lab of its own, which must not
+# happen under the session-wide lab of the nfs-ha tests.
 test: deps lint
-	$(VENV)/bin/pytest -v -rs tests
+	$(VENV)/bin/pytest -v -rs tests/unit tests/lab_selftest
+	$(VENV)/bin/pytest -v -rs tests/lab
 
 demo: deps
 	$(PY) compose/demo

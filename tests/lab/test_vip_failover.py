@@ -19,8 +19,7 @@ def macs_seen(samples: list[dict]) -> set[str]:
 
 
 def serving(cluster: Cluster, vfs: str, node: str, timeout: float = 20) -> dict:
-    return wait_for(lambda: (r := cluster.vfs_status(vfs)).get("phase") == "serving" and r.get("owner") == node
-                    and r, timeout, f"{vfs} serving on {node}")
+    return cluster.wait_serving(vfs, node, timeout)
 
 
 def test_initial_placement_on_first_candidate(cluster: Cluster) -> None:
@@ -89,8 +88,7 @@ def test_killed_owner_is_replaced_by_next_candidate(cluster: Cluster) -> None:
     first = serving(cluster, "home", "node-a")
     sampler = cluster.sampler(vip, duration=60)
     sampler.wait_for_mac(cluster.lab.mac_of("node-a"))
-    cluster.lab.kill_node("node-a")
-    cluster.agents.pop("node-a")
+    cluster.kill_node("node-a")
     row = serving(cluster, "home", "node-b")
     cluster.wait_served_by(vip, "node-b")
     assert row["epoch"] > first["epoch"]
@@ -119,7 +117,7 @@ def test_partitioned_owner_drops_vip_before_anyone_raises_it(cluster: Cluster) -
     last_a = max(s["t"] for s in samples if mac_a in s["macs"])
     first_b = min(s["t"] for s in samples if mac_b in s["macs"])
     assert last_a < first_b, "node-b answered before node-a had stopped answering"
-    assert "self-fence" in (cluster.logdir / "agent-node-a.log").read_text()
+    assert "self-fence" in cluster.agent_log("node-a").read_text()
 
     cluster.lab.heal("node-a")  # node-a comes back: it must not take the VIP back by itself
     wait_for(lambda: {n["node"]: n for n in cluster.status()["nodes"]}["node-a"]["alive"], 20, "node-a back")
@@ -146,9 +144,8 @@ def test_stopped_agent_does_not_keep_serving(cluster: Cluster) -> None:
     finally:
         os.kill(pid, signal.SIGCONT)
     # On waking up it finds its lease gone and fences; serving again needs a new epoch.
-    wait_for(lambda: "self-fence" in (cluster.logdir / "agent-node-a.log").read_text(), 10, "node-a self-fence")
-    row = wait_for(lambda: (r := cluster.vfs_status("home")).get("phase") == "serving"
-                   and r["epoch"] != first["epoch"] and r, 30, "serving again under a new epoch")
+    wait_for(lambda: "self-fence" in cluster.agent_log("node-a").read_text(), 10, "node-a self-fence")
+    row = cluster.wait_serving("home", timeout=30, not_epoch=first["epoch"])
     cluster.wait_served_by(vip, row["owner"], timeout=20)
     assert cluster.holders(vip) == [row["owner"]]
     samples = sampler.stop()
@@ -192,9 +189,8 @@ def test_bad_specs_and_intents_move_nothing(cluster: Cluster) -> None:
 
 def test_sigterm_hands_over_at_once(cluster: Cluster) -> None:
     vip = cluster.new_vip()
+    cluster.start_agents(ttl=10, nodes=("node-a", "node-b"))  # a takeover by expiry would take >= 10 s
     cluster.put_spec("home", vip, ["node-a", "node-b"])
-    for node in ("node-a", "node-b"):
-        cluster.start_agent(node, ttl=10)  # long TTL: a takeover by expiry would take >= 10 s
     serving(cluster, "home", "node-a")
     start = time.monotonic()
     assert cluster.stop_agent("node-a", signal.SIGTERM) == 0
@@ -216,8 +212,8 @@ def test_restarted_agent_removes_leftover_vip(cluster: Cluster) -> None:
              "takeover refused while the leftover answers")
     assert cluster.holders(vip) == ["node-a"]
     cluster.start_agent("node-a")
-    wait_for(lambda: "removed leftover VIPs" in (cluster.logdir / "agent-node-a.log").read_text(), 20,
+    wait_for(lambda: "removed leftover VIPs" in cluster.agent_log("node-a").read_text(), 20,
              "leftover cleanup at start-up")
-    row = wait_for(lambda: (r := cluster.vfs_status("home")).get("phase") == "serving" and r, 30, "serving again")
+    row = cluster.wait_serving("home", timeout=30)
     cluster.wait_served_by(vip, row["owner"])
     assert cluster.holders(vip) == [row["owner"]]
