@@ -40,6 +40,7 @@ def collect(view: ClusterView) -> dict[str, Any]:
             "intent": view.raw_intent(name),
             "error": "; ".join(dict.fromkeys(errors)),
             "status_updated": status.get("updated"),
+            "steps": status.get("steps") or {},
         })
     node_rows = []
     for node in sorted(known_nodes):

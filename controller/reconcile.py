@@ -10,6 +10,11 @@ Rules kept here (the ownership invariants themselves are in ownership.py):
 - Every status write is guarded by the owner's epoch (0 = "no owner"), so a node that
   lost a VFS cannot overwrite the new owner's status.
 - Release takes the VIP down before the owner key is deleted and the lease revoked.
+- A VFS whose disk could not be unmounted stays owned (lease renewed, VIP down, status
+  error) and the release is retried: deleting the owner key would let another node
+  mount the same disk.
+- A dead NFS server of a held VFS is restarted a few times; after that the VFS is
+  released with an error, so another candidate can serve it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = 5.0
 RETRY_SECONDS = 1.0
+HEALTH_SECONDS = 1.0  # how often a held VFS's NFS server is checked
+RESTARTS_ALLOWED = 3  # NFS server restarts per RESTART_WINDOW before the VFS is released
+RESTART_WINDOW = 60.0
 
 
 @dataclass
@@ -103,6 +111,9 @@ class VfsReconciler:
         self.held_spec: VfsSpec | None = None
         self._pending_since: float | None = None
         self._last_decision: object = None
+        self._must_release: str | None = None  # a held VFS that has to be let go (unhealthy, stuck)
+        self._restarts: list[float] = []
+        self._timings: dict[str, float] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"vfs-{vfs}", daemon=True)
@@ -147,6 +158,11 @@ class VfsReconciler:
         if h is not None and (h.fenced or self._lost(h, view)):
             self._teardown_after_loss(h)
             return 0.0
+        if h is not None and self._must_release:
+            self._release(h, self._must_release, error=self._must_release)
+            return RETRY_SECONDS if self.holding is not None else None
+        if h is not None and not self._check_health(h):
+            return 0.0
         if h is not None and owner is None:
             # Our own owner key may not have reached this view yet.
             return self._write_holder_status(h, config, view)
@@ -163,14 +179,40 @@ class VfsReconciler:
             return None  # the owner key's deletion wakes us
         if decision.action is Action.RELEASE and h is not None:
             self._release(h, decision.reason)
-            return None
+            return RETRY_SECONDS if self.holding is not None else None
         if decision.action is Action.ACQUIRE and config.spec is not None:
             return self._maybe_acquire(config, decision.rank, decision.reason)
         if h is not None:
-            return self._write_holder_status(h, config, view)
+            self._write_holder_status(h, config, view)
+            return HEALTH_SECONDS
         if owner is None:
             self._write_unowned_status(config, view)
         return None
+
+    def _check_health(self, h: Holding) -> bool:
+        """Restart a dead NFS server of a held VFS; give the VFS up if that keeps failing."""
+        spec = self.held_spec
+        assert spec is not None
+        tctx = TakeoverContext(spec, h)
+        for step in self.ctx.steps:
+            healthy = getattr(step, "healthy", None)
+            if healthy is None or healthy(tctx):
+                continue
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
+            if len(self._restarts) > RESTARTS_ALLOWED:
+                self._must_release = f"{step.name} died {len(self._restarts)} times in {RESTART_WINDOW:.0f}s"
+                self.ctx.backoff.fail(self.vfs, self._must_release)
+                return False
+            log.warning("%s: %s is not running; restarting it", self.vfs, step.name)
+            try:
+                step.down(tctx)
+                step.up(tctx)
+            except Exception as exc:
+                self._must_release = f"{step.name} died and could not be restarted: {exc}"
+                self.ctx.backoff.fail(self.vfs, self._must_release)
+                return False
+        return True
 
     def _lost(self, h: Holding, view: ClusterView) -> bool:
         owner = view.owner(self.vfs)
@@ -217,37 +259,61 @@ class VfsReconciler:
         h.epoch = epoch
         self.ctx.keeper.add(h)
         self.holding, self.held_spec = h, spec
+        self._restarts = []
         log.info("%s: owner with epoch %d (lease %x, cause %s)", self.vfs, epoch, lease_id, cause)
+        tctx = TakeoverContext(spec, h)
         try:
-            bring_up(self.ctx.steps, TakeoverContext(spec, h))
+            bring_up(self.ctx.steps, tctx)
         except StepFailed as exc:
             log.warning("%s: takeover failed: %s", self.vfs, exc)
             self.ctx.backoff.fail(self.vfs, str(exc))
+            if exc.critical:
+                self._must_release = f"takeover failed and its undo left the disk mounted: {exc}"
+                self._put_status(epoch, make_status("error", self.ctx.me, epoch, self._must_release,
+                                                    vip=spec.vip_cidr), quiet=True)
+                return
             self._end_holding(h, make_status("error", self.ctx.me, epoch, str(exc), vip=spec.vip_cidr))
             return
         self.ctx.backoff.succeed(self.vfs)
+        self._timings = tctx.timings
+        log.info("%s: serving (steps %s)", self.vfs, tctx.timings)
         self._put_status(h.epoch, make_status("serving", self.ctx.me, epoch, "", vip=spec.vip_cidr,
-                                              cause=cause, previous=previous))
+                                              cause=cause, previous=previous, steps=tctx.timings))
 
     # --- release ---------------------------------------------------------------------------
 
-    def _release(self, h: Holding, reason: str) -> None:
+    def _release(self, h: Holding, reason: str, error: str = "") -> None:
+        """VIP down, NFS server stopped, disk unmounted; only then the owner key goes."""
         spec = self.held_spec
         assert spec is not None
         log.info("%s: releasing: %s", self.vfs, reason)
-        self._put_status(h.epoch, make_status("releasing", self.ctx.me, h.epoch, "", vip=spec.vip_cidr,
+        self._put_status(h.epoch, make_status("releasing", self.ctx.me, h.epoch, error, vip=spec.vip_cidr,
                                               cause=reason), quiet=True)
-        self.ctx.keeper.remove(h)
-        errors = bring_down(self.ctx.steps, TakeoverContext(spec, h))
-        self._end_holding(h, make_status("unplaced", None, 0, "; ".join(errors), vip=spec.vip_cidr,
-                                         previous=self.ctx.me, cause=reason))
+        tctx = TakeoverContext(spec, h)
+        result = bring_down(self.ctx.steps, tctx)
+        if result.critical:
+            # The disk is still mounted here: keep the lease so nobody else mounts it.
+            self._must_release = reason
+            msg = f"release stuck, VFS kept owned (VIP down): {'; '.join(result.errors)}"
+            log.error("%s: %s", self.vfs, msg)
+            self._put_status(h.epoch, make_status("error", self.ctx.me, h.epoch, msg, vip=spec.vip_cidr,
+                                                  cause=reason), quiet=True)
+            return
+        self._must_release = None
+        log.info("%s: released (steps %s)", self.vfs, tctx.timings)
+        errors = "; ".join([e for e in (error, *result.errors) if e])
+        self._end_holding(h, make_status("error" if error else "unplaced", None, 0, errors, vip=spec.vip_cidr,
+                                         previous=self.ctx.me, cause=reason, steps=tctx.timings))
 
     def _teardown_after_loss(self, h: Holding) -> None:
         spec = self.held_spec
         assert spec is not None
         h.fence(h.fence_reason or "owner key is gone or belongs to a newer epoch")
         self.ctx.keeper.remove(h)
-        bring_down(self.ctx.steps, TakeoverContext(spec, h))
+        result = bring_down(self.ctx.steps, TakeoverContext(spec, h))
+        if result.errors:
+            log.error("%s: after self-fence: %s", self.vfs, "; ".join(result.errors))
+        self._must_release = None
         self._end_holding(h, make_status("fenced", None, 0, f"{self.ctx.me} self-fenced: {h.fence_reason}",
                                          vip=spec.vip_cidr, previous=self.ctx.me))
 
@@ -297,7 +363,7 @@ class VfsReconciler:
             error += f" (still serving the last valid spec: VIP {spec.vip_cidr})"
         current = view.status(self.vfs) or {}
         wanted = {**current, "phase": "serving", "node": self.ctx.me, "epoch": h.epoch, "error": error,
-                  "vip": spec.vip_cidr}
+                  "vip": spec.vip_cidr, "steps": self._timings}
         # Only once our owner key is visible do we rewrite status; before that, the
         # acquire path's own write is authoritative.
         if view.owner(self.vfs) is not None and not same(current, wanted):

@@ -12,10 +12,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.keyspace import InvalidName, check_name
+from controller.spec_nfs import (
+    ExportSpec,
+    NfsSpec,
+    NfsSpecError,
+    StorageSpec,
+    parse_exports,
+    parse_nfs,
+    parse_storage,
+)
 
 MIN_LEASE_TTL = 1
 MAX_LEASE_TTL = 300
-SPEC_FIELDS = {"vip", "candidates", "lease_ttl"}
+SPEC_FIELDS = {"vip", "candidates", "lease_ttl", "storage", "exports", "nfs"}
 
 
 class SpecError(ValueError):
@@ -28,6 +37,9 @@ class VfsSpec:
     vip: ipaddress.IPv4Interface
     candidates: tuple[str, ...]
     lease_ttl: int | None = None
+    storage: StorageSpec | None = None  # None: a VIP-only VFS (no disk, no NFS server)
+    exports: tuple[ExportSpec, ...] = ()
+    nfs: NfsSpec | None = None
 
     @property
     def vip_address(self) -> str:
@@ -91,8 +103,23 @@ def parse_spec(name: str, raw: bytes | str) -> VfsSpec:
         not isinstance(ttl, int) or isinstance(ttl, bool) or not MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL
     ):
         raise SpecError(f"lease_ttl must be an integer from {MIN_LEASE_TTL} to {MAX_LEASE_TTL}, got {ttl!r}")
+    storage, exports, nfs = _parse_fileserver(data)
     return VfsSpec(name=name, vip=parse_vip(data["vip"]), candidates=parse_candidates(data["candidates"]),
-                   lease_ttl=ttl)
+                   lease_ttl=ttl, storage=storage, exports=exports, nfs=nfs)
+
+
+def _parse_fileserver(data: dict[str, Any]) -> tuple[StorageSpec | None, tuple[ExportSpec, ...], NfsSpec | None]:
+    """storage + exports (+ nfs, defaulted) together, or none of them."""
+    if "storage" not in data:
+        if "exports" in data or "nfs" in data:
+            raise SpecError("'exports' and 'nfs' need 'storage' (the filesystem they export)")
+        return None, (), None
+    if "exports" not in data:
+        raise SpecError("'storage' needs 'exports' (what to serve from it)")
+    try:
+        return parse_storage(data["storage"]), parse_exports(data["exports"]), parse_nfs(data.get("nfs"))
+    except NfsSpecError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def parse_intent(raw: bytes | str, spec: VfsSpec) -> str:

@@ -3,19 +3,28 @@
 Acquire runs the steps in order after the owner transaction succeeded; release and
 self-fence run them in reverse. The order is the protocol:
 
-    up:   probe (nobody else answers the VIP) -> VIP up -> gratuitous ARP
-    down: VIP down first (clients stop reaching this node) -> the rest
+    up:   probe -> mount -> storage epoch -> NFS server -> VIP up -> gratuitous ARP
+    down: VIP down -> NFS server stop -> unmount
 
-Storage and NFS steps (mount, epoch check, NFS server) slot in between probe and VIP.
-The steps only call a host actuator interface; the host side effects live in node/.
+- The probe comes before the disk is touched: a node that still answers the VIP may
+  still have the filesystem mounted, and a shared disk mounted twice is corrupted.
+- The storage epoch check refuses a disk that a newer owner has already written to.
+- VIP down comes first on the way down, so clients stop reaching this node before
+  anything else happens, and a hung unmount can never keep the VIP up.
+- The NFS server starts before the VIP so the first client packet finds it listening.
+
+VIP-only VFS (no `storage` in the spec) skip the storage and NFS steps. The steps only
+call host actuator interfaces; the host side effects live in node/.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from controller.ownership import Holding
@@ -25,7 +34,15 @@ log = logging.getLogger(__name__)
 
 
 class StepFailed(RuntimeError):
-    """A takeover step failed; the message says why, for the status `error` field."""
+    """A takeover step failed; the message says why, for the status `error` field.
+
+    `critical`: undoing the steps done so far failed in a way that leaves the disk
+    mounted here, so ownership must be kept (another node must not mount it).
+    """
+
+    def __init__(self, message: str, critical: bool = False) -> None:
+        super().__init__(message)
+        self.critical = critical
 
 
 class VipHost(Protocol):
@@ -40,14 +57,38 @@ class VipHost(Protocol):
     def announce(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None: ...
 
 
+class StorageHost(Protocol):
+    """Mounting the VFS filesystem and reading/writing its epoch file (see node/storage.py)."""
+
+    def mount(self, vfs: str, device: str, fstype: str, options: tuple[str, ...]) -> Path: ...
+
+    def unmount(self, vfs: str) -> None: ...
+
+    def read_epoch(self, vfs: str) -> int: ...
+
+    def write_epoch(self, vfs: str, epoch: int) -> None: ...
+
+
+class NfsHost(Protocol):
+    """Starting and stopping this VFS's NFS server (see node/nfs_server.py)."""
+
+    def nfs_start(self, spec: VfsSpec, epoch: int) -> None: ...
+
+    def nfs_stop(self, vfs: str) -> None: ...
+
+    def nfs_alive(self, vfs: str) -> bool: ...
+
+
 @dataclass
 class TakeoverContext:
     spec: VfsSpec
     holding: Holding
+    timings: dict[str, float] = field(default_factory=dict)  # step -> seconds, for status
 
 
 class Step(Protocol):
     name: str
+    critical_down: bool  # a failing `down` means the VFS must stay owned (disk still mounted)
 
     def up(self, ctx: TakeoverContext) -> None: ...
 
@@ -60,6 +101,7 @@ class ProbeStep:
 
     host: VipHost
     name: str = "arp_probe"
+    critical_down: bool = False
 
     def up(self, ctx: TakeoverContext) -> None:
         macs = self.host.foreign_macs(ctx.spec.vip)
@@ -75,6 +117,7 @@ class ProbeStep:
 class VipStep:
     host: VipHost
     name: str = "vip"
+    critical_down: bool = False
 
     def up(self, ctx: TakeoverContext) -> None:
         ctx.holding.guarded(lambda: self.host.vip_up(ctx.spec.vip))
@@ -89,6 +132,7 @@ class AnnounceStep:
 
     host: VipHost
     name: str = "gratuitous_arp"
+    critical_down: bool = False
 
     def up(self, ctx: TakeoverContext) -> None:
         holding = ctx.holding
@@ -98,32 +142,104 @@ class AnnounceStep:
         pass
 
 
-def vip_steps(host: VipHost) -> list[Step]:
-    return [ProbeStep(host), VipStep(host), AnnounceStep(host)]
+@dataclass
+class MountStep:
+    host: StorageHost
+    name: str = "mount"
+    critical_down: bool = True
+
+    def up(self, ctx: TakeoverContext) -> None:
+        st = ctx.spec.storage
+        if st is not None:
+            self.host.mount(ctx.spec.name, st.device, st.fstype, st.options)
+
+    def down(self, ctx: TakeoverContext) -> None:
+        if ctx.spec.storage is not None:
+            self.host.unmount(ctx.spec.name)
+
+
+@dataclass
+class EpochStep:
+    """The storage epoch guard: never serve a disk that a newer owner has written to."""
+
+    host: StorageHost
+    name: str = "epoch_check"
+    critical_down: bool = False
+
+    def up(self, ctx: TakeoverContext) -> None:
+        if ctx.spec.storage is None:
+            return
+        ours = ctx.holding.epoch
+        on_disk = self.host.read_epoch(ctx.spec.name)
+        if on_disk > ours:
+            raise StepFailed(f"storage epoch {on_disk} on {ctx.spec.storage.device} is newer than ours ({ours}): "
+                             "a newer owner has used this disk; refusing it")
+        self.host.write_epoch(ctx.spec.name, ours)
+
+    def down(self, ctx: TakeoverContext) -> None:
+        pass
+
+
+@dataclass
+class NfsStep:
+    host: NfsHost
+    name: str = "nfs_server"
+    critical_down: bool = False
+
+    def up(self, ctx: TakeoverContext) -> None:
+        if ctx.spec.storage is not None:
+            self.host.nfs_start(ctx.spec, ctx.holding.epoch)
+
+    def down(self, ctx: TakeoverContext) -> None:
+        if ctx.spec.storage is not None:
+            self.host.nfs_stop(ctx.spec.name)
+
+    def healthy(self, ctx: TakeoverContext) -> bool:
+        return ctx.spec.storage is None or self.host.nfs_alive(ctx.spec.name)
+
+
+class FileserverHost(VipHost, StorageHost, NfsHost, Protocol):
+    pass
+
+
+def takeover_steps(host: FileserverHost) -> list[Step]:
+    """The whole takeover, in protocol order (see the module docstring)."""
+    return [ProbeStep(host), MountStep(host), EpochStep(host), NfsStep(host), VipStep(host), AnnounceStep(host)]
 
 
 def bring_up(steps: Sequence[Step], ctx: TakeoverContext) -> None:
     """Run the steps in order; on failure undo the ones done, in reverse, and raise StepFailed."""
     done: list[Step] = []
     for step in steps:
+        started = time.monotonic()
         try:
             step.up(ctx)
+            ctx.timings[step.name] = round(time.monotonic() - started, 4)
         except Exception as exc:
-            errors = bring_down(done, ctx)
+            undone = bring_down(done, ctx)
             reason = str(exc) if isinstance(exc, StepFailed) else f"{step.name} failed: {exc}"
-            if errors:
-                reason += f" (undo errors: {'; '.join(errors)})"
-            raise StepFailed(reason) from exc
+            if undone.errors:
+                reason += f" (undo errors: {'; '.join(undone.errors)})"
+            raise StepFailed(reason, critical=undone.critical) from exc
         done.append(step)
 
 
-def bring_down(steps: Sequence[Step], ctx: TakeoverContext) -> list[str]:
-    """Run every step's down in reverse order; go on past failures and return them."""
-    errors = []
+@dataclass
+class DownResult:
+    errors: list[str]
+    critical: bool  # a step failed whose failure leaves shared state behind (a mounted disk)
+
+
+def bring_down(steps: Sequence[Step], ctx: TakeoverContext) -> DownResult:
+    """Run every step's down in reverse order; go on past failures and report them."""
+    errors, critical = [], False
     for step in reversed(steps):
+        started = time.monotonic()
         try:
             step.down(ctx)
+            ctx.timings[f"{step.name}_down"] = round(time.monotonic() - started, 4)
         except Exception as exc:
             log.exception("%s: step %s down failed", ctx.spec.name, step.name)
             errors.append(f"{step.name}: {exc}")
-    return errors
+            critical = critical or step.critical_down
+    return DownResult(errors, critical)

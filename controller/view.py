@@ -139,8 +139,11 @@ class ClusterView:
                 other_spec = parse_spec(other, other_rec.value)
             except SpecError:
                 continue
-            if other_spec.vip.ip != spec.vip.ip:
+            same_disk = spec.storage and other_spec.storage and spec.storage.device == other_spec.storage.device
+            if other_spec.vip.ip != spec.vip.ip and not same_disk:
                 continue
             if (other_rec.create_revision, other) < (spec_rec.create_revision, spec.name):
+                if same_disk and spec.storage:
+                    return f"invalid spec: device {spec.storage.device} is already used by VFS {other!r}"
                 return f"invalid spec: VIP {spec.vip_address} is already used by VFS {other!r}"
         return None

@@ -24,7 +24,7 @@ from controller.reconcile import AgentContext, Backoff, VfsReconciler
 from controller.spec import SpecError, parse_spec
 from controller.status import wall_clock
 from controller.store import EtcdStore, StoreError
-from controller.takeover import vip_steps
+from controller.takeover import takeover_steps
 from controller.view import ClusterView
 from controller.watcher import ViewKeeper
 from node import config as agent_config
@@ -44,6 +44,7 @@ class Agent:
         self.keeper = LeaseKeeper(self.store)
         self.backoff = Backoff(on_change=self._register_soon)
         self.views = ViewKeeper(self.store, self.ks, self._on_view)
+        self.host.on_nfs_exit(self._wake_vfs)
         self.reconcilers: dict[str, VfsReconciler] = {}
         self._lock = threading.Lock()
         self._node_lease = 0
@@ -51,7 +52,7 @@ class Agent:
         self._registration_due = threading.Event()
         self._ready = False  # no reconciler may run before leftovers are cleaned up
         self.ctx = AgentContext(me=cfg.name, keyspace=self.ks, store=self.store, keeper=self.keeper,
-                                steps=vip_steps(self.host), view=lambda: self.views.view,
+                                steps=takeover_steps(self.host), view=lambda: self.views.view,
                                 default_ttl=cfg.lease_ttl, rank_delay=cfg.rank_delay, backoff=self.backoff,
                                 vip_down=self.host.vip_down)
 
@@ -83,7 +84,12 @@ class Agent:
     def start(self) -> None:
         self._started = wall_clock()
         view = self._retry("initial load", self.views.load)
-        removed = self.host.remove_leftovers(_managed_vips(view))
+        try:
+            removed = self.host.remove_leftovers(_managed_vips(view))
+        except Exception as exc:
+            # Serving anything while an old mount or server lingers could double-mount a disk.
+            log.critical("cannot clean up what an earlier run left behind: %s", exc)
+            raise SystemExit(1) from exc
         if removed:
             log.warning("removed leftover VIPs of an earlier run: %s", removed)
         self.keeper.start()
@@ -114,6 +120,12 @@ class Agent:
                     rec.start()
             for rec in self.reconcilers.values():
                 rec.wake()
+
+    def _wake_vfs(self, vfs: str) -> None:
+        with self._lock:
+            rec = self.reconcilers.get(vfs)
+        if rec is not None:
+            rec.wake()
 
     # --- main loop and stop ----------------------------------------------------------------
 
@@ -176,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    for noisy in ("pyroute2", "grpc"):  # their DEBUG output drowns ours
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     try:
         agent = Agent(cfg)
     except VipError as exc:

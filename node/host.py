@@ -1,7 +1,7 @@
-"""The host side of a VIP takeover: address, ARP probe and announcements on one interface.
+"""The host side of a takeover: VIP, ARP, the VFS filesystem and its NFS server.
 
-Implements controller.takeover.VipHost. It decides nothing; the controller tells it what
-to do and when.
+Implements controller.takeover.FileserverHost. It decides nothing; the controller tells
+it what to do and in which order.
 """
 
 from __future__ import annotations
@@ -13,21 +13,33 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from controller.spec import VfsSpec
 from node import arp
+from node.ganesha import GaneshaServer
+from node.kernel_nfsd import KernelNfsd
 from node.localstate import RaisedVips
+from node.nfs_server import NfsInstance, NfsServer, NfsServerError
+from node.storage import Storage
 from node.vip import VipInterface
 
 log = logging.getLogger(__name__)
 
 # Gratuitous ARP at once, then a few more spaced out, for clients that missed the first.
 ANNOUNCE_AT = (0.0, 0.2, 0.5, 1.0, 2.0)
+NFS_START_TIMEOUT = 20.0
+NFS_STOP_TIMEOUT = 10.0
 
 
 class Host:
-    def __init__(self, ifname: str, state_dir: Path) -> None:
+    def __init__(self, ifname: str, state_dir: Path, nfs_backends: dict[str, NfsServer] | None = None) -> None:
         self.ifname = ifname
         self.iface = VipInterface(ifname)
         self.raised = RaisedVips(state_dir)
+        self.storage = Storage(state_dir)
+        self.nfs_workroot = state_dir / "nfs"
+        self.nfs_backends: dict[str, NfsServer] = nfs_backends or {
+            "ganesha": GaneshaServer(self.nfs_workroot), "kernel": KernelNfsd(self.nfs_workroot)}
+        self._nfs_of: dict[str, NfsServer] = {}
 
     @property
     def mac(self) -> str:
@@ -62,10 +74,54 @@ class Host:
                 log.warning("gratuitous ARP for %s failed: %s", vip.ip, exc)
                 return
 
-    def remove_leftovers(self, managed: Iterable[ipaddress.IPv4Interface]) -> list[str]:
-        """Remove VIPs this agent does not hold: the managed ones and those it remembers raising.
+    # --- storage (controller.takeover.StorageHost) -----------------------------------------
 
-        Called at start-up, when this agent holds nothing yet.
+    def mount(self, vfs: str, device: str, fstype: str, options: tuple[str, ...]) -> Path:
+        return self.storage.mount(vfs, device, fstype, options)
+
+    def unmount(self, vfs: str) -> None:
+        self.storage.unmount(vfs)
+
+    def read_epoch(self, vfs: str) -> int:
+        return self.storage.read_epoch(vfs)
+
+    def write_epoch(self, vfs: str, epoch: int) -> None:
+        self.storage.write_epoch(vfs, epoch)
+
+    # --- NFS server (controller.takeover.NfsHost) -------------------------------------------
+
+    def nfs_start(self, spec: VfsSpec, epoch: int) -> None:
+        assert spec.nfs is not None
+        backend = self.nfs_backends.get(spec.nfs.backend)
+        if backend is None:
+            raise NfsServerError(f"NFS backend {spec.nfs.backend!r} is not available on this node "
+                                 f"(have: {sorted(self.nfs_backends)})")
+        inst = NfsInstance(vfs=spec.name, vip=spec.vip_address, mountpoint=self.storage.mountpoint(spec.name),
+                           workdir=self.nfs_workroot / spec.name, exports=spec.exports,
+                           grace_seconds=spec.nfs.grace_seconds, lease_seconds=spec.nfs.lease_seconds, epoch=epoch)
+        self._nfs_of[spec.name] = backend
+        backend.start(inst, NFS_START_TIMEOUT)
+
+    def nfs_stop(self, vfs: str) -> None:
+        backend = self._nfs_of.pop(vfs, None)
+        if backend is not None:
+            backend.stop(vfs, NFS_STOP_TIMEOUT)
+
+    def nfs_alive(self, vfs: str) -> bool:
+        backend = self._nfs_of.get(vfs)
+        return backend is not None and backend.alive(vfs)
+
+    def on_nfs_exit(self, callback: Callable[[str], None]) -> None:
+        for backend in self.nfs_backends.values():
+            backend.on_exit(callback)
+
+    # --- start-up -------------------------------------------------------------------------------
+
+    def remove_leftovers(self, managed: Iterable[ipaddress.IPv4Interface]) -> list[str]:
+        """Remove what an earlier run left: VIPs first, then NFS servers, then mounts.
+
+        Called at start-up, when this agent holds nothing yet. VIPs: the managed ones
+        and those it remembers raising.
         """
         wanted_gone = {v.ip for v in managed} | {ipaddress.IPv4Interface(v).ip for v in self.raised.load()}
         removed = []
@@ -75,4 +131,14 @@ class Host:
                 removed.append(addr.with_prefixlen)
         for vip in self.raised.load():
             self.raised.discard(vip)
+        leftover_vfs = set(self.storage.leftover_mounts())
+        if self.nfs_workroot.is_dir():
+            leftover_vfs.update(p.name for p in self.nfs_workroot.iterdir() if p.is_dir())
+        for vfs in sorted(leftover_vfs):
+            for backend in self.nfs_backends.values():
+                if backend.remove_leftovers(vfs):
+                    removed.append(f"{backend.name} server of {vfs}")
+            if self.storage.mounted(vfs):
+                self.storage.unmount(vfs)
+                removed.append(f"mount of {vfs}")
         return removed

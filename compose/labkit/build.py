@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 
-from . import mntns, netns, procs
+from . import disks, mntns, netns, procs
 from .errors import LabError
 from .state import StateDir
 from .topology import MEMBERS, NETNS_DIR, NODE_RUN_DIR, NODES, lab_namespaces
@@ -35,11 +35,12 @@ def lab_pids(state: StateDir) -> list[int]:
     return procs.pids_in_namespaces(lab_net_inodes(), mntns.pin_inodes(mntns.lab_mounts(state.root)))
 
 
-def teardown(state: StateDir) -> list[int]:
-    """Kill lab processes by PID, unmount pins, delete namespaces, remove the state dir.
+def teardown(state: StateDir, leftovers: bool = False) -> list[int]:
+    """Kill lab processes by PID, unmount pins, delete namespaces, detach the lab's loop
+    devices (with ``leftovers`` those of any /run/nfsha-lab* dir too), remove the state dir.
 
-    Works from the system's view (namespace names, /proc, mountinfo), not from records, so it
-    also clears what a killed run left. Returns the killed pids.
+    Works from the system's view (namespace names, /proc, mountinfo, the loop table), not from
+    records, so it also clears what a killed run left. Returns the killed pids.
     """
     killed = procs.kill_all(lab_pids(state))
     for mount in mntns.lab_mounts(state.root):
@@ -48,10 +49,17 @@ def teardown(state: StateDir) -> list[int]:
         netns.delete_namespace(ns)
     _drop_empty_netns_dir()
     _remove_empty_dir(NODE_RUN_DIR)
+    # Loops last: a disk mounted in a node's mount namespace keeps the device busy until that
+    # namespace is gone (no process left, pin unmounted).
+    stuck = disks.release_all(state, leftovers)
+    held = [f"{lp.device} ({lp.backing}): {disks.describe_holders(lp.device, None)}" for lp in stuck]
     left = mntns.lab_mounts(state.root)
     if left:
         raise LabError(f"could not unmount {[m.point for m in left]}; state dir {state.root} kept")
     shutil.rmtree(state.root, ignore_errors=True)
+    if held:
+        raise LabError("loop devices still mounted outside the lab (they detach at the last unmount): "
+                       + "; ".join(held))
     return killed
 
 

@@ -17,6 +17,8 @@ USAGE = """usage: lab COMMAND ...
   down | status | leader
   kill-node NODE | revive-node NODE | partition-node NODE | heal [NODE]
   kill-etcd N | start-etcd N
+  disk-create NAME [--size-mb N] [--fstype xfs|ext4|none] | disk-destroy NAME [--force] | disks
+  mounts NODE | block-device NODE DEV | unblock-device NODE DEV
   exec NAME -- ARGV...        NAME: {names}
   etcdctl ARGS...             (client namespace, all three endpoints)
 State dir: $NFSHA_LAB_DIR (default /run/nfsha-lab).""".format(names="|".join(MEMBERS))
@@ -56,6 +58,40 @@ def _up(rest: list[str]) -> int:
     lab.up(timeout=opts.timeout)
     print(f"lab up in {time.monotonic() - started:.1f}s (state {lab.state_dir})")
     return 0
+
+
+def _disk_create(rest: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lab disk-create")
+    parser.add_argument("name")
+    parser.add_argument("--size-mb", type=int, default=512)
+    parser.add_argument("--fstype", choices=["xfs", "ext4", "none"], default="xfs")
+    opts = parser.parse_args(rest)
+    print(Lab.attach().create_disk(opts.name, opts.size_mb, None if opts.fstype == "none" else opts.fstype))
+    return 0
+
+
+def _disk_command(command: str, rest: list[str]) -> int:
+    lab = Lab.attach()
+    if command == "disks":
+        print(json.dumps(lab.disks(), indent=2))
+    elif command == "disk-destroy":
+        if not rest or rest[0].startswith("-") or set(rest[1:]) - {"--force"}:
+            raise LabError("disk-destroy needs NAME [--force]")
+        note = lab.destroy_disk(rest[0], force="--force" in rest)
+        if note:
+            print(note, file=sys.stderr)
+    elif command == "mounts":
+        node = str(_one_arg(command, rest, list(NODES)))
+        for device, point in lab.mounts_of(node):
+            print(device, point)
+    else:  # block-device / unblock-device NODE DEV
+        if len(rest) != 2 or rest[0] not in NODES:
+            raise LabError(f"{command} needs NODE DEV (NODE one of {' '.join(NODES)})")
+        (lab.block_device_on if command == "block-device" else lab.unblock_device_on)(rest[0], rest[1])
+    return 0
+
+
+DISK_COMMANDS = ("disks", "disk-destroy", "mounts", "block-device", "unblock-device")
 
 
 def _one_arg(command: str, rest: list[str], allowed: list[str], optional: bool = False) -> str | None:
@@ -116,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             return _etcdctl(rest)
         if command == "up":
             return _up(rest)
+        if command == "disk-create":
+            return _disk_create(rest)
+        if command in DISK_COMMANDS:
+            return _disk_command(command, rest)
         return _simple(command, rest)
     except LabError as exc:
         print(f"lab {command}: {exc}", file=sys.stderr)

@@ -18,10 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import nfsclient
+from .errors import LabError
 from .lab import Lab
 from .topology import NODES
 
 CLIENT_IP = "10.77.0.50"
+COMPOSE_DIR = Path(__file__).resolve().parents[1]  # on PYTHONPATH for `python -m labkit.nfswriter`
 NODE_NAMES = tuple(NODES)
 _vips = itertools.count(100)
 _prefixes = itertools.count(1)
@@ -75,6 +78,46 @@ class Sampler:
             self.proc.wait()
 
 
+class Writer:
+    """A `labkit.nfswriter` loop running in the client namespace (started by start_writer)."""
+
+    def __init__(self, lab: Lab, pid: int, log: Path, attempt_timeout: float) -> None:
+        self.lab = lab
+        self.pid = pid
+        self.log = log
+        self.attempt_timeout = attempt_timeout
+
+    def records(self) -> list[dict[str, Any]]:
+        """Log so far: acknowledged writes have "name", failed attempts "failed" (see nfswriter)."""
+        try:
+            lines = self.log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # the last line may be half written
+        return out
+
+    def acked(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if "name" in r]
+
+    def stop(self) -> list[dict[str, Any]]:
+        """SIGTERM; it finishes the write in flight (logging its outcome) and exits. Returns
+        every log record: filter on "name" (acknowledged) or "failed"."""
+        if self.pid:
+            self.lab.stop(self.pid, signal.SIGTERM, timeout=self.attempt_timeout + 5)
+            self.pid = 0
+        return self.records()
+
+    def kill(self) -> None:
+        if self.pid:
+            self.lab.stop(self.pid, signal.SIGKILL, timeout=5)
+            self.pid = 0
+
+
 class LabCluster:
     """One run's view of the lab: its prefix, its agents, its VIPs, its samplers."""
 
@@ -86,6 +129,8 @@ class LabCluster:
         self.agents: dict[str, int] = {}
         self.vips: list[str] = []
         self.samplers: list[Sampler] = []
+        self.writers: list[Writer] = []
+        self.disks: list[str] = []  # devices (from lab.create_disk) that cleanup destroys
 
     # --- agents ---------------------------------------------------------------------------
 
@@ -192,22 +237,96 @@ class LabCluster:
         self.samplers.append(s)
         return s
 
+    # --- NFS as the client sees it (libnfs tools in the client namespace) --------------------
+
+    def nfs_write(self, vip: str, pseudo: str, name: str, data: bytes,
+                  timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Create ``name`` (must not exist) in the export ``pseudo`` with nfs-cp. Never raises
+        on failure: check .returncode (0 = acknowledged, 124 = timed out) and .stderr (e.g.
+        "NFS4ERR_GRACE" during grace). At most nfsclient.MAX_WRITE_BYTES bytes."""
+        return nfsclient.write(self.lab.client_cmd([]), vip, pseudo, name, data, self.logdir, timeout)
+
+    def nfs_read(self, vip: str, pseudo: str, name: str, timeout: float = 30) -> nfsclient.ReadResult:
+        """nfs-cat: a ReadResult with .ok, .data (bytes, None on failure), .stderr, .t."""
+        return nfsclient.read(self.lab.client_cmd([]), vip, pseudo, name, timeout)
+
+    def nfs_ls(self, vip: str, pseudo: str, timeout: float = 30) -> list[str]:
+        """Sorted names in the export's top directory; CommandError if nfs-ls fails."""
+        return nfsclient.ls(self.lab.client_cmd([]), vip, pseudo, timeout)
+
+    def wait_nfs_read(self, vip: str, pseudo: str, name: str, expect: bytes, timeout: float) -> float:
+        """Retry nfs-cat until it returns exactly ``expect``; the monotonic time it did.
+        AssertionError (with the last error) after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.nfs_read(vip, pseudo, name, timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+            if result.data == expect:
+                return result.t
+            if time.monotonic() >= deadline:
+                got = f"{len(result.data)} other bytes" if result.data is not None else result.stderr.strip()[-300:]
+                raise AssertionError(f"timed out after {timeout}s reading {name} via {vip}{pseudo}: {got}")
+            time.sleep(0.05)
+
+    def start_writer(self, vip: str, pseudo: str, duration: float = 600, interval: float = 0.05,
+                     attempt_timeout: float = 5.0) -> Writer:
+        """Start labkit.nfswriter in the client namespace; .stop() returns its log records."""
+        log = self.logdir / f"writer-{vip}-{len(self.writers)}.jsonl"
+        argv = [str(self.bindir / "python"), "-m", "labkit.nfswriter", "--vip", vip, "--pseudo", pseudo,
+                "--log", str(log), "--duration", str(duration), "--interval", str(interval),
+                "--attempt-timeout", str(attempt_timeout)]
+        pid = self.lab.spawn("client", argv, self.logdir / f"writer-{vip}-{len(self.writers)}.out",
+                             env={"PYTHONPATH": os.pathsep.join(filter(None, [str(COMPOSE_DIR),
+                                                                               os.environ.get("PYTHONPATH")]))})
+        writer = Writer(self.lab, pid, log, attempt_timeout)
+        self.writers.append(writer)
+        return writer
+
+    def verify_writes(self, vip: str, pseudo: str, acked: list[dict[str, Any]], timeout: float = 30) -> list[str]:
+        """Read every acknowledged write back through the VIP; the names missing or with other
+        content (sha256). Records without "sha256" (failed attempts, events) are skipped."""
+        return nfsclient.verify(self.lab.client_cmd([]), vip, pseudo, acked, timeout)
+
     # --- tear-down ------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
         """Stop what this run started (by PID), heal every fault, remove its VIPs and keys."""
         for s in self.samplers:
             s.kill()
+        for w in self.writers:
+            w.kill()
         for node, pid in list(self.agents.items()):
             try:
                 self.lab.stop(pid, signal.SIGKILL, timeout=10)
             except Exception as exc:  # keep cleaning up the rest
                 print(f"stopping agent on {node} failed: {exc}", file=sys.stderr)
         self.agents.clear()
+        for node in NODE_NAMES:
+            # What the agents started (NFS servers) outlives a SIGKILLed agent; only this
+            # run's processes live in the node namespaces, so stop them all, by PID.
+            for pid in self.lab.pids(node):
+                try:
+                    self.lab.stop(pid, signal.SIGKILL, timeout=10)
+                except Exception as exc:
+                    print(f"stopping pid {pid} on {node} failed: {exc}", file=sys.stderr)
         self.lab.heal()
         for node in NODE_NAMES:
             self.lab.revive_node(node)
             for vip in self.vips:
                 self.lab.run(node, ["ip", "addr", "del", f"{vip}/24", "dev", "eth0"], check=False)
-            self.lab.run(node, ["rm", "-f", f"/run/nfs-ha/{node}/raised-vips.json"], check=False)
         self.lab.etcdctl("del", "--prefix", self.prefix + "/", check=False)
+        self._destroy_disks()
+        for node in NODE_NAMES:
+            # Local agent state (raised VIPs, server pid files, mount points) of this run.
+            self.lab.run(node, ["rm", "-rf", f"/run/nfs-ha/{node}"], check=False)
+
+    def _destroy_disks(self) -> None:
+        names = {dev: name for name, dev in self.lab.disks().items()}
+        for device in self.disks:
+            if device in names:
+                try:
+                    note = self.lab.destroy_disk(names[device], force=True)
+                except LabError as exc:  # keep cleaning up the rest
+                    note = str(exc)
+                if note:
+                    print(f"cleanup: {note}", file=sys.stderr)
+        self.disks.clear()

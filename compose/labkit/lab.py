@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import build, etcd, faults, mntns, netns, procs
+from . import blockdev, build, disks, etcd, faults, mntns, mountinfo, netns, procs
 from .errors import LabError
 from .nscmd import netns_exec, node_enter
 from .probe import probe_argv
@@ -113,7 +113,7 @@ class Lab:
         Raises LabError (with the etcd log tails) if etcd is not healthy within ``timeout``;
         the half-built lab is then left for inspection and ``down()`` removes it.
         """
-        self.down()
+        self._teardown(leftovers=True)  # also loop devices of any other /run/nfsha-lab* dir
         self.state.make()
         self.state.write_config({"heartbeat_ms": self.heartbeat_ms, "election_ms": self.election_ms})
         build.build_hosts(self.state)
@@ -123,18 +123,26 @@ class Lab:
 
     def down(self) -> None:
         """Kill every process in any nfsha-* namespace (by PID, found via namespace inodes),
-        unpin the node mount namespaces, delete the namespaces, remove the state dir.
-        Idempotent and copes with a killed run's leftovers; raises LabError only if a lab mount
-        cannot be removed."""
-        build.teardown(self.state)
-        for pid, proc in list(self._children.items()):
-            if proc.poll() is not None:
-                del self._children[pid]
+        unpin the node mount namespaces, delete the namespaces, detach the loop devices of
+        this lab's disks (even ones still mounted in a node: they go with its namespace),
+        remove the state dir. Idempotent and copes with a killed run's leftovers; raises
+        LabError only if a lab mount cannot be removed or a lab disk is mounted outside the lab.
+        """
+        self._teardown(leftovers=False)
+
+    def _teardown(self, leftovers: bool) -> None:
+        try:
+            build.teardown(self.state, leftovers)
+        finally:
+            for pid, proc in list(self._children.items()):
+                if proc.poll() is not None:
+                    del self._children[pid]
 
     def status(self) -> dict[str, Any]:
         """Snapshot: {"up": bool, "state_dir", "namespaces": {ns: exists}, "etcd": {name: {ip,
         pid, alive}}, "nodes": {node: {ip, mac, link_up, switch_port_up, partitioned_from,
-        mntns, pids, spawned}}}. "up" means every namespace exists and etcd is healthy."""
+        mntns, pids, spawned}}, "disks": {name: device}}. "up" means every namespace exists and
+        etcd is healthy."""
         present = set(netns.existing_lab_namespaces())
         result: dict[str, Any] = {
             "state_dir": str(self.state.root),
@@ -145,6 +153,7 @@ class Lab:
         for name, member in ETCD_MEMBERS.items():
             pid = self._etcd_pid(member)
             result["etcd"][name] = {"ip": member.ip, "pid": pid, "alive": pid is not None}
+        result["disks"] = self.disks()
         healthy = all(result["namespaces"].values()) and self._all_etcd_alive()
         if healthy:
             healthy = self._etcdctl_nocheck([*etcd.POLL_FLAGS, "endpoint", "health"]).returncode == 0
@@ -195,6 +204,46 @@ class Lab:
         inode = procs.ns_inode(_member(name).netns_path)
         return procs.pids_in_namespaces([inode] if inode is not None else [])
 
+    # ----- shared disks ----------------------------------------------------------------------
+
+    def create_disk(self, name: str, size_mb: int = 512, fstype: str | None = "xfs") -> str:
+        """Sparse image STATE/disks/<name>.img, formatted (mkfs.xfs / mkfs.ext4; None leaves it
+        blank, e.g. for mount-failure tests), attached as a loop device: returns "/dev/loopN".
+        Loop devices are global, so every node sees the disk, as with a SAN LUN."""
+        return disks.create(self.state, name, size_mb, fstype)
+
+    def disks(self) -> dict[str, str]:
+        """{name: "/dev/loopN"} of this lab's attached disks (read from the loop table)."""
+        return disks.lab_disks(self.state)
+
+    def destroy_disk(self, name: str, force: bool = False) -> str | None:
+        """Detach the disk and delete its image. LabError naming the mount namespaces/pids that
+        still mount it; with ``force`` it is instead lazily unmounted in every node, detached
+        anyway (freed at its last close) and a note on the holders returned."""
+        device = self.disks().get(name)
+        note = disks.destroy(self.state, name, force)
+        # A later disk may get the same /dev/loopN: it must not inherit this one's blocks.
+        for node in NODES:
+            if device in blockdev.recorded(self.state, node):
+                blockdev.unblock(self.state, node, device)
+        return note
+
+    def mounts_of(self, node: str) -> list[tuple[str, str]]:
+        """(device, mountpoint) of every /dev/loop* mount in the node's mount namespace."""
+        entries = mountinfo.node_entries(self.state, _node(node).name)
+        if entries is None:
+            raise LabError(f"{node} has no mount namespace (is the lab up?)")
+        return [(e.source, e.point) for e in entries if e.source.startswith("/dev/loop")]
+
+    def block_device_on(self, node: str, device: str) -> None:
+        """Make ``device`` unmountable on ``node`` only (/dev/null bound over its device node in
+        that node's mount namespace), as if the node lost its path to the disk. Kept across
+        kill_node; undone by unblock_device_on or heal."""
+        blockdev.block(self.state, _node(node).name, device)
+
+    def unblock_device_on(self, node: str, device: str) -> None:
+        blockdev.unblock(self.state, _node(node).name, device)
+
     # ----- node faults ---------------------------------------------------------------------
 
     def kill_node(self, node: str) -> list[int]:
@@ -205,6 +254,7 @@ class Lab:
         for pid in killed:
             self._children.pop(pid, None)
             forget_proc(self.state, pid)
+        blockdev.reapply(self.state, node)  # a rebooted node still cannot reach a blocked disk
         return killed
 
     def revive_node(self, node: str) -> None:
@@ -217,9 +267,11 @@ class Lab:
         faults.partition(_node(node))
 
     def heal(self, node: str | None = None) -> None:
-        """Remove the etcd blackhole routes and bring both link ends up, for ``node`` or all."""
+        """Remove the etcd blackhole routes, bring both link ends up and unblock every blocked
+        device, for ``node`` or all."""
         for member in [_node(node)] if node else NODES.values():
             faults.heal(member)
+            blockdev.unblock(self.state, member.name)
 
     # ----- etcd members --------------------------------------------------------------------
 

@@ -1,0 +1,128 @@
+"""The VFS filesystem on this node: mount, unmount, and the storage epoch file.
+
+One mount point per VFS, `<state-dir>/<node>/mnt/<vfs>`. Commands are argv lists with
+validated values (controller/spec_nfs.py) and a timeout each; nothing runs in a shell.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+EPOCH_FILE = ".nfs-ha/epoch"
+MOUNT_TIMEOUT = 60.0
+UMOUNT_TIMEOUT = 20.0
+UMOUNT_TRIES = 5
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
+    return field.encode().decode("unicode_escape")
+
+
+def mounted_at(path: Path) -> str | None:
+    """The source device mounted at `path` in this mount namespace, or None."""
+    target = str(path)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    source = None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) > 4 and _unescape(fields[4]) == target:
+            source = right.split()[1] if len(right.split()) > 1 else ""
+    return source  # the last one wins: it is the one on top
+
+
+class Storage:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "mnt"
+
+    def mountpoint(self, vfs: str) -> Path:
+        return self.root / vfs
+
+    def mount(self, vfs: str, device: str, fstype: str, options: tuple[str, ...]) -> Path:
+        target = self.mountpoint(vfs)
+        target.mkdir(parents=True, exist_ok=True)
+        current = mounted_at(target)
+        if current is not None:
+            if os.path.realpath(current) == os.path.realpath(device):
+                return target  # already ours (idempotent)
+            raise StorageError(f"{target} already has {current} mounted, not {device}")
+        argv = ["mount", "-t", fstype]
+        if options:
+            argv += ["-o", ",".join(options)]
+        argv += ["--", device, str(target)]
+        _run(argv, MOUNT_TIMEOUT, f"mounting {device}")
+        return target
+
+    def unmount(self, vfs: str) -> None:
+        target = self.mountpoint(vfs)
+        last = ""
+        for attempt in range(UMOUNT_TRIES):
+            if mounted_at(target) is None:
+                return
+            try:
+                _run(["umount", "--", str(target)], UMOUNT_TIMEOUT, f"unmounting {target}")
+            except StorageError as exc:
+                last = str(exc)
+                time.sleep(0.2 * (attempt + 1))  # "target is busy" clears once the server has exited
+        if mounted_at(target) is not None:
+            raise StorageError(last or f"{target} is still mounted")
+
+    def mounted(self, vfs: str) -> bool:
+        return mounted_at(self.mountpoint(vfs)) is not None
+
+    def leftover_mounts(self) -> list[str]:
+        """VFS names with something mounted at their mount point (from an earlier run)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if mounted_at(p) is not None)
+
+    # --- the storage epoch: the fencing token written on the disk itself ---------------------
+
+    def read_epoch(self, vfs: str) -> int:
+        path = self.mountpoint(vfs) / EPOCH_FILE
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc}") from exc
+        if not text.isdigit():
+            raise StorageError(f"{path} holds {text[:40]!r}, not an epoch")
+        return int(text)
+
+    def write_epoch(self, vfs: str, epoch: int) -> None:
+        path = self.mountpoint(vfs) / EPOCH_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(f"{epoch}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself must be on disk before we serve
+        finally:
+            os.close(dir_fd)
+
+
+def _run(argv: list[str], timeout: float, what: str) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise StorageError(f"{what}: no answer after {timeout:.0f}s") from None
+    except OSError as exc:
+        raise StorageError(f"{what}: {exc}") from exc
+    if proc.returncode != 0:
+        raise StorageError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
