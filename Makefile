@@ -2,7 +2,8 @@
 # Debian 12 machine as root and are cheap to repeat.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3 python3-venv python3-pip etcd-server etcd-client iproute2 util-linux
+APT_PACKAGES := python3 python3-venv python3-pip etcd-server etcd-client iproute2 util-linux \
+	nfs-ganesha nfs-ganesha-vfs libnfs-utils xfsprogs e2fsprogs
 STAMP_APT := .deps-apt
 STAMP_VENV := $(VENV)/.installed
 
@@ -10,7 +11,7 @@ STAMP_VENV := $(VENV)/.installed
 
 deps: $(STAMP_APT) $(STAMP_VENV)
 
-$(STAMP_APT):
+$(STAMP_APT): Makefile
 	DEBIAN_FRONTEND=noninteractive apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
 	touch $@
