@@ -1,4 +1,4 @@
-"""The operator CLI: `nfs-ha status` and `nfs-ha move`."""
+"""The operator CLI: `nfs-ha status`, `nfs-ha move`, `nfs-ha timeline`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from controller.keyspace import DEFAULT_PREFIX, InvalidName, Keyspace, check_name
 from controller.spec import SpecError, parse_intent, parse_spec
 from controller.store import EtcdStore, StoreError
+from controller.timeline import add_timeline_parser, cmd_timeline
 from controller.view import ClusterView
 
 
@@ -113,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     mv = sub.add_parser("move", help="ask for a VFS to be served by a node (writes the intent)")
     mv.add_argument("vfs")
     mv.add_argument("node")
+    add_timeline_parser(sub)
     args = parser.parse_args(argv)
+    if args.cmd == "timeline":
+        return cmd_timeline(args)  # reads span files or Jaeger, not etcd
     try:
         store = EtcdStore(args.etcd, timeout=5.0)
         ks = Keyspace(args.prefix)

@@ -61,6 +61,8 @@ class Holding:
     epoch: int = 0
     on_fence: Callable[[Holding], None] | None = None
     fence_reason: str = ""
+    fenced_at_ns: int = 0  # wall clock, only for the trace of the fence
+    dropped_at_ns: int = 0
     _deadline: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _fenced: bool = False
@@ -104,10 +106,12 @@ class Holding:
                 return False
             self._fenced = True
             self.fence_reason = reason
+            self.fenced_at_ns = time.time_ns()
         log.warning("%s: self-fence: %s", self.vfs, reason)
         try:
             self.drop()
         finally:
+            self.dropped_at_ns = time.time_ns()
             if self.on_fence:
                 self.on_fence(self)
         return True

@@ -19,6 +19,7 @@ Rules kept here (the ownership invariants themselves are in ownership.py):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -27,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller import tracing
+from controller.failover_trace import FailoverTracer
 from controller.keyspace import Keyspace
 from controller.ownership import Holding, LeaseKeeper
 from controller.placement import Action, decide, preference
@@ -114,6 +117,7 @@ class VfsReconciler:
         self._must_release: str | None = None  # a held VFS that has to be let go (unhealthy, stuck)
         self._restarts: list[float] = []
         self._timings: dict[str, float] = {}
+        self.trace = FailoverTracer(vfs, ctx.me)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"vfs-{vfs}", daemon=True)
@@ -133,6 +137,7 @@ class VfsReconciler:
         self._thread.join(timeout=30)
         if release and self.holding is not None:
             self._release(self.holding, "agent stopping")
+        self.trace.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -155,6 +160,7 @@ class VfsReconciler:
         config = view.config(self.vfs)
         owner = view.owner(self.vfs)
         h = self.holding
+        self.trace.observe(view)
         if h is not None and (h.fenced or self._lost(h, view)):
             self._teardown_after_loss(h)
             return 0.0
@@ -238,47 +244,67 @@ class VfsReconciler:
         return 0.0
 
     def _acquire(self, spec: VfsSpec, cause: str) -> None:
-        ks, store = self.ctx.keyspace, self.ctx.store
+        status_now = self.ctx.view().status(self.vfs) or {}
+        root, cause = self.trace.start_takeover(spec, status_now, cause)
+        previous = status_now.get("node") or status_now.get("previous")
+        try:
+            self._acquire_traced(spec, cause, previous, root)
+        except BaseException as exc:
+            tracing.fail(root, exc)
+            raise
+        finally:
+            self.trace.finish_takeover(root, cause, previous, self.ctx.view())
+            root.end()
+
+    def _acquire_traced(self, spec: VfsSpec, cause: str, previous: str | None, root: Any) -> None:
+        ks, store, me = self.ctx.keyspace, self.ctx.store, self.ctx.me
+        span_attrs = {"nfs_ha.vfs": self.vfs, "nfs_ha.node": me}
         ttl = spec.lease_ttl or self.ctx.default_ttl
         sent_at = time.monotonic()
-        lease_id, granted = store.grant(ttl)
+        with tracing.child(root, "lease_grant", span_attrs):
+            lease_id, granted = store.grant(ttl)
         h = Holding(vfs=self.vfs, lease_id=lease_id, ttl=granted, granted_at=sent_at,
                     drop=lambda: self.ctx.vip_down(spec.vip), on_fence=lambda _h: self.wake())
-        previous = (self.ctx.view().status(self.vfs) or {}).get("node")
-        owner_doc = {"node": self.ctx.me, "since": wall_clock(), "lease": f"{lease_id:x}", "vip": spec.vip_cidr}
-        status = make_status("acquiring", self.ctx.me, 0, "", vip=spec.vip_cidr, cause=cause, previous=previous)
+        owner_doc = {"node": me, "since": wall_clock(), "lease": f"{lease_id:x}", "ttl": granted,
+                     "vip": spec.vip_cidr}
+        status = make_status("acquiring", me, 0, "", vip=spec.vip_cidr, cause=cause, previous=previous)
         try:
-            epoch = store.create_owner(ks.owner(self.vfs), json.dumps(owner_doc), lease_id,
-                                       {ks.status(self.vfs): encode(status)})
+            with tracing.child(root, "owner_txn", span_attrs):
+                epoch = store.create_owner(ks.owner(self.vfs), json.dumps(owner_doc), lease_id,
+                                           {ks.status(self.vfs): encode(status)})
         except StoreError:
             self._revoke_quietly(lease_id)
             raise
         if epoch is None:
+            root.set_attribute("nfs_ha.outcome", "another node won the owner transaction")
             self._revoke_quietly(lease_id)  # somebody else won the race; fine
             return
+        root.set_attribute("nfs_ha.epoch", epoch)
         h.epoch = epoch
         self.ctx.keeper.add(h)
         self.holding, self.held_spec = h, spec
         self._restarts = []
         log.info("%s: owner with epoch %d (lease %x, cause %s)", self.vfs, epoch, lease_id, cause)
-        tctx = TakeoverContext(spec, h)
+        tctx = TakeoverContext(spec, h, span=root, node=me)
         try:
             bring_up(self.ctx.steps, tctx)
         except StepFailed as exc:
             log.warning("%s: takeover failed: %s", self.vfs, exc)
+            tracing.fail(root, exc)
             self.ctx.backoff.fail(self.vfs, str(exc))
             if exc.critical:
                 self._must_release = f"takeover failed and its undo left the disk mounted: {exc}"
-                self._put_status(epoch, make_status("error", self.ctx.me, epoch, self._must_release,
+                self._put_status(epoch, make_status("error", me, epoch, self._must_release,
                                                     vip=spec.vip_cidr), quiet=True)
                 return
-            self._end_holding(h, make_status("error", self.ctx.me, epoch, str(exc), vip=spec.vip_cidr))
+            self._end_holding(h, make_status("error", me, epoch, str(exc), vip=spec.vip_cidr), root)
             return
         self.ctx.backoff.succeed(self.vfs)
         self._timings = tctx.timings
         log.info("%s: serving (steps %s)", self.vfs, tctx.timings)
-        self._put_status(h.epoch, make_status("serving", self.ctx.me, epoch, "", vip=spec.vip_cidr,
-                                              cause=cause, previous=previous, steps=tctx.timings))
+        with tracing.child(root, "status_write", span_attrs):
+            self._put_status(h.epoch, make_status("serving", me, epoch, "", vip=spec.vip_cidr,
+                                                  cause=cause, previous=previous, steps=tctx.timings))
 
     # --- release ---------------------------------------------------------------------------
 
@@ -287,10 +313,14 @@ class VfsReconciler:
         spec = self.held_spec
         assert spec is not None
         log.info("%s: releasing: %s", self.vfs, reason)
+        retry = self._must_release is not None  # a stuck release retried every second: no new trace
+        root, move = (None, None) if retry else self.trace.start_release(spec, h, reason)
         self._put_status(h.epoch, make_status("releasing", self.ctx.me, h.epoch, error, vip=spec.vip_cidr,
                                               cause=reason), quiet=True)
-        tctx = TakeoverContext(spec, h)
+        tctx = TakeoverContext(spec, h, span=root, node=self.ctx.me)
         result = bring_down(self.ctx.steps, tctx)
+        if root is not None and result.errors:
+            tracing.fail(root, "; ".join(result.errors))
         if result.critical:
             # The disk is still mounted here: keep the lease so nobody else mounts it.
             self._must_release = reason
@@ -298,39 +328,54 @@ class VfsReconciler:
             log.error("%s: %s", self.vfs, msg)
             self._put_status(h.epoch, make_status("error", self.ctx.me, h.epoch, msg, vip=spec.vip_cidr,
                                                   cause=reason), quiet=True)
+            for span in (root, move):
+                if span is not None:
+                    span.end()
             return
         self._must_release = None
         log.info("%s: released (steps %s)", self.vfs, tctx.timings)
         errors = "; ".join([e for e in (error, *result.errors) if e])
-        self._end_holding(h, make_status("error" if error else "unplaced", None, 0, errors, vip=spec.vip_cidr,
-                                         previous=self.ctx.me, cause=reason, steps=tctx.timings))
+        final = make_status("error" if error else "unplaced", None, 0, errors, vip=spec.vip_cidr,
+                            previous=self.ctx.me, cause=reason, steps=tctx.timings)
+        if move or root:
+            final["trace"] = tracing.traceparent(move or root)  # the next owner joins this trace
+        self._end_holding(h, final, root)
+        if root is not None:
+            root.end()
+        self.trace.release_done(move, h.epoch)
 
     def _teardown_after_loss(self, h: Holding) -> None:
         spec = self.held_spec
         assert spec is not None
         h.fence(h.fence_reason or "owner key is gone or belongs to a newer epoch")
         self.ctx.keeper.remove(h)
-        result = bring_down(self.ctx.steps, TakeoverContext(spec, h))
+        root = self.trace.start_fence(spec, h)
+        result = bring_down(self.ctx.steps, TakeoverContext(spec, h, span=root, node=self.ctx.me))
         if result.errors:
             log.error("%s: after self-fence: %s", self.vfs, "; ".join(result.errors))
+            tracing.fail(root, "; ".join(result.errors))
         self._must_release = None
         self._end_holding(h, make_status("fenced", None, 0, f"{self.ctx.me} self-fenced: {h.fence_reason}",
-                                         vip=spec.vip_cidr, previous=self.ctx.me))
+                                         vip=spec.vip_cidr, previous=self.ctx.me), root)
+        root.end()
 
-    def _end_holding(self, h: Holding, final_status: dict[str, Any]) -> None:
+    def _end_holding(self, h: Holding, final_status: dict[str, Any], span: Any = None) -> None:
         """Delete our owner key (if still ours) with a final status, then revoke the lease."""
         self.ctx.keeper.remove(h)
         self.holding, self.held_spec = None, None
         ks = self.ctx.keyspace
-        try:
-            self.ctx.store.put_if_epoch(ks.owner(self.vfs), h.epoch, {ks.status(self.vfs): encode(final_status)},
-                                        delete_owner=True)
-        except StoreError as exc:
-            log.warning("%s: could not delete owner key: %s", self.vfs, exc)
-        self._revoke_quietly(h.lease_id)
+        with (tracing.child(span, "owner_release", {"nfs_ha.vfs": self.vfs, "nfs_ha.node": self.ctx.me})
+              if span is not None else contextlib.nullcontext()):
+            try:
+                self.ctx.store.put_if_epoch(ks.owner(self.vfs), h.epoch,
+                                            {ks.status(self.vfs): encode(final_status)}, delete_owner=True)
+            except StoreError as exc:
+                log.warning("%s: could not delete owner key: %s", self.vfs, exc)
+            self._revoke_quietly(h.lease_id)
 
     def _clear_stale(self, epoch: int, lease_id: int) -> None:
         log.info("%s: removing owner key left by an earlier run (epoch %d)", self.vfs, epoch)
+        self.trace.restarted = True
         ks = self.ctx.keyspace
         self.ctx.store.put_if_epoch(ks.owner(self.vfs), epoch, {ks.status(self.vfs): encode(
             make_status("unplaced", None, 0, "", previous=self.ctx.me, cause="agent restarted"))},

@@ -19,14 +19,19 @@ call host actuator interfaces; the host side effects live in node/.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from opentelemetry.trace import Span
+
+from controller import tracing
 from controller.ownership import Holding
 from controller.spec import VfsSpec
 
@@ -84,11 +89,19 @@ class TakeoverContext:
     spec: VfsSpec
     holding: Holding
     timings: dict[str, float] = field(default_factory=dict)  # step -> seconds, for status
+    span: Span | None = None  # the root span of this takeover/release; steps become its children
+    node: str = ""
+
+    def step_span(self, name: str) -> AbstractContextManager[object]:
+        if self.span is None:
+            return contextlib.nullcontext()
+        return tracing.child(self.span, name, {"nfs_ha.vfs": self.spec.name, "nfs_ha.node": self.node})
 
 
 class Step(Protocol):
     name: str
     critical_down: bool  # a failing `down` means the VFS must stay owned (disk still mounted)
+    has_down: bool  # False: `down` does nothing (no span, no timing)
 
     def up(self, ctx: TakeoverContext) -> None: ...
 
@@ -102,6 +115,7 @@ class ProbeStep:
     host: VipHost
     name: str = "arp_probe"
     critical_down: bool = False
+    has_down: bool = False  # nothing to undo
 
     def up(self, ctx: TakeoverContext) -> None:
         macs = self.host.foreign_macs(ctx.spec.vip)
@@ -118,6 +132,7 @@ class VipStep:
     host: VipHost
     name: str = "vip"
     critical_down: bool = False
+    has_down: bool = True
 
     def up(self, ctx: TakeoverContext) -> None:
         ctx.holding.guarded(lambda: self.host.vip_up(ctx.spec.vip))
@@ -133,6 +148,7 @@ class AnnounceStep:
     host: VipHost
     name: str = "gratuitous_arp"
     critical_down: bool = False
+    has_down: bool = False  # nothing to undo
 
     def up(self, ctx: TakeoverContext) -> None:
         holding = ctx.holding
@@ -147,6 +163,7 @@ class MountStep:
     host: StorageHost
     name: str = "mount"
     critical_down: bool = True
+    has_down: bool = True
 
     def up(self, ctx: TakeoverContext) -> None:
         st = ctx.spec.storage
@@ -165,6 +182,7 @@ class EpochStep:
     host: StorageHost
     name: str = "epoch_check"
     critical_down: bool = False
+    has_down: bool = False  # nothing to undo
 
     def up(self, ctx: TakeoverContext) -> None:
         if ctx.spec.storage is None:
@@ -185,6 +203,7 @@ class NfsStep:
     host: NfsHost
     name: str = "nfs_server"
     critical_down: bool = False
+    has_down: bool = True
 
     def up(self, ctx: TakeoverContext) -> None:
         if ctx.spec.storage is not None:
@@ -213,7 +232,8 @@ def bring_up(steps: Sequence[Step], ctx: TakeoverContext) -> None:
     for step in steps:
         started = time.monotonic()
         try:
-            step.up(ctx)
+            with ctx.step_span(step.name):
+                step.up(ctx)
             ctx.timings[step.name] = round(time.monotonic() - started, 4)
         except Exception as exc:
             undone = bring_down(done, ctx)
@@ -234,9 +254,12 @@ def bring_down(steps: Sequence[Step], ctx: TakeoverContext) -> DownResult:
     """Run every step's down in reverse order; go on past failures and report them."""
     errors, critical = [], False
     for step in reversed(steps):
+        if not step.has_down:
+            continue
         started = time.monotonic()
         try:
-            step.down(ctx)
+            with ctx.step_span(f"{step.name}_down"):
+                step.down(ctx)
             ctx.timings[f"{step.name}_down"] = round(time.monotonic() - started, 4)
         except Exception as exc:
             log.exception("%s: step %s down failed", ctx.spec.name, step.name)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import TypeVar
 
+from controller import tracing
 from controller.keyspace import Keyspace
 from controller.ownership import LeaseKeeper
 from controller.reconcile import AgentContext, Backoff, VfsReconciler
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     for noisy in ("pyroute2", "grpc"):  # their DEBUG output drowns ours
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    provider = tracing.setup(cfg.name, cfg.span_file)
     try:
         agent = Agent(cfg)
     except VipError as exc:
@@ -205,8 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         pass
     log.info("stopping: handing over every VFS")
     agent.stop()
+    _flush(provider)
     log.info("stopped")
     return 0
+
+
+def _flush(provider: object) -> None:
+    """Export what is queued, but never let a dead collector hold up the exit for long."""
+    t = threading.Thread(target=provider.shutdown, daemon=True, name="trace-flush")
+    t.start()
+    t.join(timeout=3.0)
 
 
 if __name__ == "__main__":

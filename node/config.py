@@ -24,6 +24,7 @@ class AgentConfig:
     rank_delay: float = 0.5
     state_dir: str = "/run/nfs-ha"
     log_level: str = "INFO"
+    span_file: str = ""  # also append trace spans here (OTLP/JSON lines), for `nfs-ha timeline`
 
     def validate(self) -> AgentConfig:
         try:
@@ -65,6 +66,7 @@ def load(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--rank-delay", type=float, help="seconds a lower-ranked candidate waits per rank")
     parser.add_argument("--state-dir", help="local state directory (default /run/nfs-ha)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+    parser.add_argument("--span-file", help="append trace spans to this file (OTLP/JSON lines)")
     args = parser.parse_args(argv)
 
     values: dict[str, Any] = {}

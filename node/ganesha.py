@@ -112,6 +112,8 @@ def listening(address: str, port: int) -> bool:
 def _ensure_nonlocal_bind() -> None:
     for path in NONLOCAL_BIND:
         try:
+            if Path(path).read_text().strip() == "1":
+                continue  # already set (a container may have /proc/sys read-only)
             with open(path, "w") as fh:
                 fh.write("1\n")
         except OSError as exc:

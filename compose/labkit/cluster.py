@@ -127,6 +127,8 @@ class LabCluster:
         self.bindir = bindir or Path(sys.executable).parent
         self.prefix = f"/nfs-ha-lab/{os.getpid()}-{next(_prefixes)}"
         self.agents: dict[str, int] = {}
+        self.agent_env: dict[str, str] = {}  # e.g. OTEL_EXPORTER_OTLP_ENDPOINT for every agent
+        self.span_dir: Path | None = None  # agents append their spans to span_dir/spans-<node>.jsonl
         self.vips: list[str] = []
         self.samplers: list[Sampler] = []
         self.writers: list[Writer] = []
@@ -146,7 +148,9 @@ class LabCluster:
         argv = [str(self.bindir / "nfs-ha-agent"), "--name", node, "--etcd", self.lab.etcd_endpoints_arg,
                 "--interface", "eth0", "--lease-ttl", str(ttl), "--prefix", self.prefix,
                 "--state-dir", "/run/nfs-ha", "--rank-delay", "0.3", "--log-level", "DEBUG", *extra]
-        pid = self.lab.spawn(node, argv, self.agent_log(node))
+        if self.span_dir is not None:
+            argv += ["--span-file", str(self.span_dir / f"spans-{node}.jsonl")]
+        pid = self.lab.spawn(node, argv, self.agent_log(node), env=self.agent_env or None)
         self.agents[node] = pid
         return pid
 

@@ -120,15 +120,17 @@ def test_recovery_records_travel_with_the_disk(cluster: Cluster) -> None:
     vip, _ = fileserver(cluster, "home")
     cluster.wait_serving("home", "node-a", timeout=30)
     assert cluster.nfs_write(vip, "/home", "client-was-here", b"x").returncode == 0
+    # Client records: nfs-recovery/v4recov/<ganesha node id>/<client> (depth 3).
     records_a = cluster.lab.run("node-a", ["find", "/run/nfs-ha/node-a/mnt/home/.nfs-ha/nfs-recovery",
-                                           "-mindepth", "2"]).stdout.split()
+                                           "-mindepth", "3"]).stdout.splitlines()
     assert records_a, "node-a's Ganesha wrote no client record on the disk"
     cluster.put_intent("home", "node-b")
     cluster.wait_serving("home", "node-b", timeout=30)
     records_b = cluster.lab.run("node-b", ["find", "/run/nfs-ha/node-b/mnt/home/.nfs-ha/nfs-recovery",
-                                           "-mindepth", "2"]).stdout.split()
-    names = {p.rsplit("/", 1)[-1] for p in records_a}
-    assert names & {p.rsplit("/", 1)[-1] for p in records_b}, (records_a, records_b)
+                                           "-mindepth", "3"]).stdout.splitlines()
+    clients = {p.rsplit("/", 1)[-1] for p in records_a}
+    assert any("10.77.0.50" in c for c in clients), records_a  # the client namespace's address
+    assert clients & {p.rsplit("/", 1)[-1] for p in records_b}, (records_a, records_b)
     # The record puts node-b's server into grace: a new OPEN is refused until it ends.
     first = cluster.nfs_write(vip, "/home", "in-grace", b"y")
     assert first.returncode != 0 and "GRACE" in first.stderr.upper()
@@ -173,3 +175,22 @@ def test_mount_failure_on_first_candidate_moves_on(cluster: Cluster) -> None:
     assert cluster.nfs_write(vip, "/home", "ok.txt", b"ok").returncode == 0
     time.sleep(3)
     assert cluster.vfs_status("home")["epoch"] == row["epoch"]  # and it stays put
+
+
+def test_disk_written_by_a_newer_owner_is_refused(cluster: Cluster) -> None:
+    cluster.start_agents()
+    device = cluster.lab.create_disk(f"t{next(_disks)}-stale")
+    cluster.disks.append(device)
+    # Pretend a newer owner has used this disk: a storage epoch far above any real one.
+    scratch = "/run/nfs-ha/node-c-scratch"
+    for argv in (["mkdir", "-p", scratch], ["mount", device, scratch], ["mkdir", "-p", f"{scratch}/.nfs-ha"],
+                 ["python3", "-c", f"open('{scratch}/.nfs-ha/epoch', 'w').write('999999999\\n')"],
+                 ["umount", scratch]):
+        cluster.lab.run("node-c", argv)
+    vip, _ = fileserver(cluster, "home", disk=device)
+    wait_for(lambda: all("newer than ours" in n["backoff"].get("home", "")
+                         for n in cluster.status()["nodes"]), 40, "every candidate refusing the disk")
+    row = cluster.vfs_status("home")
+    assert row["phase"] in ("error", "unplaced") and row["owner"] is None
+    assert cluster.holders(vip) == []
+    assert all(cluster.lab.mounts_of(n) == [] for n in NODES)
