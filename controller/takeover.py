@@ -108,14 +108,22 @@ class Step(Protocol):
     def down(self, ctx: TakeoverContext) -> None: ...
 
 
+class NothingToUndo:
+    """For steps whose `down` has nothing to do (no span, no timing)."""
+
+    critical_down = False
+    has_down = False
+
+    def down(self, ctx: TakeoverContext) -> None:
+        pass
+
+
 @dataclass
-class ProbeStep:
+class ProbeStep(NothingToUndo):
     """Refuse to touch anything while another MAC still answers for the VIP."""
 
     host: VipHost
     name: str = "arp_probe"
-    critical_down: bool = False
-    has_down: bool = False  # nothing to undo
 
     def up(self, ctx: TakeoverContext) -> None:
         macs = self.host.foreign_macs(ctx.spec.vip)
@@ -123,16 +131,14 @@ class ProbeStep:
             raise StepFailed(f"VIP {ctx.spec.vip_address} still answers ARP from {', '.join(sorted(macs))}; "
                              "not raising it (is the previous owner still up?)")
 
-    def down(self, ctx: TakeoverContext) -> None:
-        pass
 
 
 @dataclass
 class VipStep:
     host: VipHost
     name: str = "vip"
-    critical_down: bool = False
-    has_down: bool = True
+    critical_down = False
+    has_down = True
 
     def up(self, ctx: TakeoverContext) -> None:
         ctx.holding.guarded(lambda: self.host.vip_up(ctx.spec.vip))
@@ -142,28 +148,24 @@ class VipStep:
 
 
 @dataclass
-class AnnounceStep:
+class AnnounceStep(NothingToUndo):
     """Gratuitous ARP, so clients re-learn the MAC at once instead of after ~35 s."""
 
     host: VipHost
     name: str = "gratuitous_arp"
-    critical_down: bool = False
-    has_down: bool = False  # nothing to undo
 
     def up(self, ctx: TakeoverContext) -> None:
         holding = ctx.holding
         self.host.announce(ctx.spec.vip, lambda: not holding.fenced)
 
-    def down(self, ctx: TakeoverContext) -> None:
-        pass
 
 
 @dataclass
 class MountStep:
     host: StorageHost
     name: str = "mount"
-    critical_down: bool = True
-    has_down: bool = True
+    critical_down = True  # a disk left mounted here must stay owned
+    has_down = True
 
     def up(self, ctx: TakeoverContext) -> None:
         st = ctx.spec.storage
@@ -176,13 +178,11 @@ class MountStep:
 
 
 @dataclass
-class EpochStep:
+class EpochStep(NothingToUndo):
     """The storage epoch guard: never serve a disk that a newer owner has written to."""
 
     host: StorageHost
     name: str = "epoch_check"
-    critical_down: bool = False
-    has_down: bool = False  # nothing to undo
 
     def up(self, ctx: TakeoverContext) -> None:
         if ctx.spec.storage is None:
@@ -194,16 +194,14 @@ class EpochStep:
                              "a newer owner has used this disk; refusing it")
         self.host.write_epoch(ctx.spec.name, ours)
 
-    def down(self, ctx: TakeoverContext) -> None:
-        pass
 
 
 @dataclass
 class NfsStep:
     host: NfsHost
     name: str = "nfs_server"
-    critical_down: bool = False
-    has_down: bool = True
+    critical_down = False
+    has_down = True
 
     def up(self, ctx: TakeoverContext) -> None:
         if ctx.spec.storage is not None:
