@@ -7,7 +7,8 @@
 - `vfs.release`: the release steps; for a planned release it is the child of a
   `vfs.move` span whose traceparent travels in the final status through etcd, so the
   takeover on the next node joins the same trace. The releasing node ends `vfs.move`
-  once it sees the VFS serving elsewhere (or gives up after MOVE_WAIT seconds).
+  once the new owner's status says its takeover span has ended (`takeover_done`, written
+  after it), or gives up after MOVE_WAIT seconds.
 - `vfs.fence`: a self-fence, from the moment the VIP was dropped.
 """
 
@@ -59,7 +60,7 @@ class FailoverTracer:
         if self._move is not None:
             span, epoch, give_up = self._move
             status = view.status(self.vfs) or {}
-            if status.get("phase") == "serving" and int(status.get("epoch") or 0) > epoch:
+            if status.get("takeover_done") and int(status.get("epoch") or 0) > epoch:
                 span.set_attribute("nfs_ha.new_owner", str(status.get("node")))
                 span.end()
                 self._move = None

@@ -247,16 +247,23 @@ class VfsReconciler:
         status_now = self.ctx.view().status(self.vfs) or {}
         root, cause = self.trace.start_takeover(spec, status_now, cause)
         previous = status_now.get("node") or status_now.get("previous")
+        serving: dict[str, Any] | None = None
         try:
-            self._acquire_traced(spec, cause, previous, root)
+            serving = self._acquire_traced(spec, cause, previous, root)
         except BaseException as exc:
             tracing.fail(root, exc)
             raise
         finally:
             self.trace.finish_takeover(root, cause, previous, self.ctx.view())
             root.end()
+        if serving is not None and status_now.get("trace"):
+            # Tell the releasing node that this part of its move trace has ended, so its
+            # `vfs.move` span ends after it (it learns that only through etcd).
+            self._put_status(serving["epoch"], {**serving, "takeover_done": True}, quiet=True)
 
-    def _acquire_traced(self, spec: VfsSpec, cause: str, previous: str | None, root: Any) -> None:
+    def _acquire_traced(self, spec: VfsSpec, cause: str, previous: str | None,
+                        root: Any) -> dict[str, Any] | None:
+        """Acquire and bring up; returns the serving status written, None if not serving."""
         ks, store, me = self.ctx.keyspace, self.ctx.store, self.ctx.me
         span_attrs = {"nfs_ha.vfs": self.vfs, "nfs_ha.node": me}
         ttl = spec.lease_ttl or self.ctx.default_ttl
@@ -278,7 +285,7 @@ class VfsReconciler:
         if epoch is None:
             root.set_attribute("nfs_ha.outcome", "another node won the owner transaction")
             self._revoke_quietly(lease_id)  # somebody else won the race; fine
-            return
+            return None
         root.set_attribute("nfs_ha.epoch", epoch)
         h.epoch = epoch
         self.ctx.keeper.add(h)
@@ -296,15 +303,17 @@ class VfsReconciler:
                 self._must_release = f"takeover failed and its undo left the disk mounted: {exc}"
                 self._put_status(epoch, make_status("error", me, epoch, self._must_release,
                                                     vip=spec.vip_cidr), quiet=True)
-                return
+                return None
             self._end_holding(h, make_status("error", me, epoch, str(exc), vip=spec.vip_cidr), root)
-            return
+            return None
         self.ctx.backoff.succeed(self.vfs)
         self._timings = tctx.timings
         log.info("%s: serving (steps %s)", self.vfs, tctx.timings)
+        serving = make_status("serving", me, epoch, "", vip=spec.vip_cidr, cause=cause, previous=previous,
+                              steps=tctx.timings)
         with tracing.child(root, "status_write", span_attrs):
-            self._put_status(h.epoch, make_status("serving", me, epoch, "", vip=spec.vip_cidr,
-                                                  cause=cause, previous=previous, steps=tctx.timings))
+            self._put_status(h.epoch, serving)
+        return serving
 
     # --- release ---------------------------------------------------------------------------
 
