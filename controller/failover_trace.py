@@ -71,17 +71,24 @@ class FailoverTracer:
 
     # --- takeover -------------------------------------------------------------------------------
 
-    def start_takeover(self, spec: VfsSpec, status: dict[str, Any], cause: str) -> tuple[Span, str]:
-        """Start `vfs.takeover`; returns it and the cause recorded on it."""
+    def start_takeover(self, spec: VfsSpec, status: dict[str, Any], cause: str,
+                       lost: str | None) -> tuple[Span, str]:
+        """Start `vfs.takeover`; returns it and the cause recorded on it.
+
+        `lost`: the owner this takeover replaces without it having let go, if any.
+        """
         now = time.time_ns()
         parent = tracing.context_from(status.get("trace")) if status.get("phase") != "serving" else None
-        start, previous = now, self._previous.node if self._previous else status.get("previous")
+        start, previous = now, lost or status.get("previous")
+        observed = self._gone_ns is not None and self._previous is not None and self._previous.node == lost
         if parent is not None:
             cause = cause_of(str(status.get("cause", "intent")))
-        elif self._gone_ns is not None and self._previous is not None:
-            cause = "lease_expired" if self._previous_alive else "node_lost"  # see finish_takeover
-            ttl_ns = int(float(self._previous.value.get("ttl", 0)) * 1e9)
-            start = min(self._gone_ns - ttl_ns, now)
+        elif lost is not None:
+            # Refined to node_lost by finish_takeover if the node's registration is gone too.
+            cause = "lease_expired" if not observed or self._previous_alive else "node_lost"
+            if observed and self._previous is not None and self._gone_ns is not None:
+                ttl_ns = int(float(self._previous.value.get("ttl", 0)) * 1e9)
+                start = min(self._gone_ns - ttl_ns, now)
         elif self.restarted:
             cause = "startup"
         root = tracing.tracer().start_span("vfs.takeover", context=parent, start_time=start, attributes={

@@ -104,6 +104,8 @@ class AgentContext:
     rank_delay: float
     backoff: Backoff
     vip_down: Callable[[Any], None]
+    fence: Callable[[str], Any] | None = None  # the fencing hook: node -> result with .ok, .describe()
+    fence_required: bool = False
 
 
 class VfsReconciler:
@@ -243,13 +245,27 @@ class VfsReconciler:
         self._acquire(config.spec, cause if rank == 0 else "placement")
         return 0.0
 
+    def _lost_owner(self, status: dict[str, Any]) -> str | None:
+        """The owner this takeover replaces without it having let go (so it may need fencing).
+
+        An owner that released or fenced itself wrote a final status in the same
+        transaction that deleted its key; one that was lost left `acquiring`/`serving`/
+        `releasing` behind. A takeover that failed after such a loss passes the lost node on
+        in `lost_owner`, so the next candidate still fences it.
+        """
+        lost = status.get("lost_owner")
+        if not lost and status.get("phase") in ("acquiring", "serving", "releasing"):
+            lost = status.get("node")
+        return str(lost) if lost and lost != self.ctx.me else None
+
     def _acquire(self, spec: VfsSpec, cause: str) -> None:
         status_now = self.ctx.view().status(self.vfs) or {}
-        root, cause = self.trace.start_takeover(spec, status_now, cause)
-        previous = status_now.get("node") or status_now.get("previous")
+        lost = self._lost_owner(status_now)
+        root, cause = self.trace.start_takeover(spec, status_now, cause, lost)
+        previous = lost or status_now.get("node") or status_now.get("previous")
         serving: dict[str, Any] | None = None
         try:
-            serving = self._acquire_traced(spec, cause, previous, root)
+            serving = self._acquire_traced(spec, cause, previous, root, lost)
         except BaseException as exc:
             tracing.fail(root, exc)
             raise
@@ -262,7 +278,7 @@ class VfsReconciler:
             self._put_status(serving["epoch"], {**serving, "takeover_done": True}, quiet=True)
 
     def _acquire_traced(self, spec: VfsSpec, cause: str, previous: str | None,
-                        root: Any) -> dict[str, Any] | None:
+                        root: Any, lost: str | None) -> dict[str, Any] | None:
         """Acquire and bring up; returns the serving status written, None if not serving."""
         ks, store, me = self.ctx.keyspace, self.ctx.store, self.ctx.me
         span_attrs = {"nfs_ha.vfs": self.vfs, "nfs_ha.node": me}
@@ -293,7 +309,10 @@ class VfsReconciler:
         self._restarts = []
         log.info("%s: owner with epoch %d (lease %x, cause %s)", self.vfs, epoch, lease_id, cause)
         tctx = TakeoverContext(spec, h, span=root, node=me)
+        fence_note: dict[str, Any] = {}
         try:
+            if lost is not None and self.ctx.fence is not None:
+                fence_note = self._fence_lost_owner(lost, root)
             bring_up(self.ctx.steps, tctx)
         except StepFailed as exc:
             log.warning("%s: takeover failed: %s", self.vfs, exc)
@@ -304,16 +323,39 @@ class VfsReconciler:
                 self._put_status(epoch, make_status("error", me, epoch, self._must_release,
                                                     vip=spec.vip_cidr), quiet=True)
                 return None
-            self._end_holding(h, make_status("error", me, epoch, str(exc), vip=spec.vip_cidr), root)
+            still_lost = lost if lost and not fence_note.get("ok") else None
+            self._end_holding(h, make_status("error", me, epoch, str(exc), vip=spec.vip_cidr,
+                                             lost_owner=still_lost, fence=fence_note or None), root)
             return None
         self.ctx.backoff.succeed(self.vfs)
         self._timings = tctx.timings
         log.info("%s: serving (steps %s)", self.vfs, tctx.timings)
         serving = make_status("serving", me, epoch, "", vip=spec.vip_cidr, cause=cause, previous=previous,
                               steps=tctx.timings)
+        if fence_note:
+            serving["fence"] = fence_note
         with tracing.child(root, "status_write", span_attrs):
             self._put_status(h.epoch, serving)
         return serving
+
+    def _fence_lost_owner(self, lost: str, root: Any) -> dict[str, Any]:
+        """Run the fencing hook on a lost previous owner; StepFailed if it fails and is required."""
+        assert self.ctx.fence is not None
+        with tracing.child(root, "fence_hook", {"nfs_ha.vfs": self.vfs, "nfs_ha.node": self.ctx.me,
+                                                "nfs_ha.fence.target": lost}) as span:
+            result = self.ctx.fence(lost)
+            span.set_attribute("nfs_ha.fence.ok", bool(result.ok))
+            if not result.ok:
+                tracing.fail(span, result.describe())
+        note = {"node": lost, "ok": bool(result.ok), "detail": result.describe()}
+        if result.ok:
+            log.info("%s: fenced lost owner %s: %s", self.vfs, lost, result.describe())
+        elif self.ctx.fence_required:
+            raise StepFailed(f"fencing lost owner {lost} failed, takeover blocked: {result.describe()}")
+        else:
+            log.warning("%s: fencing lost owner %s failed (not required, going on): %s", self.vfs, lost,
+                        result.describe())
+        return note
 
     # --- release ---------------------------------------------------------------------------
 

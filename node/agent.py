@@ -29,6 +29,7 @@ from controller.takeover import takeover_steps
 from controller.view import ClusterView
 from controller.watcher import ViewKeeper
 from node import config as agent_config
+from node.fencing import FenceCommand
 from node.host import Host
 from node.vip import VipError
 
@@ -55,7 +56,9 @@ class Agent:
         self.ctx = AgentContext(me=cfg.name, keyspace=self.ks, store=self.store, keeper=self.keeper,
                                 steps=takeover_steps(self.host), view=lambda: self.views.view,
                                 default_ttl=cfg.lease_ttl, rank_delay=cfg.rank_delay, backoff=self.backoff,
-                                vip_down=self.host.vip_down)
+                                vip_down=self.host.vip_down,
+                                fence=FenceCommand(cfg.fence_command, cfg.fence_timeout) if cfg.fence_command else None,
+                                fence_required=cfg.fence_required)
 
     # --- node registration -------------------------------------------------------------
 

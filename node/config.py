@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -25,6 +26,9 @@ class AgentConfig:
     state_dir: str = "/run/nfs-ha"
     log_level: str = "INFO"
     span_file: str = ""  # also append trace spans here (OTLP/JSON lines), for `nfs-ha timeline`
+    fence_command: tuple[str, ...] = ()  # argv run before taking over from a lost node; {node} = its name
+    fence_required: bool = False  # a failing fence command blocks the takeover
+    fence_timeout: float = 60.0
 
     def validate(self) -> AgentConfig:
         try:
@@ -39,6 +43,10 @@ class AgentConfig:
         if self.rank_delay < 0:
             raise ValueError("rank delay must not be negative")
         normalize_prefix(self.prefix)
+        if self.fence_command and not self.fence_command[0].startswith("/"):
+            raise ValueError("fence_command must start with an absolute path (it never runs through a shell)")
+        if self.fence_required and not self.fence_command:
+            raise ValueError("fence_required needs a fence_command")
         return self
 
     @property
@@ -52,6 +60,19 @@ def _coerce(name: str, value: Any) -> Any:
         return int(value)
     if kind == "float":
         return float(value)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if kind == "tuple[str, ...]":
+        items = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"{name} must be a list of strings (JSON on the command line or in NFS_HA_*)")
+        return tuple(items)
     return str(value)
 
 
@@ -67,6 +88,11 @@ def load(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--state-dir", help="local state directory (default /run/nfs-ha)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING")
     parser.add_argument("--span-file", help="append trace spans to this file (OTLP/JSON lines)")
+    parser.add_argument("--fence-command", help='JSON argv run before taking over from a lost node, '
+                        'e.g. \'["/usr/local/bin/power-off", "{node}"]\'')
+    parser.add_argument("--fence-required", default=None, action="store_const", const="true",
+                        help="block a takeover when the fence command fails")
+    parser.add_argument("--fence-timeout", type=float, help="seconds the fence command may take (default 60)")
     args = parser.parse_args(argv)
 
     values: dict[str, Any] = {}
