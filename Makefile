@@ -3,11 +3,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv python3-pip etcd-server etcd-client iproute2 util-linux \
-	nfs-ganesha nfs-ganesha-vfs libnfs-utils xfsprogs e2fsprogs
+	nfs-ganesha nfs-ganesha-vfs libnfs-utils xfsprogs e2fsprogs faketime gcc libc6-dev
 STAMP_APT := .deps-apt
 STAMP_VENV := $(VENV)/.installed
 
-.PHONY: deps test lint unit demo bench lab-down clean
+.PHONY: deps test lint unit demo bench chaos lab-down clean
 
 deps: $(STAMP_APT) $(STAMP_VENV)
 
@@ -28,17 +28,21 @@ lint: deps
 unit: deps
 	$(VENV)/bin/pytest -q tests/unit
 
-# Two runs: the lab self-test builds and destroys a lab of its own, which must not
-# happen under the session-wide lab of the nfs-ha tests.
+# Separate runs: the lab self-test and the chaos run build and destroy labs of their own,
+# which must not happen under the session-wide lab of the nfs-ha tests.
 test: deps lint
 	$(VENV)/bin/pytest -v -rs tests/unit tests/lab_selftest
 	$(VENV)/bin/pytest -v -rs tests/lab
+	$(VENV)/bin/pytest -v -rs tests/chaos
 
 demo: deps
 	$(PY) compose/demo
 
 bench: deps
 	$(PY) bench/failover
+
+chaos: deps
+	$(PY) compose/chaos --faults 100 --seed 1
 
 lab-down: deps
 	$(PY) compose/lab down

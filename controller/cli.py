@@ -49,6 +49,7 @@ def collect(view: ClusterView) -> dict[str, Any]:
         node_rows.append({
             "node": node, "alive": info is not None, "vfs": sorted(held.get(node, [])),
             "backoff": (info or {}).get("backoff") or {}, "addresses": (info or {}).get("addresses", []),
+            "guard": (info or {}).get("guard") or [],
         })
     return {"revision": view.revision, "vfs": vfs_rows, "nodes": node_rows}
 
@@ -63,10 +64,12 @@ def render(data: dict[str, Any]) -> str:
     for r in data["vfs"]:
         vfs.append([r["vfs"], r["vip"] or "-", r["owner"] or "-", r["phase"], str(r["epoch"] or "-"),
                     r["intent"] or "-", r["error"] or "-"])
-    nodes = [["NODE", "ALIVE", "VFS", "BACKOFF"]]
+    nodes = [["NODE", "ALIVE", "VFS", "BACKOFF", "LAST GUARD FENCE"]]
     for r in data["nodes"]:
         backoff = "; ".join(f"{k}: {v}" for k, v in r["backoff"].items()) or "-"
-        nodes.append([r["node"], "yes" if r["alive"] else "no", ",".join(r["vfs"]) or "-", backoff])
+        last = r["guard"][-1] if r["guard"] else None
+        guard = f"{last.get('vfs')} at {last.get('time')} ({last.get('reason')})" if last else "-"
+        nodes.append([r["node"], "yes" if r["alive"] else "no", ",".join(r["vfs"]) or "-", backoff, guard])
     return _table(vfs) + "\n\n" + _table(nodes)
 
 

@@ -127,8 +127,12 @@ class LeaseKeeper:
     monitor (which never touches the network, so a hung etcd cannot delay a fence).
     """
 
-    def __init__(self, store: EtcdStore) -> None:
+    def __init__(self, store: EtcdStore, on_deadline: Callable[[Holding], None] | None = None,
+                 on_removed: Callable[[Holding], None] | None = None) -> None:
         self._store = store
+        # Told every new deadline of a holding, and when one ends (the fence guard listens).
+        self._on_deadline = on_deadline or (lambda _h: None)
+        self._on_removed = on_removed or (lambda _h: None)
         self._holdings: dict[str, Holding] = {}
         self._extra: dict[int, tuple[int, Callable[[int], None]]] = {}
         self._lock = threading.Lock()
@@ -151,12 +155,16 @@ class LeaseKeeper:
     def add(self, holding: Holding) -> None:
         with self._lock:
             self._holdings[holding.vfs] = holding
+        self._on_deadline(holding)
         self._wake.set()
 
     def remove(self, holding: Holding) -> None:
         with self._lock:
-            if self._holdings.get(holding.vfs) is holding:
+            removed = self._holdings.get(holding.vfs) is holding
+            if removed:
                 del self._holdings[holding.vfs]
+        if removed:
+            self._on_removed(holding)
 
     def add_plain(self, lease_id: int, ttl: int, on_lost: Callable[[int], None]) -> None:
         """Keep a lease alive that guards no VIP (the node registration)."""
@@ -211,6 +219,7 @@ class LeaseKeeper:
         if isinstance(owner, Holding):
             if ttl > 0:
                 owner.acked(sent_at, ttl)
+                self._on_deadline(owner)
             else:
                 owner.fence("lease is gone in etcd (expired or revoked)")
         elif ttl <= 0:

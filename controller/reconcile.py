@@ -304,8 +304,8 @@ class VfsReconciler:
             return None
         root.set_attribute("nfs_ha.epoch", epoch)
         h.epoch = epoch
+        self.holding, self.held_spec = h, spec  # before add(): listeners look the spec up
         self.ctx.keeper.add(h)
-        self.holding, self.held_spec = h, spec
         self._restarts = []
         log.info("%s: owner with epoch %d (lease %x, cause %s)", self.vfs, epoch, lease_id, cause)
         tctx = TakeoverContext(spec, h, span=root, node=me)
@@ -399,7 +399,7 @@ class VfsReconciler:
         spec = self.held_spec
         assert spec is not None
         h.fence(h.fence_reason or "owner key is gone or belongs to a newer epoch")
-        self.ctx.keeper.remove(h)
+        # Stays with the keeper (and so the guard) until the steps are down: _end_holding removes it.
         root = self.trace.start_fence(spec, h)
         result = bring_down(self.ctx.steps, TakeoverContext(spec, h, span=root, node=self.ctx.me))
         if result.errors:

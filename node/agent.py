@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from controller import tracing
 from controller.keyspace import Keyspace
-from controller.ownership import LeaseKeeper
+from controller.ownership import Holding, LeaseKeeper
 from controller.reconcile import AgentContext, Backoff, VfsReconciler
 from controller.spec import SpecError, parse_spec
 from controller.status import wall_clock
@@ -30,6 +30,7 @@ from controller.view import ClusterView
 from controller.watcher import ViewKeeper
 from node import config as agent_config
 from node.fencing import FenceCommand
+from node.guard import GuardClient, read_actions
 from node.host import Host
 from node.vip import VipError
 
@@ -43,7 +44,9 @@ class Agent:
         self.ks = Keyspace(cfg.prefix)
         self.store = EtcdStore(cfg.etcd)
         self.host = Host(cfg.interface, cfg.node_state_dir)
-        self.keeper = LeaseKeeper(self.store)
+        self.keeper = LeaseKeeper(self.store, on_deadline=self._guard_hold, on_removed=self._guard_release)
+        self.guard: GuardClient | None = None
+        self._guard_records: list[dict[str, object]] = []
         self.backoff = Backoff(on_change=self._register_soon)
         self.views = ViewKeeper(self.store, self.ks, self._on_view)
         self.host.on_nfs_exit(self._wake_vfs)
@@ -67,6 +70,7 @@ class Agent:
             "version": _version(), "interface": self.cfg.interface, "mac": self.host.mac,
             "addresses": sorted(a.with_prefixlen for a in self.host.iface.addresses()),
             "hostname": socket.gethostname(), "started": self._started, "backoff": self.backoff.published(),
+            "guard": self._guard_records[-5:],
         }, sort_keys=True)
 
     def register(self) -> None:
@@ -96,6 +100,8 @@ class Agent:
             raise SystemExit(1) from exc
         if removed:
             log.warning("removed leftover VIPs of an earlier run: %s", removed)
+        self._take_guard_records()
+        self._start_guard()
         self.keeper.start()
         self._retry("registration", self.register)
         self._ready = True
@@ -125,6 +131,39 @@ class Agent:
             for rec in self.reconcilers.values():
                 rec.wake()
 
+    # --- the fence guard (node/guard.py) ------------------------------------------------------
+
+    def _take_guard_records(self) -> None:
+        """What the guard did while no agent was watching: log it and publish it once."""
+        state_dir = self.cfg.node_state_dir
+        self._guard_records = [{k: r.get(k) for k in ("time", "vfs", "reason", "actions", "errors")}
+                               for r in read_actions(state_dir)]
+        for rec in self._guard_records:
+            log.warning("the fence guard fenced %s at %s (%s): %s", rec["vfs"], rec["time"], rec["reason"],
+                        rec["actions"])
+        if self._guard_records:
+            src = state_dir / "guard-actions.jsonl"
+            src.replace(state_dir / "guard-actions.seen.jsonl")
+
+    def _start_guard(self) -> None:
+        self.guard = GuardClient(self.cfg.node_state_dir, self.cfg.interface)
+        for rec in list(self.reconcilers.values()):
+            if rec.holding is not None:
+                self._guard_hold(rec.holding)
+
+    def _guard_hold(self, h: Holding) -> None:
+        with self._lock:
+            rec = self.reconcilers.get(h.vfs)
+        spec = rec.held_spec if rec is not None else None
+        if self.guard is None or spec is None or h.fenced:
+            return
+        mountpoint = str(self.host.storage.mountpoint(h.vfs)) if spec.storage is not None else None
+        self.guard.hold(h.vfs, spec.vip_cidr, h.deadline, mountpoint, self.host.nfs_pid(h.vfs))
+
+    def _guard_release(self, h: Holding) -> None:
+        if self.guard is not None:
+            self.guard.release(h.vfs)
+
     def _wake_vfs(self, vfs: str) -> None:
         with self._lock:
             rec = self.reconcilers.get(vfs)
@@ -135,6 +174,12 @@ class Agent:
 
     def run_until_stopped(self) -> None:
         while not self._stopping.is_set():
+            if self.guard is not None and self.guard.proc.poll() is not None and not self._stopping.is_set():
+                # Only a guard that has exited is replaced: a full pipe is not a dead guard.
+                log.error("the fence guard exited (%s); starting a new one", self.guard.proc.returncode)
+                self._take_guard_records()
+                self._registration_due.set()
+                self._start_guard()
             if self._registration_due.wait(1.0):
                 self._registration_due.clear()
                 try:
@@ -156,6 +201,8 @@ class Agent:
         for t in threads:
             t.join()
         self.keeper.stop()
+        if self.guard is not None:
+            self.guard.close_clean()  # everything is released: nothing for it to fence
         if self._node_lease:
             try:
                 self.store.revoke(self._node_lease)

@@ -111,6 +111,10 @@ class Host:
         backend = self._nfs_of.get(vfs)
         return backend is not None and backend.alive(vfs)
 
+    def nfs_pid(self, vfs: str) -> int | None:
+        backend = self._nfs_of.get(vfs)
+        return backend.pid(vfs) if backend is not None else None
+
     def on_nfs_exit(self, callback: Callable[[str], None]) -> None:
         for backend in self.nfs_backends.values():
             backend.on_exit(callback)

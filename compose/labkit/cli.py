@@ -16,7 +16,8 @@ USAGE = """usage: lab COMMAND ...
   up [--heartbeat-ms N] [--election-ms N] [--timeout S]
   down | status | leader
   kill-node NODE | revive-node NODE | partition-node NODE | heal [NODE]
-  kill-etcd N | start-etcd N
+  kill-etcd N | start-etcd N | isolate-etcd N | heal-etcd [N] | restart-etcd
+  cut-client NODE | heal-client NODE | ganesha-kill NODE | clock-jump NODE SECONDS
   disk-create NAME [--size-mb N] [--fstype xfs|ext4|none] | disk-destroy NAME [--force] | disks
   mounts NODE | block-device NODE DEV | unblock-device NODE DEV
   exec NAME -- ARGV...        NAME: {names}
@@ -129,6 +130,23 @@ def _simple(command: str, rest: list[str]) -> int:
         print(f"etcd{index} (pid {pid}) killed" if pid else f"etcd{index} was not running")
     elif command == "start-etcd":
         print(lab.start_etcd_member(int(str(_one_arg(command, rest, members)))))
+    elif command == "isolate-etcd":
+        lab.etcd_minority_partition(int(str(_one_arg(command, rest, members))))
+    elif command == "heal-etcd":
+        index = _one_arg(command, rest, members, optional=True)
+        lab.heal_etcd(int(index) if index else None)
+    elif command == "restart-etcd":
+        print(f"etcd{lab.restart_all_etcd()} leads")
+    elif command == "cut-client":
+        lab.cut_from_client(str(_one_arg(command, rest, nodes)))
+    elif command == "heal-client":
+        lab.heal_client(str(_one_arg(command, rest, nodes)))
+    elif command == "ganesha-kill":
+        print(f"killed ganesha.nfsd pids {lab.ganesha_sigkill(str(_one_arg(command, rest, nodes)))}")
+    elif command == "clock-jump":
+        if len(rest) != 2 or rest[0] not in nodes:
+            raise LabError(f"clock-jump needs NODE SECONDS (NODE one of {' '.join(nodes)})")
+        print(lab.clock_jump(rest[0], float(rest[1])))
     else:
         print(USAGE, file=sys.stderr)
         return 2

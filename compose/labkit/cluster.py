@@ -133,6 +133,7 @@ class LabCluster:
         self.samplers: list[Sampler] = []
         self.writers: list[Writer] = []
         self.disks: list[str] = []  # devices (from lab.create_disk) that cleanup destroys
+        self.faketime = False  # True: every agent starts under libfaketime (see Lab.clock_jump)
 
     # --- agents ---------------------------------------------------------------------------
 
@@ -144,13 +145,19 @@ class LabCluster:
         self.vips.append(vip)
         return vip
 
-    def start_agent(self, node: str, ttl: int = 2, extra: tuple[str, ...] = ()) -> int:
+    def start_agent(self, node: str, ttl: int = 2, extra: tuple[str, ...] = (), *,
+                    faketime: bool | None = None) -> int:
+        """Start nfs-ha-agent on ``node``. ``faketime`` (default: self.faketime) runs it under
+        libfaketime, so lab.clock_jump(node, s) moves its wall clock."""
         argv = [str(self.bindir / "nfs-ha-agent"), "--name", node, "--etcd", self.lab.etcd_endpoints_arg,
                 "--interface", "eth0", "--lease-ttl", str(ttl), "--prefix", self.prefix,
                 "--state-dir", "/run/nfs-ha", "--rank-delay", "0.3", "--log-level", "DEBUG", *extra]
         if self.span_dir is not None:
             argv += ["--span-file", str(self.span_dir / f"spans-{node}.jsonl")]
-        pid = self.lab.spawn(node, argv, self.agent_log(node), env=self.agent_env or None)
+        env = dict(self.agent_env)
+        if self.faketime if faketime is None else faketime:
+            env.update(self.lab.faketime_env(node))
+        pid = self.lab.spawn(node, argv, self.agent_log(node), env=env or None)
         self.agents[node] = pid
         return pid
 
@@ -214,7 +221,10 @@ class LabCluster:
                      not_epoch: int | None = None) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:
             row = self.vfs_status(vfs)
-            ok = row.get("phase") == "serving" and (node is None or row.get("owner") == node) \
+            # A lost owner's status still says "serving" until the next owner writes: require
+            # the owner key too.
+            ok = row.get("phase") == "serving" and row.get("owner") is not None \
+                and (node is None or row.get("owner") == node) \
                 and (not_epoch is None or row.get("epoch") != not_epoch)
             return row if ok else None
         return dict(wait_for(ready, timeout, f"{vfs} serving on {node or 'any node'}"))

@@ -1,10 +1,11 @@
-"""Node-level fault injection: crash, revive, partition from etcd, heal."""
+"""Fault injection: node crash/revive, partitions (from etcd, from the client, an isolated
+etcd member), heal, Ganesha processes of a node."""
 
 from __future__ import annotations
 
 from . import mntns, netns, procs
 from .state import StateDir
-from .topology import ETCD_MEMBERS, Member
+from .topology import CLIENT, ETCD_MEMBERS, MEMBERS, Member
 
 
 def crash(member: Member, state: StateDir) -> list[int]:
@@ -39,7 +40,53 @@ def partition(member: Member) -> None:
 
 
 def heal(member: Member) -> None:
-    """Drop the etcd blackhole routes and plug both cable ends back in."""
+    """Drop the etcd and client blackhole routes and plug both cable ends back in."""
     for etcd_member in ETCD_MEMBERS.values():
         netns.del_blackhole(member.ns, etcd_member.ip)
+    heal_client(member)
     netns.set_member_links(member, up=True)
+
+
+def cut_from_client(member: Member) -> None:
+    """Blackhole routes between the node and the client namespace, both ways (etcd and the
+    other nodes still reach it)."""
+    netns.add_blackhole(member.ns, CLIENT.ip)
+    netns.add_blackhole(CLIENT.ns, member.ip)
+
+
+def heal_client(member: Member) -> None:
+    netns.del_blackhole(member.ns, CLIENT.ip)
+    netns.del_blackhole(CLIENT.ns, member.ip)
+
+
+def isolate_etcd(etcd: Member) -> None:
+    """etcd member cut from every other lab host (the two other members, the nodes, the
+    client): blackholes in its namespace to them, and in theirs to it."""
+    for other in MEMBERS.values():
+        if other.name == etcd.name:
+            continue
+        netns.add_blackhole(etcd.ns, other.ip)
+        netns.add_blackhole(other.ns, etcd.ip)
+
+
+def heal_etcd(etcd: Member) -> None:
+    for other in MEMBERS.values():
+        if other.name == etcd.name:
+            continue
+        netns.del_blackhole(etcd.ns, other.ip)
+        netns.del_blackhole(other.ns, etcd.ip)
+
+
+def ganesha_pids(member: Member) -> list[int]:
+    """ganesha.nfsd processes in the member's network namespace (by namespace inode and
+    /proc/PID/comm, never by a name search across the machine)."""
+    inode = procs.ns_inode(member.netns_path)
+    found = []
+    for pid in procs.pids_in_namespaces([inode] if inode is not None else []):
+        try:
+            comm = (procs.PROC / str(pid) / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == "ganesha.nfsd":
+            found.append(pid)
+    return found

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from . import blockdev, build, disks, etcd, faults, mntns, mountinfo, netns, procs
+from . import blockdev, build, disks, etcd, faketime, faults, mntns, mountinfo, netns, procs
 from .errors import LabError
 from .nscmd import netns_exec, node_enter
 from .probe import probe_argv
@@ -38,6 +39,9 @@ class Lab:
         self.election_ms = election_ms
         # Our own children, kept so they get reaped instead of lingering as zombies.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        # SIGSTOPped processes -> the timer that will SIGCONT them (None: wait for agent_sigcont).
+        self._stopped: dict[int, threading.Timer | None] = {}
+        self._stopped_lock = threading.Lock()
 
     @classmethod
     def attach(cls, state_dir: str | os.PathLike[str] | None = None) -> Lab:
@@ -131,6 +135,7 @@ class Lab:
         self._teardown(leftovers=False)
 
     def _teardown(self, leftovers: bool) -> None:
+        self.sigcont_all()
         try:
             build.teardown(self.state, leftovers)
         finally:
@@ -195,6 +200,7 @@ class Lab:
         popen = self._children.pop(pid, None)
         if popen is None and procs.is_alive(pid) and pid not in build.lab_pids(self.state):
             raise LabError(f"pid {pid} is not a lab process; not signalling it")
+        self.agent_sigcont(pid)  # a stopped process would not act on SIGTERM
         code = procs.stop(pid, sig, timeout, popen)
         forget_proc(self.state, pid)
         return code
@@ -267,11 +273,106 @@ class Lab:
         faults.partition(_node(node))
 
     def heal(self, node: str | None = None) -> None:
-        """Remove the etcd blackhole routes, bring both link ends up and unblock every blocked
-        device, for ``node`` or all."""
+        """Remove the etcd and client blackhole routes, bring both link ends up, unblock every
+        blocked device and set the faketime clock offset back to +0, for ``node`` or all.
+        Without ``node`` also undo every etcd_minority_partition and SIGCONT every process
+        stopped by agent_sigstop."""
         for member in [_node(node)] if node else NODES.values():
             faults.heal(member)
             blockdev.unblock(self.state, member.name)
+            if faketime.control_file(self.state, member.name).exists():
+                faketime.write_offset(self.state, member.name, 0)
+        if node is None:
+            for member in ETCD_MEMBERS.values():
+                faults.heal_etcd(member)
+            self.sigcont_all()
+
+    def cut_from_client(self, node: str) -> None:
+        """The node and the client namespace can no longer talk (blackhole to 10.77.0.50/32 in
+        the node, to the node's address in the client); etcd and the other nodes still reach
+        it. Undone by heal(node) or heal()."""
+        faults.cut_from_client(_node(node))
+
+    def heal_client(self, node: str) -> None:
+        faults.heal_client(_node(node))
+
+    def ganesha_sigkill(self, node: str) -> list[int]:
+        """SIGKILL every ganesha.nfsd in the node's network namespace (found by namespace
+        inode and /proc/PID/comm); returns their pids."""
+        killed = procs.kill_all(faults.ganesha_pids(_node(node)))
+        for pid in killed:
+            forget_proc(self.state, pid)
+        return killed
+
+    def ganesha_pids(self, node: str) -> list[int]:
+        return faults.ganesha_pids(_node(node))
+
+    # ----- process faults ------------------------------------------------------------------
+
+    def _check_lab_pid(self, pid: int) -> None:
+        if pid not in self._children and pid not in build.lab_pids(self.state):
+            raise LabError(f"pid {pid} is not a lab process; not signalling it")
+
+    def agent_sigkill(self, pid: int) -> int | None:
+        """SIGKILL one lab process (an agent: what it started - VIP, Ganesha, mount - stays
+        behind until an agent is started again on that node). Its exit code when known."""
+        self.agent_sigcont(pid)  # forget any pending SIGCONT timer
+        return self.stop(pid, signal.SIGKILL)
+
+    def agent_sigstop(self, pid: int, seconds: float | None = None) -> None:
+        """SIGSTOP a lab process now; SIGCONT it after ``seconds`` (a timer thread) or, with
+        None, at agent_sigcont / heal() / down(). Every stopped process is SIGCONTed on
+        heal() and teardown, so nothing stays frozen."""
+        self._check_lab_pid(pid)
+        timer = None
+        if seconds is not None:
+            timer = threading.Timer(seconds, self.agent_sigcont, args=(pid,))
+            timer.daemon = True
+        with self._stopped_lock:
+            old = self._stopped.pop(pid, None)
+            if old is not None:
+                old.cancel()
+            self._stopped[pid] = timer
+        procs.signal_pid(pid, signal.SIGSTOP)
+        if timer is not None:
+            timer.start()
+
+    def agent_sigcont(self, pid: int) -> bool:
+        """SIGCONT a process stopped by agent_sigstop (cancelling its timer); False if it was
+        not stopped by us."""
+        with self._stopped_lock:
+            if pid not in self._stopped:
+                return False
+            timer = self._stopped.pop(pid)
+        if timer is not None and timer is not threading.current_thread():
+            timer.cancel()
+        procs.signal_pid(pid, signal.SIGCONT)
+        return True
+
+    def stopped_pids(self) -> list[int]:
+        with self._stopped_lock:
+            return sorted(self._stopped)
+
+    def sigcont_all(self) -> None:
+        for pid in self.stopped_pids():
+            self.agent_sigcont(pid)
+
+    # ----- clocks (libfaketime, per process) -----------------------------------------------
+
+    def faketime_env(self, node: str) -> dict[str, str]:
+        """Env entries for spawn() that run a process under libfaketime, reading its wall-clock
+        offset from STATE/faketime/<node> ("+0" at first). Installs Debian's faketime package
+        if missing and builds the clock_nanosleep fix (see labkit.faketime)."""
+        return faketime.env(self.state, _node(node).name)
+
+    def clock_jump(self, node: str, seconds: float) -> str:
+        """Set the wall clock of every process started with faketime_env(node) to real time +
+        ``seconds`` (absolute offset, 0 = back to real time; monotonic time is untouched).
+        Returns the offset written ("+300s")."""
+        return faketime.write_offset(self.state, _node(node).name, seconds)
+
+    def clock_offset(self, node: str) -> str:
+        return faketime.read_offset(self.state, _node(node).name)
 
     # ----- etcd members --------------------------------------------------------------------
 
@@ -296,6 +397,26 @@ class Lab:
         if wait:
             self._wait_member_healthy(member, timeout)
         return pid
+
+    def etcd_minority_partition(self, index: int) -> None:
+        """Cut etcd member ``index`` off from the two other members, every node and the
+        client (blackhole routes both ways). Undone by heal_etcd(index) or heal()."""
+        faults.isolate_etcd(etcd_member(index))
+
+    def heal_etcd(self, index: int | None = None) -> None:
+        """Undo etcd_minority_partition for member ``index`` or all."""
+        for member in [etcd_member(index)] if index else ETCD_MEMBERS.values():
+            faults.heal_etcd(member)
+
+    def restart_all_etcd(self, timeout: float = 30.0) -> int:
+        """SIGKILL all three members (by PID), start them again on their data dirs, wait until
+        all are healthy and one is leader; returns the leader index."""
+        for index in (1, 2, 3):
+            self.kill_etcd_member(index)
+        for member in ETCD_MEMBERS.values():
+            self._start_etcd(member, new=False)
+        etcd.wait_healthy(self._etcdctl_nocheck, self.state, timeout, self._all_etcd_alive)
+        return self.wait_etcd_leader(timeout)
 
     def etcd_pid(self, index: int) -> int | None:
         """PID of etcd member ``index`` (1..3) if it is running, else None."""

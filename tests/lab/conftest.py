@@ -6,6 +6,7 @@ and everything it started is stopped (by PID) and every fault healed, even on fa
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -21,7 +22,25 @@ from labkit.cluster import NODE_NAMES, LabCluster, wait_for  # noqa: E402
 
 NODES = NODE_NAMES
 Cluster = LabCluster
-__all__ = ["NODES", "Cluster", "wait_for"]
+__all__ = ["NODES", "Cluster", "guard_pid", "guard_records", "wait_for"]
+
+
+def guard_pid(cluster: LabCluster, node: str) -> int:
+    """The pid of the fence guard the agent on `node` started."""
+    for pid in cluster.lab.pids(node):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"node.guard" in cmdline:
+            return pid
+    raise AssertionError(f"no fence guard running on {node}")
+
+
+def guard_records(cluster: LabCluster, node: str) -> list[dict]:
+    """What the guard on `node` recorded (its file lives in the node's private /run/nfs-ha)."""
+    out = cluster.lab.run(node, ["cat", f"/run/nfs-ha/{node}/guard-actions.jsonl"], check=False).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

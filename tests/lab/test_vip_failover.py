@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from tests.lab.conftest import NODES, Cluster, wait_for
+from tests.lab.conftest import NODES, Cluster, guard_pid, guard_records, wait_for
 
 
 def two_mac_samples(samples: list[dict]) -> list[dict]:
@@ -137,19 +137,41 @@ def test_stopped_agent_does_not_keep_serving(cluster: Cluster) -> None:
     pid = cluster.agents["node-a"]
     os.kill(pid, signal.SIGSTOP)
     try:
-        # While node-a is frozen its kernel still answers ARP; nobody may raise the VIP beside it.
-        wait_for(lambda: mac_a in cluster.vfs_status("home").get("error", ""), 20,
-                 "a takeover refused because node-a's MAC still answers")
-        assert cluster.holders(vip) == ["node-a"]
+        # Frozen, node-a's agent cannot drop the VIP; its fence guard does, at the agent's own
+        # self-fence deadline, so node-b can take over with nobody else answering.
+        row = cluster.wait_serving("home", timeout=30, not_epoch=first["epoch"])
+        assert row["owner"] != "node-a"
+        assert cluster.holders(vip) == [row["owner"]]
     finally:
         os.kill(pid, signal.SIGCONT)
-    # On waking up it finds its lease gone and fences; serving again needs a new epoch.
+    # On waking up it finds its lease gone and fences too; it must not serve again by itself.
     wait_for(lambda: "self-fence" in cluster.agent_log("node-a").read_text(), 10, "node-a self-fence")
-    row = cluster.wait_serving("home", timeout=30, not_epoch=first["epoch"])
-    cluster.wait_served_by(vip, row["owner"], timeout=20)
-    assert cluster.holders(vip) == [row["owner"]]
+    time.sleep(2)
+    assert cluster.holders(vip) == [row["owner"]] and cluster.vfs_status("home")["owner"] == row["owner"]
+    records = guard_records(cluster, "node-a")
+    assert records and records[-1]["vfs"] == "home" and "deadline passed" in records[-1]["reason"]
     samples = sampler.stop()
     assert two_mac_samples(samples) == []
+    new_mac = cluster.lab.mac_of(row["owner"])
+    assert max(s["t"] for s in samples if mac_a in s["macs"]) < min(s["t"] for s in samples if new_mac in s["macs"])
+
+
+def test_killed_agent_is_fenced_by_its_guard(cluster: Cluster) -> None:
+    vip = cluster.new_vip()
+    cluster.start_agents(nodes=("node-a", "node-b"))
+    cluster.put_spec("home", vip, ["node-a", "node-b"])
+    first = serving(cluster, "home", "node-a")
+    cluster.stop_agent("node-a", signal.SIGKILL)  # the guard sees its pipe close and fences at once
+    wait_for(lambda: not cluster.vip_on("node-a", vip), 5, "the guard removing node-a's VIP")
+    row = cluster.wait_serving("home", "node-b", timeout=30)
+    assert row["epoch"] > first["epoch"]
+    cluster.wait_served_by(vip, "node-b")
+    assert guard_records(cluster, "node-a")[-1]["reason"] == "agent exited"
+    cluster.start_agent("node-a")  # it reports what its guard did, in its registration
+    wait_for(lambda: any(n["node"] == "node-a" and n.get("guard") for n in cluster.status()["nodes"]), 20,
+             "guard record in nfs-ha status")
+    assert "guard" in cluster.cli("status").stdout.lower()
+    assert cluster.holders(vip) == ["node-b"]
 
 
 def test_bad_specs_and_intents_move_nothing(cluster: Cluster) -> None:
@@ -205,7 +227,8 @@ def test_restarted_agent_removes_leftover_vip(cluster: Cluster) -> None:
     cluster.start_agents(nodes=("node-a", "node-b"))
     cluster.put_spec("home", vip, ["node-a", "node-b"])
     serving(cluster, "home", "node-a")
-    cluster.stop_agent("node-a", signal.SIGKILL)  # the VIP stays behind on node-a
+    cluster.lab.stop(guard_pid(cluster, "node-a"), signal.SIGKILL)  # guard and agent both die:
+    cluster.stop_agent("node-a", signal.SIGKILL)                    # the VIP stays behind on node-a
     assert cluster.vip_on("node-a", vip)
     # node-b's probe sees node-a still answering and refuses to raise a second copy.
     wait_for(lambda: cluster.lab.mac_of("node-a") in cluster.vfs_status("home").get("error", ""), 20,
