@@ -119,6 +119,7 @@ class VfsReconciler:
         self._must_release: str | None = None  # a held VFS that has to be let go (unhealthy, stuck)
         self._restarts: list[float] = []
         self._timings: dict[str, float] = {}
+        self._status_doc: dict[str, Any] | None = None
         self.trace = FailoverTracer(vfs, ctx.me)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -445,11 +446,14 @@ class VfsReconciler:
     def _put_status(self, epoch: int, doc: dict[str, Any], quiet: bool = False) -> bool:
         ks = self.ctx.keyspace
         try:
-            return self.ctx.store.put_if_epoch(ks.owner(self.vfs), epoch, {ks.status(self.vfs): encode(doc)})
+            ok = self.ctx.store.put_if_epoch(ks.owner(self.vfs), epoch, {ks.status(self.vfs): encode(doc)})
         except StoreError:
             if not quiet:
                 raise
             return False
+        if ok and self.holding is not None and epoch == self.holding.epoch:
+            self._status_doc = doc  # what we last said as owner: the base of later rewrites
+        return ok
 
     def _write_holder_status(self, h: Holding, config: VfsConfig, view: ClusterView) -> float | None:
         spec = self.held_spec
@@ -458,7 +462,10 @@ class VfsReconciler:
         if config.spec is None and error:
             error += f" (still serving the last valid spec: VIP {spec.vip_cidr})"
         current = view.status(self.vfs) or {}
-        wanted = {**current, "phase": "serving", "node": self.ctx.me, "epoch": h.epoch, "error": error,
+        # Built from our own last write, not from the view, which may not show it yet: a rewrite
+        # from a lagging view would drop what that write added (fence outcome, takeover_done).
+        base = self._status_doc if self._status_doc and self._status_doc.get("epoch") == h.epoch else current
+        wanted = {**base, "phase": "serving", "node": self.ctx.me, "epoch": h.epoch, "error": error,
                   "vip": spec.vip_cidr, "steps": self._timings}
         # Only once our owner key is visible do we rewrite status; before that, the
         # acquire path's own write is authoritative.
