@@ -116,6 +116,15 @@ class Holding:
                 self.on_fence(self)
         return True
 
+    def valid(self) -> bool:
+        """Still allowed to claim the VIP: not fenced and before the deadline.
+
+        Checked right before anything that announces the VIP, so a thread that was frozen
+        (SIGSTOP) and resumes after the deadline stays quiet even before the fence
+        monitor has run.
+        """
+        return not self._fenced and time.monotonic() < self._deadline
+
     def overdue(self, now: float) -> bool:
         return not self._fenced and now >= self._deadline
 

@@ -155,8 +155,7 @@ class AnnounceStep(NothingToUndo):
     name: str = "gratuitous_arp"
 
     def up(self, ctx: TakeoverContext) -> None:
-        holding = ctx.holding
-        self.host.announce(ctx.spec.vip, lambda: not holding.fenced)
+        self.host.announce(ctx.spec.vip, ctx.holding.valid)
 
 
 

@@ -66,8 +66,8 @@ class Host:
         start = time.monotonic()
         for at in ANNOUNCE_AT[1:]:
             time.sleep(max(0.0, start + at - time.monotonic()))
-            if not still_valid() or not self.iface.has(vip):
-                return
+            if not still_valid() or not self.iface.has(vip) or not still_valid():
+                return  # checked again after the netlink query: this thread may have been frozen in it
             try:
                 arp.announce(self.ifname, str(vip.ip))
             except OSError as exc:

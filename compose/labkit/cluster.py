@@ -164,10 +164,10 @@ class LabCluster:
     def agent_log(self, node: str) -> Path:
         return self.logdir / f"agent-{node}.log"
 
-    def start_agents(self, ttl: int = 2, nodes: tuple[str, ...] = NODE_NAMES) -> None:
+    def start_agents(self, ttl: int = 2, nodes: tuple[str, ...] = NODE_NAMES, extra: tuple[str, ...] = ()) -> None:
         """Start agents one by one, each registered before the next starts (a fixed order)."""
         for node in nodes:
-            self.start_agent(node, ttl)
+            self.start_agent(node, ttl, extra)
             wait_for(lambda n=node: self.node_alive(n), 20, f"{node} registered")
 
     def stop_agent(self, node: str, sig: int = signal.SIGTERM) -> int | None:

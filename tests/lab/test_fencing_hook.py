@@ -21,10 +21,7 @@ def fence_script(tmp_path: Path, exit_code: int) -> tuple[str, Path]:
 
 
 def start(cluster: Cluster, command: str, required: bool) -> None:
-    extra = ("--fence-command", command, *(("--fence-required",) if required else ()))
-    for node in ("node-a", "node-b", "node-c"):
-        cluster.start_agent(node, extra=extra)
-        wait_for(lambda n=node: cluster.node_alive(n), 20, f"{node} registered")
+    cluster.start_agents(extra=("--fence-command", command, *(("--fence-required",) if required else ())))
 
 
 def test_hook_fences_lost_owner_before_takeover_but_not_on_planned_moves(cluster: Cluster, tmp_path: Path) -> None:

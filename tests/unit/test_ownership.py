@@ -70,3 +70,12 @@ def test_status_dedupe_ignores_timestamp():
     assert same(a, make_status("serving", "node-a", 5))
     assert not same(a, make_status("serving", "node-b", 5))
     assert not same(None, a)
+
+
+def test_valid_turns_false_at_the_deadline_even_before_any_fence():
+    h = holding(ttl=1, granted_at=time.monotonic())
+    assert h.valid()
+    late = holding(ttl=1, granted_at=time.monotonic() - 5)  # e.g. a thread resuming after SIGSTOP
+    assert not late.fenced and not late.valid()
+    h.fence("test")
+    assert not h.valid()
