@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,15 @@ class Lab:
         for member in ETCD_MEMBERS.values():
             self._start_etcd(member, new=True)
         etcd.wait_healthy(self._etcdctl_nocheck, self.state, timeout, self._all_etcd_alive)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Lab]:
+        """The lab, up for the `with` block and removed after it, even on failure."""
+        try:
+            self.up()
+            yield self
+        finally:
+            self.down()
 
     def down(self) -> None:
         """Kill every process in any nfsha-* namespace (by PID, found via namespace inodes),

@@ -51,12 +51,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
-    lab = Lab(state_dir=os.environ.get("NFSHA_TEST_LAB_DIR", "/run/nfsha-lab-test"))
-    try:
-        lab.up()
+    with Lab(state_dir=os.environ.get("NFSHA_TEST_LAB_DIR", "/run/nfsha-lab-test")).running() as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture

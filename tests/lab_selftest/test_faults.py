@@ -32,12 +32,8 @@ CUT = "error:EINVAL"  # connect() through a blackhole route
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(state_dir=STATE_DIR)
-    try:
-        lab.up()
+    with Lab(state_dir=STATE_DIR).running() as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture

@@ -60,12 +60,8 @@ def _lab_namespaces() -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(state_dir=STATE_DIR)
-    try:
-        lab.up()
+    with Lab(state_dir=STATE_DIR).running() as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture

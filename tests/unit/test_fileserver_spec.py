@@ -1,4 +1,5 @@
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -101,8 +102,17 @@ def test_ganesha_config_refuses_quotes():
 
 
 def test_listening_parses_proc_net():
-    # Whatever listens here, an address nobody uses is not listening on a random port.
-    assert listening("10.77.0.254", 2) is False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as srv:
+        srv.bind(("127.0.0.1", 0))
+        port = srv.getsockname()[1]
+        assert listening("127.0.0.1", port) is False  # bound, not listening yet
+        srv.listen()
+        assert listening("127.0.0.1", port) is True
+        assert listening("127.0.0.2", port) is False  # another address, same port
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as srv6:
+        srv6.bind(("::ffff:127.0.0.1", 0))  # how Ganesha binds a v4 VIP: a v4-mapped v6 socket
+        srv6.listen()
+        assert listening("127.0.0.1", srv6.getsockname()[1]) is True
 
 
 def test_storage_epoch_roundtrip(tmp_path):
