@@ -9,13 +9,14 @@ away), starts an agent under libfaketime on every node, ``vfs`` fileservers (own
 xfs disk, own export, grace and lease 5 s) with a writer and an ARP sampler each, then injects
 ``faults`` seeded random faults one after another. Each fault is held for a seeded spacing,
 healed, and the time until every VFS is serving again is measured (bounded). At the end:
-every acknowledged write is read back, the ARP samples are checked for two MACs answering
-one VIP, agent logs are scanned for errors. See docs/lab.md.
+acknowledged writes are read back through their VIPs (all, or ``nfs_read_max`` per VFS), then
+the agents are stopped (releasing every VFS) and every acknowledged write is checked on its
+disk; the ARP samples are checked for two MACs answering one VIP, agent logs are scanned for
+errors. See docs/lab.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import netns
+from . import diskcheck, netns
 from .cluster import NODE_NAMES, LabCluster
 from .lab import Lab
 
@@ -51,6 +52,7 @@ class ChaosConfig:
     recovery_timeout: float = 60.0  # per fault, after the heal
     setup_timeout: float = 90.0
     writer_interval: float = 0.1
+    nfs_read_max: int = 400  # per VFS read back through NFS (all are checked on disk)
     state_dir: str = STATE_DIR
     logdir: Path | None = None
     kinds: tuple[str, ...] = FAULT_KINDS
@@ -296,21 +298,40 @@ class Chaos:
                                               else f"NOT serving after {self.cfg.recovery_timeout}s: {bad}"))
 
     def finish(self) -> dict[str, Any]:
+        """Heal everything, then check the promises: ARP samples, and every acknowledged write,
+        read back through its VIP (all of them, or a sample of ``nfs_read_max`` per VFS) and
+        then checked on its disk after the agents released every VFS (labkit.diskcheck)."""
         self.lab.heal()
         for node in NODE_NAMES:
             self.ensure_agent(node)
         _, bad_end = self.wait_all_serving(self.cfg.recovery_timeout)
-        writes: dict[str, Any] = {"acknowledged": 0, "failed_attempts": 0, "missing_or_wrong": 0,
-                                  "missing_names": {}}
+        owners_before = self.owners()
+        acked: dict[str, list[dict[str, Any]]] = {}
+        writes: dict[str, Any] = {"acknowledged": 0, "failed_attempts": 0, "read_back_nfs": 0,
+                                  "checked_on_disk": 0, "missing_or_wrong": 0, "missing_names": {}}
         for name, info in self.vfs.items():
             log = info["writer"].stop()
-            acked = [r for r in log if "name" in r]
-            writes["acknowledged"] += len(acked)
+            acked[name] = [r for r in log if "name" in r and "sha256" in r]
+            writes["acknowledged"] += len(acked[name])
             writes["failed_attempts"] += sum(1 for r in log if "failed" in r)
-            missing = self.verify(name, acked, writes)
-            writes["missing_or_wrong"] += len(missing)
-            if missing:
-                writes["missing_names"][name] = missing[:20]
+        arp = self.arp_report()
+        lost: dict[str, set[str]] = {}
+        for name in self.vfs:
+            sample = self.nfs_sample(acked[name])
+            writes["read_back_nfs"] += len(sample)
+            lost[name] = set(self.verify_nfs(name, sample, writes))
+        owners_after = self.owners()
+        writes["owner_changes_during_check"] = {
+            name: [owners_before.get(name), owners_after.get(name)]
+            for name in self.vfs if owners_before.get(name) != owners_after.get(name)}
+        self.check_disks(acked, lost, writes)
+        for name, names in lost.items():
+            writes["missing_or_wrong"] += len(names)
+            if names:
+                writes["missing_names"][name] = sorted(names)[:20]
+        return {"writes": writes, "arp": arp, "not_serving_at_end": bad_end}
+
+    def arp_report(self) -> dict[str, Any]:
         arp: dict[str, Any] = {"samples": 0, "double_mac_samples": 0, "per_vip": {}}
         for name, info in self.vfs.items():
             samples = info["sampler"].stop()
@@ -319,36 +340,56 @@ class Chaos:
             arp["double_mac_samples"] += len(doubles)
             arp["per_vip"][info["vip"]] = {"vfs": name, "samples": len(samples), "double_mac": len(doubles),
                                            "first_double": doubles[0] if doubles else None}
-        return {"writes": writes, "arp": arp, "not_serving_at_end": bad_end}
+        return arp
 
-    def verify(self, name: str, acked: list[dict[str, Any]], writes: dict[str, Any]) -> list[str]:
-        """Acknowledged writes of one VFS missing or wrong. A server that took over recently
-        refuses every OPEN (reads too) with NFS4ERR_GRACE for the grace period, so first wait
-        until the last acknowledged write reads back, and read failures of the first pass are
-        read again once; what still fails is reported (with its nfs-cat error)."""
+    def nfs_sample(self, acked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What is read back through NFS: everything up to nfs_read_max, else the last writes
+        (those nearest the last fault) plus a seeded random sample of the rest."""
+        limit = self.cfg.nfs_read_max
+        if len(acked) <= limit:
+            return acked
+        tail = min(limit // 4, len(acked))
+        head = acked[:len(acked) - tail]
+        return self.rng.sample(head, limit - tail) + acked[len(acked) - tail:]
+
+    def verify_nfs(self, name: str, acked: list[dict[str, Any]], writes: dict[str, Any]) -> list[str]:
+        """Acknowledged writes of one VFS missing or wrong when read through its VIP. A server
+        that took over recently answers NFS4ERR_GRACE; such reads are retried (settle)."""
         if not acked:
             return []
         info = self.vfs[name]
         vip, pseudo = info["vip"], info["pseudo"]
-        last = acked[-1]
-        deadline = time.monotonic() + GRACE * 4 + 20
-        while time.monotonic() < deadline:
-            r = self.cluster.nfs_read(vip, pseudo, last["name"], timeout=5)
-            if r.data is not None and hashlib.sha256(r.data).hexdigest() == last["sha256"]:
-                break
-            time.sleep(0.2)
-        first = self.cluster.verify_writes(vip, pseudo, acked, timeout=30)
-        if not first:
-            return []
-        writes.setdefault("first_pass_failures", {})[name] = len(first)
-        time.sleep(2)
-        again = set(self.cluster.verify_writes(vip, pseudo, [r for r in acked if r["name"] in set(first)],
-                                               timeout=30))
-        for rec_name in sorted(again)[:5]:
+        bad = self.cluster.verify_writes(vip, pseudo, acked, timeout=30, settle=GRACE * 4 + 40)
+        for rec_name in bad[:5]:
             r = self.cluster.nfs_read(vip, pseudo, rec_name, timeout=10)
             writes.setdefault("errors", {})[f"{name}/{rec_name}"] = (
                 r.stderr.strip()[-300:] if r.data is None else f"{len(r.data)} bytes, other content")
-        return sorted(again)
+        return bad
+
+    def check_disks(self, acked: dict[str, list[dict[str, Any]]], lost: dict[str, set[str]],
+                    writes: dict[str, Any]) -> None:
+        """Stop every agent with SIGTERM (each releases its VFS: VIP down, NFS server stopped,
+        unmounted), then check every acknowledged write on each disk. A disk that cannot be
+        checked is an error (it fails the run): its writes are counted as unverified."""
+        for node in list(self.cluster.agents):
+            self.cluster.stop_agent(node)
+        devices = [info["device"] for info in self.vfs.values()]
+        busy = set(diskcheck.wait_unmounted(devices, 60))
+        for name, info in self.vfs.items():
+            expected = {str(r["name"]): str(r["sha256"]) for r in acked[name]}
+            try:
+                if info["device"] in busy:
+                    raise RuntimeError(f"{info['device']} still mounted after every agent stopped")
+                result = diskcheck.check(info["device"], "xfs", expected)
+            except Exception as exc:  # reported: the writes of this disk are unverified
+                writes.setdefault("disk_check_errors", {})[name] = str(exc)[-500:]
+                writes["unverified_on_disk"] = writes.get("unverified_on_disk", 0) + len(expected)
+                continue
+            writes["checked_on_disk"] += int(result["checked"])
+            lost[name] |= set(result["missing"]) | set(result["wrong"])
+            if result["missing"] or result["wrong"]:
+                writes.setdefault("on_disk", {})[name] = {"missing": result["missing"][:20],
+                                                          "wrong": result["wrong"][:20]}
 
     def agent_errors(self) -> list[str]:
         lines = []
@@ -422,7 +463,8 @@ def _report(chaos: Chaos, end: dict[str, Any]) -> dict[str, Any]:
         faults_by_kind[e["kind"]] = faults_by_kind.get(e["kind"], 0) + 1
     agent_errors = chaos.agent_errors()
     serving_at_end = not end["not_serving_at_end"]
-    ok = (end["arp"]["double_mac_samples"] == 0 and end["writes"]["missing_or_wrong"] == 0 and serving_at_end)
+    ok = (end["arp"]["double_mac_samples"] == 0 and end["writes"]["missing_or_wrong"] == 0 and serving_at_end
+          and not end["writes"].get("disk_check_errors"))
     return {
         "ok": ok,
         "faults_injected": len(injected),
@@ -450,12 +492,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttl", type=int, default=2)
     parser.add_argument("--spacing", type=float, nargs=2, default=(2.0, 6.0), metavar=("MIN", "MAX"))
     parser.add_argument("--recovery-timeout", type=float, default=60.0)
+    parser.add_argument("--nfs-read-max", type=int, default=400,
+                        help="acknowledged writes per VFS read back through NFS (all are checked on disk)")
     parser.add_argument("--logdir", help="agent, writer and sampler logs (default /tmp/nfsha-chaos-SEED-TIME)")
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args(argv)
     cfg = ChaosConfig(faults=args.faults, seed=args.seed, vfs=max(1, args.vfs), ttl=args.ttl,
                       spacing=(args.spacing[0], args.spacing[1]), recovery_timeout=args.recovery_timeout,
-                      logdir=Path(args.logdir) if args.logdir else None)
+                      nfs_read_max=max(1, args.nfs_read_max), logdir=Path(args.logdir) if args.logdir else None)
     report = run(cfg)
     text = json.dumps(report, indent=2)
     print(text)

@@ -295,10 +295,12 @@ class LabCluster:
         self.writers.append(writer)
         return writer
 
-    def verify_writes(self, vip: str, pseudo: str, acked: list[dict[str, Any]], timeout: float = 30) -> list[str]:
+    def verify_writes(self, vip: str, pseudo: str, acked: list[dict[str, Any]], timeout: float = 30,
+                      settle: float = 60.0) -> list[str]:
         """Read every acknowledged write back through the VIP; the names missing or with other
-        content (sha256). Records without "sha256" (failed attempts, events) are skipped."""
-        return nfsclient.verify(self.lab.client_cmd([]), vip, pseudo, acked, timeout)
+        content (sha256). Records without "sha256" (failed attempts, events) are skipped. Reads
+        that fail for another reason than a missing file (e.g. grace) are retried for ``settle`` s."""
+        return nfsclient.verify(self.lab.client_cmd([]), vip, pseudo, acked, timeout, settle=settle)
 
     # --- tear-down ------------------------------------------------------------------------------
 

@@ -125,14 +125,28 @@ def ls(prefix: list[str], vip: str, pseudo: str, timeout: float) -> list[str]:
     return sorted(names)
 
 
+def definitive(result: ReadResult) -> bool:
+    """True when a read settles the question: it returned data, or the file does not exist.
+    Anything else (NFS4ERR_GRACE or NFS4ERR_DELAY from a server that just took over, a
+    timeout, a refused connection while the VIP moves) says nothing about the data."""
+    return result.data is not None or "NFS4ERR_NOENT" in result.stderr
+
+
 def verify(prefix: list[str], vip: str, pseudo: str, records: Iterable[dict[str, Any]], timeout: float,
-           workers: int = 8) -> list[str]:
+           workers: int = 8, settle: float = 60.0, retry_every: float = 0.5) -> list[str]:
     """Names of acknowledged writes (records with "name" and "sha256") that read back missing
-    or with other content. Reads run a few at a time: each nfs-cat is its own process."""
+    or with other content. Reads run a few at a time: each nfs-cat is its own process. A read
+    that is not definitive (see above) is tried again until ``settle`` seconds after the start,
+    so a takeover during the check (grace period) is waited out, not counted as lost data."""
     acked = [r for r in records if "name" in r and "sha256" in r]
+    deadline = time.monotonic() + settle
 
     def bad(record: dict[str, Any]) -> str | None:
-        result = read(prefix, vip, pseudo, str(record["name"]), timeout)
+        while True:
+            result = read(prefix, vip, pseudo, str(record["name"]), timeout)
+            if definitive(result) or time.monotonic() >= deadline:
+                break
+            time.sleep(retry_every)
         if result.data is None or sha256(result.data) != record["sha256"]:
             return str(record["name"])
         return None

@@ -35,6 +35,9 @@ def test_chaos_short(tmp_path: Path) -> None:
     assert report["arp"]["samples"] > 0, summary
     assert report["writes"]["missing_or_wrong"] == 0, summary
     assert report["writes"]["acknowledged"] > 0, summary
+    # Every acknowledged write was found on its disk after the run, not only through NFS.
+    assert report["writes"]["checked_on_disk"] == report["writes"]["acknowledged"], summary
+    assert report["writes"]["read_back_nfs"] > 0, summary
     assert report["serving_at_end"] and report["not_serving_at_end"] == [], summary
     assert report["distinct_kinds"] >= 5, summary
     assert report["ok"], summary

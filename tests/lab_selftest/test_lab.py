@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import pytest
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
 sys.path.insert(0, str(COMPOSE))
 
-from labkit import Lab, LabError  # noqa: E402
+from labkit import Lab, LabError, diskcheck  # noqa: E402
 from labkit.cluster import LabCluster, Writer  # noqa: E402
 from labkit.disks import lab_loops, loops, release_all  # noqa: E402
 from labkit.mntns import mounts  # noqa: E402
@@ -210,6 +211,30 @@ def test_disk_mounted_in_one_node_only(lab: Lab) -> None:
     lab.run("node-a", ["umount", point])
     lab.destroy_disk("sd-mnt")
     assert not _attached(device)
+
+
+def test_diskcheck_reads_only_an_unmounted_disk(lab: Lab, tmp_path: Path) -> None:
+    device = lab.create_disk("sd-check")
+    point = str(lab.state_dir / "mnt-check")
+    good, other = b"acknowledged\n", b"written, then changed\n"
+    try:
+        assert _mount(lab, "node-a", device, point).returncode == 0
+        try:
+            for name, data in (("good", good), ("changed", other)):
+                (tmp_path / name).write_bytes(data)  # node namespaces see the root's /tmp
+                lab.run("node-a", ["cp", str(tmp_path / name), f"{point}/{name}"])
+            with pytest.raises(LabError, match="still mounted"):  # never a second mount of a live disk
+                diskcheck.check(device, "xfs", {"good": hashlib.sha256(good).hexdigest()})
+        finally:
+            lab.run("node-a", ["umount", point], check=False)
+        expected = {"good": hashlib.sha256(good).hexdigest(), "changed": hashlib.sha256(good).hexdigest(),
+                    "never-written": hashlib.sha256(good).hexdigest()}
+        assert diskcheck.check(device, "xfs", expected) == {"checked": 3, "missing": ["never-written"],
+                                                            "wrong": ["changed"]}
+        assert all("nfsha-diskcheck" not in m.point for m in mounts())
+        assert diskcheck.wait_unmounted([device], 1) == []  # the check's own mount went with its process
+    finally:
+        lab.destroy_disk("sd-check")
 
 
 def test_block_device_on_one_node(healed: Lab) -> None:
