@@ -167,6 +167,10 @@ class LeaseKeeper:
         self._on_deadline(holding)
         self._wake.set()
 
+    def holdings(self) -> list[Holding]:
+        with self._lock:
+            return list(self._holdings.values())
+
     def remove(self, holding: Holding) -> None:
         with self._lock:
             removed = self._holdings.get(holding.vfs) is holding

@@ -106,6 +106,7 @@ class AgentContext:
     vip_down: Callable[[Any], None]
     fence: Callable[[str], Any] | None = None  # the fencing hook: node -> result with .ok, .describe()
     fence_required: bool = False
+    min_ttl: int = 1  # shorter spec TTLs are raised to this (a hardware watchdog needs 2 s)
 
 
 class VfsReconciler:
@@ -283,7 +284,7 @@ class VfsReconciler:
         """Acquire and bring up; returns the serving status written, None if not serving."""
         ks, store, me = self.ctx.keyspace, self.ctx.store, self.ctx.me
         span_attrs = {"nfs_ha.vfs": self.vfs, "nfs_ha.node": me}
-        ttl = spec.lease_ttl or self.ctx.default_ttl
+        ttl = max(spec.lease_ttl or self.ctx.default_ttl, self.ctx.min_ttl)
         sent_at = time.monotonic()
         with tracing.child(root, "lease_grant", span_attrs):
             lease_id, granted = store.grant(ttl)

@@ -25,7 +25,7 @@ from controller.reconcile import AgentContext, Backoff, VfsReconciler
 from controller.spec import SpecError, parse_spec
 from controller.status import wall_clock
 from controller.store import EtcdStore, StoreError
-from controller.takeover import takeover_steps
+from controller.takeover import Step, takeover_steps
 from controller.view import ClusterView
 from controller.watcher import ViewKeeper
 from node import config as agent_config
@@ -33,6 +33,8 @@ from node.fencing import FenceCommand
 from node.guard import GuardClient, read_actions
 from node.host import Host
 from node.vip import VipError
+from node.watchdog import MIN_TTL as WATCHDOG_MIN_TTL
+from node.watchdog import WatchdogArm, WatchdogDevice, WatchdogStep, check_device
 
 log = logging.getLogger("nfs-ha-agent")
 T = TypeVar("T")
@@ -46,6 +48,7 @@ class Agent:
         self.host = Host(cfg.interface, cfg.node_state_dir)
         self.keeper = LeaseKeeper(self.store, on_deadline=self._guard_hold, on_removed=self._guard_release)
         self.guard: GuardClient | None = None
+        self.watchdog = WatchdogArm(WatchdogDevice(cfg.watchdog), self.keeper.holdings) if cfg.watchdog else None
         self._guard_records: list[dict[str, object]] = []
         self.backoff = Backoff(on_change=self._register_soon)
         self.views = ViewKeeper(self.store, self.ks, self._on_view)
@@ -57,11 +60,18 @@ class Agent:
         self._registration_due = threading.Event()
         self._ready = False  # no reconciler may run before leftovers are cleaned up
         self.ctx = AgentContext(me=cfg.name, keyspace=self.ks, store=self.store, keeper=self.keeper,
-                                steps=takeover_steps(self.host), view=lambda: self.views.view,
+                                steps=self._steps(), view=lambda: self.views.view,
                                 default_ttl=cfg.lease_ttl, rank_delay=cfg.rank_delay, backoff=self.backoff,
                                 vip_down=self.host.vip_down,
                                 fence=FenceCommand(cfg.fence_command, cfg.fence_timeout) if cfg.fence_command else None,
-                                fence_required=cfg.fence_required)
+                                fence_required=cfg.fence_required,
+                                min_ttl=WATCHDOG_MIN_TTL if cfg.watchdog else 1)
+
+    def _steps(self) -> list[Step]:
+        steps = takeover_steps(self.host)
+        if self.watchdog is not None:
+            steps.insert(0, WatchdogStep(self.watchdog))
+        return steps
 
     # --- node registration -------------------------------------------------------------
 
@@ -70,7 +80,7 @@ class Agent:
             "version": _version(), "interface": self.cfg.interface, "mac": self.host.mac,
             "addresses": sorted(a.with_prefixlen for a in self.host.iface.addresses()),
             "hostname": socket.gethostname(), "started": self._started, "backoff": self.backoff.published(),
-            "guard": self._guard_records[-5:],
+            "guard": self._guard_records[-5:], "watchdog": self.cfg.watchdog or None,
         }, sort_keys=True)
 
     def register(self) -> None:
@@ -91,6 +101,12 @@ class Agent:
 
     def start(self) -> None:
         self._started = wall_clock()
+        if self.cfg.watchdog:
+            try:
+                check_device(self.cfg.watchdog)
+            except ValueError as exc:
+                log.critical("%s", exc)
+                raise SystemExit(2) from exc
         view = self._retry("initial load", self.views.load)
         try:
             removed = self.host.remove_leftovers(_managed_vips(view))
@@ -103,6 +119,8 @@ class Agent:
         self._take_guard_records()
         self._start_guard()
         self.keeper.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
         self._retry("registration", self.register)
         self._ready = True
         self.views.start()
@@ -200,6 +218,8 @@ class Agent:
             t.start()
         for t in threads:
             t.join()
+        if self.watchdog is not None:
+            self.watchdog.stop()  # disarms: every VFS is released
         self.keeper.stop()
         if self.guard is not None:
             self.guard.close_clean()  # everything is released: nothing for it to fence

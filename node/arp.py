@@ -15,7 +15,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 ETH_P_ARP = 0x0806
 ARP_REQUEST = 1
@@ -113,12 +113,22 @@ def probe(iface: str, ip: str, tries: int = 3, spacing: float = 0.05, wait: floa
     return found
 
 
-def announce(iface: str, ip: str) -> None:
-    """One gratuitous ARP pair: a request and a reply, both broadcast, both claiming `ip`."""
+def announce(iface: str, ip: str, still_valid: Callable[[], bool] = lambda: True) -> bool:
+    """One gratuitous ARP pair: a request and a reply, both broadcast, both claiming `ip`.
+
+    ``still_valid`` is asked right before each frame goes out, after the socket is open and the
+    frames are built: a process frozen (SIGSTOP, a paused VM) before that point and resumed
+    after it lost the VIP sends nothing. Only a freeze between that check and the send() system
+    call remains, a few microseconds. False if a frame was withheld."""
     addr = ipaddress.IPv4Address(ip).packed
     with ArpSocket(iface) as arp:
-        arp.send(build_frame(ARP_REQUEST, arp.mac, addr, ZERO_MAC, addr))
-        arp.send(build_frame(ARP_REPLY, arp.mac, addr, BROADCAST, addr))
+        frames = (build_frame(ARP_REQUEST, arp.mac, addr, ZERO_MAC, addr),
+                  build_frame(ARP_REPLY, arp.mac, addr, BROADCAST, addr))
+        for frame in frames:
+            if not still_valid():
+                return False
+            arp.send(frame)
+    return True
 
 
 def watch(iface: str, ip: str, src_ip: str, interval: float, duration: float) -> Iterator[dict[str, object]]:

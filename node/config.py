@@ -29,6 +29,7 @@ class AgentConfig:
     fence_command: tuple[str, ...] = ()  # argv run before taking over from a lost node; {node} = its name
     fence_required: bool = False  # a failing fence command blocks the takeover
     fence_timeout: float = 60.0
+    watchdog: str = ""  # hardware watchdog device (e.g. /dev/watchdog), armed while VFS are held
 
     def validate(self) -> AgentConfig:
         try:
@@ -47,6 +48,8 @@ class AgentConfig:
             raise ValueError("fence_command must start with an absolute path (it never runs through a shell)")
         if self.fence_required and not self.fence_command:
             raise ValueError("fence_required needs a fence_command")
+        if self.watchdog and not self.watchdog.startswith("/"):
+            raise ValueError("watchdog must be an absolute device path, e.g. /dev/watchdog")
         return self
 
     @property
@@ -93,6 +96,8 @@ def load(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--fence-required", default=None, action="store_const", const="true",
                         help="block a takeover when the fence command fails")
     parser.add_argument("--fence-timeout", type=float, help="seconds the fence command may take (default 60)")
+    parser.add_argument("--watchdog", help="hardware watchdog device (e.g. /dev/watchdog), armed while this "
+                        "node holds a VFS; see docs/safety.md")
     args = parser.parse_args(argv)
 
     values: dict[str, Any] = {}

@@ -58,7 +58,8 @@ class Host:
         return arp.probe(self.ifname, str(vip.ip))
 
     def announce(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None:
-        arp.announce(self.ifname, str(vip.ip))
+        if not arp.announce(self.ifname, str(vip.ip), still_valid):
+            return
         threading.Thread(target=self._announce_later, args=(vip, still_valid), daemon=True,
                          name=f"garp-{vip.ip}").start()
 
@@ -66,10 +67,11 @@ class Host:
         start = time.monotonic()
         for at in ANNOUNCE_AT[1:]:
             time.sleep(max(0.0, start + at - time.monotonic()))
-            if not still_valid() or not self.iface.has(vip) or not still_valid():
-                return  # checked again after the netlink query: this thread may have been frozen in it
+            if not still_valid() or not self.iface.has(vip):
+                return
             try:
-                arp.announce(self.ifname, str(vip.ip))
+                if not arp.announce(self.ifname, str(vip.ip), still_valid):
+                    return
             except OSError as exc:
                 log.warning("gratuitous ARP for %s failed: %s", vip.ip, exc)
                 return
