@@ -66,6 +66,7 @@ class Holding:
     _deadline: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _fenced: bool = False
+    _retired: bool = False  # being released: the VIP is going down on purpose
     last_ack: float = 0.0
 
     def __post_init__(self) -> None:
@@ -91,9 +92,16 @@ class Holding:
     def guarded(self, action: Callable[[], None]) -> None:
         """Run `action` (raising the VIP) only while the holding is valid (invariant 4)."""
         with self._lock:
-            if self._fenced or time.monotonic() >= self._deadline:
-                raise Fenced(f"{self.vfs}: holding fenced before {action!r} could run")
+            if self._fenced or self._retired or time.monotonic() >= self._deadline:
+                why = "fenced" if self._fenced else "being released" if self._retired else "past its deadline"
+                raise Fenced(f"{self.vfs}: the holding is {why}; not raising the VIP")
             action()
+
+    def retire(self) -> None:
+        """A release starts: from now on nothing may raise or announce the VIP (the lease and the
+        guard still cover the VFS until the release has finished)."""
+        with self._lock:
+            self._retired = True
 
     def fence(self, reason: str) -> bool:
         """Fence now: mark fenced, then take the VIP down. True if newly fenced.
@@ -117,13 +125,13 @@ class Holding:
         return True
 
     def valid(self) -> bool:
-        """Still allowed to claim the VIP: not fenced and before the deadline.
+        """Still allowed to claim the VIP: not fenced, not being released, before the deadline.
 
         Checked right before anything that announces the VIP, so a thread that was frozen
         (SIGSTOP) and resumes after the deadline stays quiet even before the fence
         monitor has run.
         """
-        return not self._fenced and time.monotonic() < self._deadline
+        return not self._fenced and not self._retired and time.monotonic() < self._deadline
 
     def overdue(self, now: float) -> bool:
         return not self._fenced and now >= self._deadline

@@ -203,6 +203,10 @@ class VfsReconciler:
         """Restart a dead NFS server of a held VFS; give the VFS up if that keeps failing."""
         spec = self.held_spec
         assert spec is not None
+        if not h.valid():
+            # Past its deadline (e.g. this process was frozen and the guard fenced it, or the fence
+            # monitor has not run yet): the fence monitor acts, nothing is restarted.
+            return True
         tctx = TakeoverContext(spec, h)
         for step in self.ctx.steps:
             healthy = getattr(step, "healthy", None)
@@ -366,6 +370,7 @@ class VfsReconciler:
         spec = self.held_spec
         assert spec is not None
         log.info("%s: releasing: %s", self.vfs, reason)
+        h.retire()  # before the VIP goes down: no announcement or defence of it from now on
         retry = self._must_release is not None  # a stuck release retried every second: no new trace
         root, move = (None, None) if retry else self.trace.start_release(spec, h, reason)
         self._put_status(h.epoch, make_status("releasing", self.ctx.me, h.epoch, error, vip=spec.vip_cidr,

@@ -176,11 +176,11 @@ class Agent:
         if self.guard is None or spec is None or h.fenced:
             return
         mountpoint = str(self.host.storage.mountpoint(h.vfs)) if spec.storage is not None else None
-        self.guard.hold(h.vfs, spec.vip_cidr, h.deadline, mountpoint, self.host.nfs_pid(h.vfs))
+        self.guard.hold(h.vfs, spec.vip_cidr, h.deadline, mountpoint, self.host.nfs_pid(h.vfs), h.epoch)
 
     def _guard_release(self, h: Holding) -> None:
         if self.guard is not None:
-            self.guard.release(h.vfs)
+            self.guard.release(h.vfs, h.epoch)
 
     def _wake_vfs(self, vfs: str) -> None:
         with self._lock:

@@ -15,7 +15,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 ETH_P_ARP = 0x0806
 ARP_REQUEST = 1
@@ -23,6 +23,10 @@ ARP_REPLY = 2
 BROADCAST = b"\xff" * 6
 ZERO_MAC = b"\x00" * 6
 ZERO_IP = b"\x00" * 4
+DEFEND_INTERVAL = 1.0  # seconds between two defences of one address
+# A defence announces at once and once more a little later: in case the first was lost, and because
+# a plain ARP reply (not a gratuitous one) cannot change a client's entry within neigh locktime (1 s).
+DEFEND_AGAIN_AFTER = 1.2
 _ARP_HDR = struct.Struct("!HHBBH6s4s6s4s")
 
 
@@ -113,22 +117,63 @@ def probe(iface: str, ip: str, tries: int = 3, spacing: float = 0.05, wait: floa
     return found
 
 
+def _claim_frames(mac: bytes, addr: bytes) -> tuple[bytes, bytes]:
+    return (build_frame(ARP_REQUEST, mac, addr, ZERO_MAC, addr), build_frame(ARP_REPLY, mac, addr, BROADCAST, addr))
+
+
+def _send_claim(arp: ArpSocket, frames: tuple[bytes, ...], still_valid: Callable[[], bool]) -> bool:
+    # Asked right before each frame: a process frozen (SIGSTOP, a paused VM) before this point and
+    # resumed after it lost the VIP sends nothing. Only a freeze between the check and the send()
+    # system call remains, a few microseconds.
+    for frame in frames:
+        if not still_valid():
+            return False
+        arp.send(frame)
+    return True
+
+
 def announce(iface: str, ip: str, still_valid: Callable[[], bool] = lambda: True) -> bool:
     """One gratuitous ARP pair: a request and a reply, both broadcast, both claiming `ip`.
-
     ``still_valid`` is asked right before each frame goes out, after the socket is open and the
-    frames are built: a process frozen (SIGSTOP, a paused VM) before that point and resumed
-    after it lost the VIP sends nothing. Only a freeze between that check and the send() system
-    call remains, a few microseconds. False if a frame was withheld."""
+    frames are built. False if a frame was withheld."""
     addr = ipaddress.IPv4Address(ip).packed
     with ArpSocket(iface) as arp:
-        frames = (build_frame(ARP_REQUEST, arp.mac, addr, ZERO_MAC, addr),
-                  build_frame(ARP_REPLY, arp.mac, addr, BROADCAST, addr))
-        for frame in frames:
-            if not still_valid():
-                return False
-            arp.send(frame)
-    return True
+        return _send_claim(arp, _claim_frames(arp.mac, addr), still_valid)
+
+
+def keep_claim(iface: str, ip: str, still_valid: Callable[[], bool], announce_at: Iterable[float],
+               has_ip: Callable[[], bool], on_defend: Callable[[set[str]], None] | None = None,
+               min_interval: float = DEFEND_INTERVAL, poll: float = 0.1) -> None:
+    """While ``still_valid()``: announce `ip` at the monotonic times ``announce_at``, and defend
+    it: any ARP frame from another MAC with `ip` as its sender address (a stale gratuitous ARP of
+    a node resumed after a freeze, a misconfigured host) is answered with our own announcement,
+    at once and again after DEFEND_AGAIN_AFTER, at most once per ``min_interval`` (RFC 5227 style,
+    so two defenders cannot flood the link): clients' ARP caches point back here within
+    milliseconds instead of after their ~30 s timeout.
+    Nothing is sent unless ``has_ip()`` (the address is still on the interface) just before."""
+    addr = ipaddress.IPv4Address(ip).packed
+    due = sorted(announce_at)
+    pending: set[str] = set()
+    last_defence = float("-inf")
+    with ArpSocket(iface) as arp:
+        frames = _claim_frames(arp.mac, addr)
+        while still_valid():
+            now = time.monotonic()
+            wake = min(due[0], now + poll) if due else now + poll
+            pending.update(mac_text(m) for m in arp.senders_of(addr, wake))
+            now = time.monotonic()
+            defended: set[str] = set()
+            if pending and now - last_defence >= min_interval:
+                defended, pending, last_defence = pending, set(), now
+                due = sorted([*due, now, now + DEFEND_AGAIN_AFTER])
+            if not due or due[0] > now:
+                continue
+            while due and due[0] <= now:
+                due.pop(0)
+            if not still_valid() or not has_ip() or not _send_claim(arp, frames, still_valid):
+                return
+            if defended and on_defend is not None:
+                on_defend(defended)
 
 
 def watch(iface: str, ip: str, src_ip: str, interval: float, duration: float) -> Iterator[dict[str, object]]:
@@ -155,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("probe", help="print the MACs that claim an address")
     p.add_argument("--iface", required=True)
     p.add_argument("--ip", required=True)
+    a = sub.add_parser("announce", help="send one gratuitous ARP pair claiming an address")
+    a.add_argument("--iface", required=True)
+    a.add_argument("--ip", required=True)
     w = sub.add_parser("watch", help="sample who answers an address; JSON lines on stdout")
     w.add_argument("--iface", required=True)
     w.add_argument("--ip", required=True)
@@ -164,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "probe":
         print(json.dumps(sorted(probe(args.iface, args.ip))))
+        return 0
+    if args.cmd == "announce":
+        announce(args.iface, args.ip)
         return 0
     for sample in watch(args.iface, args.ip, args.src_ip, args.interval, args.duration):
         sys.stdout.write(json.dumps(sample) + "\n")

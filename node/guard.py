@@ -11,12 +11,13 @@ that knows only what the agent told it over a pipe and acts on its own when the 
 Messages: newline-delimited JSON objects on stdin, one per line (extra keys are ignored):
 
     {"op": "hold", "vfs": "home", "vip": "10.77.0.100/24", "deadline": 1234.5,
-     "mountpoint": "/run/nfs-ha/node-a/mnt/home" | null, "nfs_pid": 1234 | null}
+     "mountpoint": "/run/nfs-ha/node-a/mnt/home" | null, "nfs_pid": 1234 | null, "epoch": 42}
         (re)states a held VFS and its self-fence deadline, an absolute time.monotonic() of the agent
         (CLOCK_MONOTONIC is system-wide, so the guard compares it with its own clock). The agent
         sends it on every keepalive acknowledgement: it is also the heartbeat. The newest hold
-        replaces the previous one as is (a new acquire may carry an earlier deadline).
-    {"op": "release", "vfs": "home"}   the agent released the VFS itself: forget it.
+        replaces the previous one as is (a new acquire may carry an earlier deadline). `epoch` is
+        the holding's epoch (optional; see rule 7).
+    {"op": "release", "vfs": "home", "epoch": 42}   the agent released the VFS itself: forget it.
     {"op": "ping"}                     the agent is alive; nothing held changes.
     {"op": "exit"}                     clean agent shutdown: forget everything, exit 0, fence nothing.
 
@@ -44,10 +45,19 @@ INVARIANTS (the guard's rules)
    of a deadline fence run in a worker thread so the main loop keeps reading stdin and watching the
    other deadlines. A new hold for a VFS whose slow steps are still running stops them ("superseded"):
    the agent is alive again and owns that server and mount.
+   The unmount's busy-retry loop asks the same question each round: a superseded fence never ends
+   with a lazy unmount (that would leave the agent's NFS server on a detached filesystem and the
+   mount point an empty directory that a restarted server would export).
 6. SIGTERM (or SIGINT) to the guard: someone is tearing the node down -> fence everything held and
    exit, as for EOF (holds already waiting in the pipe are applied first). The guard runs in its own
    session, so terminal noise never reaches it. SIGHUP is ignored. (A SIGTERM in the first ~0.1 s,
    before Python has installed the handler, still kills it without fencing.)
+
+7. Messages about an older holding change nothing: the agent sends holds from its keepalive thread
+   and holds/releases from each VFS's thread, so a hold of a holding that just ended can arrive
+   after the release of that holding or after the hold of the next one. Per VFS, a hold or release
+   whose epoch is below the highest epoch seen, and a hold whose epoch was already released, are
+   ignored (logged at debug level). Messages without an epoch (0) are always applied.
 
 --dry-run performs no host action at all but records what it would do ("would remove VIP ..."),
 for tests and for trying the guard out on a workstation.
@@ -106,6 +116,7 @@ class Held:
     deadline: float
     mountpoint: str | None
     nfs_pid: int | None
+    epoch: int = 0  # the holding's epoch (owner key create_revision); 0: not given
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,7 @@ class Message:
     op: str
     vfs: str | None = None
     held: Held | None = None
+    epoch: int = 0
 
 
 def _number(value: Any, what: str) -> float:
@@ -128,6 +140,14 @@ def _vfs_name(value: Any) -> str:
     return value
 
 
+def _epoch(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadMessage(f"epoch must be a non-negative integer, not {value!r}")
+    return value
+
+
 def validate(raw: Any) -> Message:
     """A decoded JSON value -> a Message, or BadMessage saying why not."""
     if not isinstance(raw, Mapping):
@@ -136,7 +156,7 @@ def validate(raw: Any) -> Message:
     if op in ("ping", "exit"):
         return Message(op)
     if op == "release":
-        return Message(op, vfs=_vfs_name(raw.get("vfs")))
+        return Message(op, vfs=_vfs_name(raw.get("vfs")), epoch=_epoch(raw.get("epoch")))
     if op != "hold":
         raise BadMessage(f"unknown op {op!r}")
     vfs = _vfs_name(raw.get("vfs"))
@@ -155,7 +175,8 @@ def validate(raw: Any) -> Message:
     nfs_pid = raw.get("nfs_pid")
     if nfs_pid is not None and (isinstance(nfs_pid, bool) or not isinstance(nfs_pid, int) or nfs_pid <= 1):
         raise BadMessage(f"nfs_pid must be a pid > 1 or null, not {nfs_pid!r}")
-    return Message(op, vfs=vfs, held=Held(vfs, vip, deadline, mountpoint, nfs_pid))
+    epoch = _epoch(raw.get("epoch"))
+    return Message(op, vfs=vfs, held=Held(vfs, vip, deadline, mountpoint, nfs_pid, epoch), epoch=epoch)
 
 
 def parse_line(line: bytes | str) -> Message:
@@ -172,26 +193,45 @@ class GuardState:
     def __init__(self) -> None:
         self._held: dict[str, Held] = {}
         self._generation: dict[str, int] = {}  # bumped by every hold/release; lets a fence see it is stale
+        self._newest: dict[str, int] = {}  # highest epoch seen per VFS (rule 7)
+        self._released: dict[str, int] = {}  # highest epoch released per VFS
         self._lock = threading.Lock()  # the fence worker reads generations
         self.exit_requested = False
         self.last_heard: float | None = None
 
-    def apply(self, message: Message | Mapping[str, Any], now: float) -> None:
-        """Apply one message (a Message or a decoded JSON object). BadMessage changes nothing."""
+    def apply(self, message: Message | Mapping[str, Any], now: float) -> bool:
+        """Apply one message (a Message or a decoded JSON object). BadMessage changes nothing;
+        False: a stale message (rule 7), ignored."""
         msg = message if isinstance(message, Message) else validate(message)
         with self._lock:
             self.last_heard = now
             if msg.op == "hold":
                 assert msg.held is not None
+                if self._stale(msg.held.vfs, msg.epoch, hold=True):
+                    return False
                 self._held[msg.held.vfs] = msg.held
                 self._generation[msg.held.vfs] = self._generation.get(msg.held.vfs, 0) + 1
             elif msg.op == "release":
                 assert msg.vfs is not None
+                if self._stale(msg.vfs, msg.epoch, hold=False):
+                    return False
                 self._held.pop(msg.vfs, None)
                 self._generation[msg.vfs] = self._generation.get(msg.vfs, 0) + 1
             elif msg.op == "exit":
                 self._held.clear()
                 self.exit_requested = True
+        return True
+
+    def _stale(self, vfs: str, epoch: int, hold: bool) -> bool:
+        """Rule 7 (called under the lock): a message about an older holding changes nothing."""
+        if epoch == 0:
+            return False  # a sender that gives no epoch: every message counts
+        if epoch < self._newest.get(vfs, 0) or (hold and epoch <= self._released.get(vfs, 0)):
+            return True
+        self._newest[vfs] = epoch
+        if not hold:
+            self._released[vfs] = epoch
+        return False
 
     def due(self, now: float) -> list[Held]:
         """Held VFS whose deadline has passed, earliest first (nothing is changed)."""
@@ -234,7 +274,7 @@ class Actions:
 
     remove_vip: Callable[[ipaddress.IPv4Interface], str]
     kill_server: Callable[[int], str]
-    unmount: Callable[[str], str]
+    unmount: Callable[[str, Callable[[], bool]], str]  # (mountpoint, give up: a newer hold came)
 
 
 @dataclass
@@ -275,7 +315,9 @@ class Fencer:
         if h.nfs_pid is not None:
             steps.append((f"stopping nfs server {h.nfs_pid}", lambda: self.actions.kill_server(h.nfs_pid)))
         if h.mountpoint is not None:
-            steps.append((f"unmounting {h.mountpoint}", lambda: self.actions.unmount(h.mountpoint)))
+            mountpoint = h.mountpoint
+            steps.append((f"unmounting {mountpoint}",
+                          lambda: self.actions.unmount(mountpoint, lambda: superseded(job))))
         for what, fn in steps:
             if superseded(job):
                 job.actions.append("superseded by a new hold: server and mount left to the agent")
@@ -402,7 +444,10 @@ def _umount(argv: list[str]) -> str | None:
     return None if proc.returncode == 0 else (proc.stderr or proc.stdout).strip()[-300:]
 
 
-def unmount_path(mountpoint: str, wait: float = UMOUNT_WAIT) -> str:
+def unmount_path(mountpoint: str, superseded: Callable[[], bool] = lambda: False, wait: float = UMOUNT_WAIT) -> str:
+    """Unmount, retrying while busy; then lazily. Gives up as soon as ``superseded()``: the agent
+    is alive again and uses this mount (a lazy unmount would leave its NFS server on the
+    detached filesystem and the mount point empty)."""
     from node.storage import mounted_at
 
     target = Path(mountpoint)
@@ -417,9 +462,13 @@ def unmount_path(mountpoint: str, wait: float = UMOUNT_WAIT) -> str:
         if err is None and mounted_at(target) is None:
             return "unmounted"
         last = err or "still mounted"
+        if superseded():
+            return f"superseded by a new hold while busy ({last}): mount left to the agent"
         if time.monotonic() > end:
             break
         time.sleep(min(0.1 * attempt, 0.5))  # "target is busy" clears once the server's files are closed
+    if superseded():
+        return f"superseded by a new hold while busy ({last}): mount left to the agent"
     err = _umount(["umount", "-l", "--", mountpoint])
     if err is None:
         return f"unmounted lazily (umount -l) after: {last}"
@@ -442,7 +491,7 @@ def host_actions(interface: str) -> Actions:
 def dry_run_actions(interface: str) -> Actions:
     return Actions(remove_vip=lambda vip: f"would remove VIP {vip.with_prefixlen} from {interface}",
                    kill_server=lambda pid: f"would kill nfs server {pid}",
-                   unmount=lambda mp: f"would unmount {mp}")
+                   unmount=lambda mp, _superseded: f"would unmount {mp}")
 
 
 # --- the process --------------------------------------------------------------------------------
@@ -495,7 +544,9 @@ class Guard:
             if not line.strip():
                 continue
             try:
-                self.state.apply(parse_line(line), self.clock())
+                msg = parse_line(line)
+                if not self.state.apply(msg, self.clock()):
+                    log.debug("ignoring %s of %s epoch %d: about an older holding", msg.op, msg.vfs, msg.epoch)
             except BadMessage as exc:
                 log.error("ignoring bad message %r: %s", line[:200], exc)
             if self.state.exit_requested:
@@ -636,12 +687,13 @@ class GuardClient:
                     log.error("fence guard pipe failed: %s", exc)
                     return False
 
-    def hold(self, vfs: str, vip: str, deadline: float, mountpoint: str | None, nfs_pid: int | None) -> bool:
+    def hold(self, vfs: str, vip: str, deadline: float, mountpoint: str | None, nfs_pid: int | None,
+             epoch: int = 0) -> bool:
         return self._send({"op": "hold", "vfs": vfs, "vip": vip, "deadline": deadline,
-                           "mountpoint": mountpoint, "nfs_pid": nfs_pid})
+                           "mountpoint": mountpoint, "nfs_pid": nfs_pid, "epoch": epoch})
 
-    def release(self, vfs: str) -> bool:
-        return self._send({"op": "release", "vfs": vfs})
+    def release(self, vfs: str, epoch: int = 0) -> bool:
+        return self._send({"op": "release", "vfs": vfs, "epoch": epoch})
 
     def ping(self) -> bool:
         return self._send({"op": "ping"})

@@ -24,7 +24,8 @@ from node.vip import VipInterface
 
 log = logging.getLogger(__name__)
 
-# Gratuitous ARP at once, then a few more spaced out, for clients that missed the first.
+# Gratuitous ARP at once, then a few more spaced out, for clients that missed the first; after
+# that only to defend the VIP (arp.keep_claim).
 ANNOUNCE_AT = (0.0, 0.2, 0.5, 1.0, 2.0)
 NFS_START_TIMEOUT = 20.0
 NFS_STOP_TIMEOUT = 10.0
@@ -58,23 +59,24 @@ class Host:
         return arp.probe(self.ifname, str(vip.ip))
 
     def announce(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None:
+        """Gratuitous ARP now; then a thread repeats it (ANNOUNCE_AT) and defends the VIP against
+        foreign claims for as long as the holding is valid (arp.keep_claim)."""
         if not arp.announce(self.ifname, str(vip.ip), still_valid):
             return
-        threading.Thread(target=self._announce_later, args=(vip, still_valid), daemon=True,
+        threading.Thread(target=self._keep_claim, args=(vip, still_valid), daemon=True,
                          name=f"garp-{vip.ip}").start()
 
-    def _announce_later(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None:
+    def _keep_claim(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None:
         start = time.monotonic()
-        for at in ANNOUNCE_AT[1:]:
-            time.sleep(max(0.0, start + at - time.monotonic()))
-            if not still_valid() or not self.iface.has(vip):
-                return
-            try:
-                if not arp.announce(self.ifname, str(vip.ip), still_valid):
-                    return
-            except OSError as exc:
-                log.warning("gratuitous ARP for %s failed: %s", vip.ip, exc)
-                return
+
+        def defended(macs: set[str]) -> None:
+            log.warning("VIP %s claimed by %s; announced it again", vip.ip, ", ".join(sorted(macs)))
+
+        try:
+            arp.keep_claim(self.ifname, str(vip.ip), still_valid, [start + at for at in ANNOUNCE_AT[1:]],
+                           lambda: self.iface.has(vip), on_defend=defended)
+        except OSError as exc:
+            log.warning("gratuitous ARP for %s failed: %s", vip.ip, exc)
 
     # --- storage (controller.takeover.StorageHost) -----------------------------------------
 
@@ -93,7 +95,8 @@ class Host:
     # --- NFS server (controller.takeover.NfsHost) -------------------------------------------
 
     def nfs_start(self, spec: VfsSpec, epoch: int) -> None:
-        assert spec.nfs is not None
+        assert spec.nfs is not None and spec.storage is not None
+        self.storage.check_mounted(spec.name, spec.storage.device)
         backend = self.nfs_backends.get(spec.nfs.backend)
         if backend is None:
             raise NfsServerError(f"NFS backend {spec.nfs.backend!r} is not available on this node "

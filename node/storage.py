@@ -78,6 +78,22 @@ class Storage:
         if mounted_at(target) is not None:
             raise StorageError(last or f"{target} is still mounted")
 
+    def check_mounted(self, vfs: str, device: str) -> None:
+        """StorageError unless ``device`` is what is mounted at the VFS's mount point.
+
+        Checked before every NFS server start: after a lazy unmount (`umount -l`, e.g. by the
+        fence guard) the mount point is an empty directory on the node's own disk, and a server
+        started on it would acknowledge writes that never reach the shared disk."""
+        target = self.mountpoint(vfs)
+        if mounted_at(target) is None:
+            raise StorageError(f"{target} is not mounted: not exporting the empty mount point")
+        try:
+            wanted, found = os.stat(device).st_rdev, os.stat(target).st_dev
+        except OSError as exc:
+            raise StorageError(f"cannot check what is mounted at {target}: {exc}") from exc
+        if wanted != found:
+            raise StorageError(f"{target} is not the filesystem of {device}: not exporting it")
+
     def mounted(self, vfs: str) -> bool:
         return mounted_at(self.mountpoint(vfs)) is not None
 

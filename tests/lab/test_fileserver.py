@@ -193,3 +193,22 @@ def test_disk_written_by_a_newer_owner_is_refused(cluster: Cluster) -> None:
     assert row["phase"] in ("error", "unplaced") and row["owner"] is None
     assert cluster.holders(vip) == []
     assert all(cluster.lab.mounts_of(n) == [] for n in NODES)
+
+
+def test_server_is_never_restarted_on_an_empty_mount_point(cluster: Cluster) -> None:
+    """The disk is lazily unmounted under a live agent (as a fence guard acting on a stale deadline
+    once did), then its server dies: restarting it would export the empty mount point and
+    acknowledge writes that never reach the disk. The owner refuses and hands the VFS on."""
+    cluster.start_agents()
+    vip, device = fileserver(cluster, "home")
+    cluster.wait_serving("home", "node-a", timeout=30)
+    data = b"on the shared disk\n"
+    wait_for(lambda: cluster.nfs_write(vip, "/home", "before.txt", data).returncode == 0, GRACE * 4 + 20,
+             "a write after the grace period")
+    cluster.lab.run("node-a", ["umount", "-l", "/run/nfs-ha/node-a/mnt/home"])
+    assert cluster.lab.ganesha_sigkill("node-a")
+    cluster.wait_serving("home", "node-b", timeout=40)
+    cluster.wait_nfs_read(vip, "/home", "before.txt", data, timeout=GRACE * 4 + 20)
+    log = cluster.agent_log("node-a").read_text()
+    assert "is not mounted: not exporting the empty mount point" in log
+    assert mounted_on(cluster, device) == ["node-b"]

@@ -240,3 +240,30 @@ def test_restarted_agent_removes_leftover_vip(cluster: Cluster) -> None:
     row = cluster.wait_serving("home", timeout=30)
     cluster.wait_served_by(vip, row["owner"])
     assert cluster.holders(vip) == [row["owner"]]
+
+
+def client_neighbour_mac(cluster: Cluster, vip: str) -> str | None:
+    entries = json.loads(cluster.lab.run("client", ["ip", "-j", "neigh", "show", vip, "dev", "eth0"]).stdout or "[]")
+    return entries[0].get("lladdr") if entries else None
+
+
+def test_owner_defends_its_vip_against_a_stale_claim(cluster: Cluster) -> None:
+    """A gratuitous ARP from another node (as a node resumed after a freeze would send) points the
+    client at the wrong MAC; the owner claims the VIP back within about a second."""
+    vip = cluster.new_vip()
+    cluster.start_agents()
+    cluster.put_spec("home", vip, ["node-a", "node-b", "node-c"])
+    serving(cluster, "home", "node-a")
+    mac_a, mac_b = cluster.lab.mac_of("node-a"), cluster.lab.mac_of("node-b")
+    cluster.lab.probe("client", vip, 2049)  # the client resolves the VIP: it has a neighbour entry now
+    wait_for(lambda: client_neighbour_mac(cluster, vip) == mac_a, 10, "client resolved the VIP to node-a")
+    time.sleep(2.5)  # after the takeover's own announcements (the last one 2 s after it)
+    cluster.lab.run("node-b", [str(cluster.bindir / "python"), "-m", "node.arp", "announce",
+                               "--iface", "eth0", "--ip", vip])
+    # A gratuitous ARP overrides a client's entry at once; so does the owner's answer, a few ms
+    # later. Without that answer the client would keep node-b's MAC until its entry goes stale.
+    wait_for(lambda: f"claimed by {mac_b}" in cluster.agent_log("node-a").read_text(), 5, "the defence logged")
+    wait_for(lambda: client_neighbour_mac(cluster, vip) == mac_a, 5, "client points at node-a again")
+    time.sleep(1.5)  # the repeated defence, too, leaves it there
+    assert client_neighbour_mac(cluster, vip) == mac_a
+    assert cluster.holders(vip) == ["node-a"]

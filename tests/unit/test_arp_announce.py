@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
@@ -45,3 +47,62 @@ def test_validity_is_asked_before_every_frame() -> None:
     FakeSocket.sent = []
     assert arp.announce("eth0", "10.77.0.100", lambda: False) is False
     assert FakeSocket.sent == []
+
+
+class ClaimSocket(FakeSocket):
+    """Foreign claims arrive from `claims`: (monotonic time, MAC) pairs."""
+
+    claims: ClassVar[list[tuple[float, str]]] = []
+
+    def senders_of(self, ip: bytes, until: float) -> Iterator[bytes]:
+        while True:
+            now = time.monotonic()
+            if ClaimSocket.claims and ClaimSocket.claims[0][0] <= now:
+                yield arp.mac_bytes(ClaimSocket.claims.pop(0)[1])
+                continue
+            if now >= until:
+                return
+            nxt = ClaimSocket.claims[0][0] if ClaimSocket.claims else until
+            time.sleep(max(0.0, min(until, nxt) - now))
+
+
+def run_keep_claim(monkeypatch: pytest.MonkeyPatch, seconds: float, claims: list[tuple[float, str]],
+                   announce_at: tuple[float, ...] = (), has_ip: bool = True, min_interval: float = 0.2,
+                   ) -> list[set[str]]:
+    monkeypatch.setattr(arp, "ArpSocket", ClaimSocket)
+    start = time.monotonic()
+    ClaimSocket.claims = [(start + t, mac) for t, mac in claims]
+    defended: list[set[str]] = []
+    arp.keep_claim("eth0", "10.77.0.100", lambda: time.monotonic() < start + seconds,
+                   [start + t for t in announce_at], lambda: has_ip, on_defend=defended.append,
+                   min_interval=min_interval, poll=0.01)
+    return defended
+
+
+def test_keep_claim_announces_on_schedule_and_is_quiet_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run_keep_claim(monkeypatch, 0.3, [], announce_at=(0.05, 0.1)) == []
+    assert len(FakeSocket.sent) == 4  # two request/reply pairs, nothing after the schedule
+
+
+def test_foreign_claims_are_answered_at_most_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    other, third = "02:00:00:00:00:02", "02:00:00:00:00:03"
+    defended = run_keep_claim(monkeypatch, 0.6, [(0.05, other), (0.1, third)], min_interval=0.2)
+    # The first claim at once; the second waits for the interval, then is answered too.
+    assert defended == [{other}, {third}]
+    assert len(FakeSocket.sent) == 4
+    parsed = arp.parse_frame(FakeSocket.sent[-1])
+    assert parsed is not None and parsed[1] == bytes.fromhex("020000000001")  # our MAC claims it back
+
+
+def test_nothing_is_sent_without_the_address_or_validity(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run_keep_claim(monkeypatch, 0.3, [(0.05, "02:00:00:00:00:02")], has_ip=False) == []
+    assert FakeSocket.sent == []
+    assert run_keep_claim(monkeypatch, 0.0, [(0.0, "02:00:00:00:00:02")], announce_at=(0.0,)) == []
+    assert FakeSocket.sent == []
+
+
+def test_a_defence_announces_again_after_the_neighbour_locktime(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client ignores our answer if the foreign claim changed its entry less than locktime ago.
+    monkeypatch.setattr(arp, "DEFEND_AGAIN_AFTER", 0.1)
+    assert run_keep_claim(monkeypatch, 0.4, [(0.05, "02:00:00:00:00:02")]) == [{"02:00:00:00:00:02"}]
+    assert len(FakeSocket.sent) == 4  # at once and once more, one request/reply pair each

@@ -20,8 +20,10 @@ from node.guard import Actions, BadMessage, Fencer, Guard, GuardClient, GuardSta
 VIP = "10.77.0.100/24"
 
 
-def hold(vfs: str, deadline: float, vip: str = VIP, mountpoint: str | None = "/mnt/x", nfs_pid: int | None = 4242):
-    return {"op": "hold", "vfs": vfs, "vip": vip, "deadline": deadline, "mountpoint": mountpoint, "nfs_pid": nfs_pid}
+def hold(vfs: str, deadline: float, vip: str = VIP, mountpoint: str | None = "/mnt/x", nfs_pid: int | None = 4242,
+         epoch: int | None = None):
+    msg = {"op": "hold", "vfs": vfs, "vip": vip, "deadline": deadline, "mountpoint": mountpoint, "nfs_pid": nfs_pid}
+    return msg if epoch is None else {**msg, "epoch": epoch}
 
 
 class Recorder:
@@ -40,7 +42,7 @@ class Recorder:
     def actions(self) -> Actions:
         return Actions(remove_vip=lambda vip: self._do("vip", str(vip.ip)),
                        kill_server=lambda pid: self._do("kill", str(pid)),
-                       unmount=lambda mp: self._do("umount", mp))
+                       unmount=lambda mp, _superseded: self._do("umount", mp))
 
 
 # --- the core -----------------------------------------------------------------------------------
@@ -76,6 +78,29 @@ def test_release_forgets_and_ping_changes_nothing() -> None:
     st.apply({"op": "release", "vfs": "home"}, now=2.0)
     assert st.all_held() == [] and st.due(100.0) == []
     assert st.generation("home") == gen + 1
+
+
+def test_messages_about_an_older_holding_change_nothing() -> None:
+    """Rule 7: the hold of a holding that just ended can arrive after its release, or after the
+    next holding's hold (they are sent from different agent threads)."""
+    st = GuardState()
+    assert st.apply(hold("home", 10.0, nfs_pid=100, epoch=132), now=0.0)
+    assert st.apply({"op": "release", "vfs": "home", "epoch": 132}, now=1.0)
+    assert st.apply(hold("home", 11.0, nfs_pid=200, epoch=142), now=1.1)
+    # Late: the old holding's last hold, then a repeated release of it.
+    assert not st.apply(hold("home", 10.5, nfs_pid=100, epoch=132), now=1.2)
+    assert not st.apply({"op": "release", "vfs": "home", "epoch": 132}, now=1.3)
+    (held,) = st.all_held()
+    assert (held.epoch, held.deadline, held.nfs_pid) == (142, 11.0, 200)
+    assert st.due(10.6) == []  # the stale deadline does not fire
+    assert st.apply({"op": "release", "vfs": "home", "epoch": 142}, now=2.0)
+    assert not st.apply(hold("home", 12.0, epoch=142), now=2.1)  # a released holding stays released
+    assert st.all_held() == []
+    assert st.apply(hold("home", 20.0, epoch=150), now=3.0)
+    assert st.apply(hold("home", 21.0), now=3.1)  # no epoch: always applied
+    assert [h.deadline for h in st.all_held()] == [21.0]
+    with pytest.raises(BadMessage, match="epoch"):
+        st.apply(hold("home", 22.0, epoch=-1), now=3.2)
 
 
 def test_exit_forgets_everything() -> None:
@@ -240,6 +265,24 @@ def test_kill_server_checks_cmdline(tmp_path: Path) -> None:
 
 def test_unmount_of_unmounted_dir_is_noop(tmp_path: Path) -> None:
     assert guard.unmount_path(str(tmp_path)) == "not mounted"
+
+
+def test_busy_unmount_gives_up_when_superseded_and_never_goes_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new hold while the unmount is busy: the agent is back and its NFS server uses the mount.
+    A lazy unmount now would leave the mount point an empty directory for the next server."""
+    import node.storage
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(node.storage, "mounted_at", lambda _path: "/dev/loop9")
+    monkeypatch.setattr(guard, "_umount", lambda argv: calls.append(argv) or "target is busy")
+    rounds = iter([False, False, True])
+    result = guard.unmount_path("/mnt/x", lambda: next(rounds, True), wait=30.0)
+    assert result.startswith("superseded by a new hold while busy (target is busy)")
+    assert calls and all("-l" not in argv for argv in calls)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="umount -l failed too"):  # not superseded: lazy at the end
+        guard.unmount_path("/mnt/x", lambda: False, wait=0.0)
+    assert calls[-1] == ["umount", "-l", "--", "/mnt/x"]
 
 
 # --- the real process, --dry-run ----------------------------------------------------------------

@@ -35,6 +35,17 @@ def test_guarded_refuses_after_deadline():
     assert ran == []
 
 
+def test_retired_holding_is_no_longer_valid_and_never_raises():
+    h = holding()
+    assert h.valid()
+    h.retire()
+    assert not h.valid() and not h.fenced
+    ran = []
+    with pytest.raises(Fenced, match="being released"):
+        h.guarded(lambda: ran.append(1))
+    assert ran == []
+
+
 def test_fence_is_final_and_drops_once():
     dropped = []
     h = holding(dropped=dropped)
