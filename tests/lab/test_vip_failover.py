@@ -227,8 +227,14 @@ def test_restarted_agent_removes_leftover_vip(cluster: Cluster) -> None:
     cluster.start_agents(nodes=("node-a", "node-b"))
     cluster.put_spec("home", vip, ["node-a", "node-b"])
     serving(cluster, "home", "node-a")
-    cluster.lab.stop(guard_pid(cluster, "node-a"), signal.SIGKILL)  # guard and agent both die:
-    cluster.stop_agent("node-a", signal.SIGKILL)                    # the VIP stays behind on node-a
+    # Guard and agent both die, so the VIP stays behind on node-a. The agent is frozen first and never
+    # resumed: a live agent replaces a dead guard within a second, and that new guard would fence.
+    agent, guard = cluster.agents["node-a"], guard_pid(cluster, "node-a")
+    cluster.lab.agent_sigstop(agent)
+    os.kill(guard, signal.SIGKILL)
+    os.kill(agent, signal.SIGKILL)
+    cluster.stop_agent("node-a", signal.SIGKILL)  # reaps the agent; the guard was the agent's child
+    wait_for(lambda: not os.path.exists(f"/proc/{guard}"), 10, "the guard gone")
     assert cluster.vip_on("node-a", vip)
     # node-b's probe sees node-a still answering and refuses to raise a second copy.
     wait_for(lambda: cluster.lab.mac_of("node-a") in cluster.vfs_status("home").get("error", ""), 20,
