@@ -31,9 +31,10 @@ def mounted_on(cluster: Cluster, device: str) -> list[str]:
     return [n for n in NODES if any(dev == device for dev, _ in cluster.lab.mounts_of(n))]
 
 
-def server_pid(cluster: Cluster, node: str, vfs: str) -> int:
-    out = cluster.lab.run(node, ["cat", f"/run/nfs-ha/{node}/nfs/{vfs}/server.pid"]).stdout
-    return int(out.strip())
+def server_pid(cluster: Cluster, node: str, vfs: str) -> int | None:
+    """The pid in the server's pid file; None while there is none (between a stop and a start)."""
+    proc = cluster.lab.run(node, ["cat", f"/run/nfs-ha/{node}/nfs/{vfs}/server.pid"], check=False)
+    return int(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() else None
 
 
 def test_write_kill_owner_read_back(cluster: Cluster) -> None:
@@ -77,8 +78,10 @@ def test_acknowledged_writes_survive_move_kill_agent_kill_and_server_crash(clust
     time.sleep(GRACE + 2)
 
     old_pid = server_pid(cluster, owner, "home")                            # Ganesha crash
+    assert old_pid is not None
     cluster.lab.run(owner, ["kill", "-KILL", str(old_pid)])
-    wait_for(lambda: server_pid(cluster, owner, "home") != old_pid, 20, "Ganesha restarted by the agent")
+    wait_for(lambda: server_pid(cluster, owner, "home") not in (None, old_pid), 20,
+             "Ganesha restarted by the agent")
     time.sleep(GRACE + 3)
 
     log = writer.stop()
@@ -99,6 +102,7 @@ def test_two_vfs_on_one_node_move_independently(cluster: Cluster) -> None:
     assert cluster.nfs_write(vip2, "/two", "steady.txt", b"steady\n").returncode == 0
     assert cluster.nfs_write(vip1, "/one", "mover.txt", b"mover\n").returncode == 0
     pid_two = server_pid(cluster, "node-a", "two")
+    assert pid_two is not None
 
     reads = []
     cluster.put_intent("one", "node-b")
