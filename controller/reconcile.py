@@ -200,8 +200,7 @@ class VfsReconciler:
         return None
 
     def _check_health(self, h: Holding) -> bool:
-        """Restart a dead NFS server or a vanished VIP of a held VFS; give the VFS up if that keeps
-        failing (RESTARTS_ALLOWED in RESTART_WINDOW)."""
+        """Restart a dead NFS server of a held VFS; give the VFS up if that keeps failing."""
         spec = self.held_spec
         assert spec is not None
         if not h.valid():
@@ -219,14 +218,10 @@ class VfsReconciler:
                 self._must_release = f"{step.name} died {len(self._restarts)} times in {RESTART_WINDOW:.0f}s"
                 self.ctx.backoff.fail(self.vfs, self._must_release)
                 return False
-            log.warning("%s: %s is down; restarting it", self.vfs, step.name)
+            log.warning("%s: %s is not running; restarting it", self.vfs, step.name)
             try:
-                restart = getattr(step, "restart", None)
-                if restart is not None:
-                    restart(tctx)
-                else:
-                    step.down(tctx)
-                    step.up(tctx)
+                step.down(tctx)
+                step.up(tctx)
             except Exception as exc:
                 self._must_release = f"{step.name} died and could not be restarted: {exc}"
                 self.ctx.backoff.fail(self.vfs, self._must_release)

@@ -59,8 +59,6 @@ class VipHost(Protocol):
 
     def foreign_macs(self, vip: ipaddress.IPv4Interface) -> set[str]: ...
 
-    def has_vip(self, vip: ipaddress.IPv4Interface) -> bool: ...
-
     def announce(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None: ...
 
 
@@ -147,16 +145,6 @@ class VipStep:
 
     def down(self, ctx: TakeoverContext) -> None:
         self.host.vip_down(ctx.spec.vip)
-
-    def healthy(self, ctx: TakeoverContext) -> bool:
-        # Something else removed it (an operator, a network manager flushing addresses on a link
-        # flap): the VFS would be unreachable while its status says serving.
-        return self.host.has_vip(ctx.spec.vip)
-
-    def restart(self, ctx: TakeoverContext) -> None:
-        """Raise it again (only while the holding is valid) and tell the clients at once."""
-        self.up(ctx)
-        self.host.announce(ctx.spec.vip, ctx.holding.valid)
 
 
 @dataclass

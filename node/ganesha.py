@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 from controller.spec_nfs import ExportSpec
@@ -146,6 +147,14 @@ class GaneshaServer:
         for export in inst.exports:
             _check_inside(inst.export_dir(export), inst.mountpoint)
         conf = workdir / "ganesha.conf"
+        # A stray server of this VFS (one this process lost track of, e.g. after the fence guard
+        # killed a stale pid) still holds VIP:2049: the new one would fail to bind while
+        # `listening` below saw the stray and called it a success.
+        for pid in stray_pids(conf):
+            log.warning("stopping a stray ganesha.nfsd of %s (pid %d)", inst.vfs, pid)
+            _terminate(pid, 10.0, None)
+        if listening(inst.vip, NFS_PORT):
+            raise NfsServerError(f"something else already listens on {inst.vip}:{NFS_PORT}; not starting")
         conf.write_text(render_config(inst))
         _ensure_nonlocal_bind()
         argv = [self.binary, "-F", "-L", str(workdir / "ganesha.log"), "-f", str(conf),
@@ -213,6 +222,23 @@ class GaneshaServer:
             _terminate(pid, 10.0, None)
         pidfile.unlink(missing_ok=True)
         return found
+
+
+def stray_pids(conf: Path, proc_root: Path = Path("/proc")) -> list[int]:
+    """PIDs of live processes started with this exact config file (`-f CONF`): only ever a
+    ganesha.nfsd of this VFS, since the path is this VFS's own work directory."""
+    want = str(conf).encode()
+    found = []
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a == b"-f" and b == want for a, b in pairwise(argv)) and not _zombie(int(entry.name)):
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 def _check_inside(path: Path, root: Path) -> None:

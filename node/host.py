@@ -41,8 +41,6 @@ class Host:
         self.nfs_backends: dict[str, NfsServer] = nfs_backends or {
             "ganesha": GaneshaServer(self.nfs_workroot), "kernel": KernelNfsd(self.nfs_workroot)}
         self._nfs_of: dict[str, NfsServer] = {}
-        self._claims: dict[str, tuple[Callable[[], bool], threading.Thread]] = {}  # VIP -> keep_claim thread
-        self._claims_lock = threading.Lock()
 
     @property
     def mac(self) -> str:
@@ -60,22 +58,13 @@ class Host:
     def foreign_macs(self, vip: ipaddress.IPv4Interface) -> set[str]:
         return arp.probe(self.ifname, str(vip.ip))
 
-    def has_vip(self, vip: ipaddress.IPv4Interface) -> bool:
-        return self.iface.has(vip)
-
     def announce(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None:
         """Gratuitous ARP now; then a thread repeats it (ANNOUNCE_AT) and defends the VIP against
         foreign claims for as long as the holding is valid (arp.keep_claim)."""
         if not arp.announce(self.ifname, str(vip.ip), still_valid):
             return
-        with self._claims_lock:
-            running = self._claims.get(str(vip.ip))
-            if running is not None and running[0] == still_valid and running[1].is_alive():
-                return  # this holding's thread runs already (a VIP raised again by a health restart)
-            thread = threading.Thread(target=self._keep_claim, args=(vip, still_valid), daemon=True,
-                                      name=f"garp-{vip.ip}")
-            self._claims[str(vip.ip)] = (still_valid, thread)
-        thread.start()
+        threading.Thread(target=self._keep_claim, args=(vip, still_valid), daemon=True,
+                         name=f"garp-{vip.ip}").start()
 
     def _keep_claim(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None:
         start = time.monotonic()

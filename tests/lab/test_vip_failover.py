@@ -273,17 +273,3 @@ def test_owner_defends_its_vip_against_a_stale_claim(cluster: Cluster) -> None:
     time.sleep(1.5)  # the repeated defence, too, leaves it there
     assert client_neighbour_mac(cluster, vip) == mac_a
     assert cluster.holders(vip) == ["node-a"]
-
-
-def test_vip_removed_under_the_owner_is_raised_again(cluster: Cluster) -> None:
-    """Someone else deletes the VIP (an operator, a network manager flushing addresses): the owner
-    notices within its health check, raises it again and announces it."""
-    vip = cluster.new_vip()
-    cluster.start_agents()
-    cluster.put_spec("home", vip, ["node-a", "node-b", "node-c"])
-    epoch = serving(cluster, "home", "node-a")["epoch"]
-    cluster.lab.run("node-a", ["ip", "addr", "del", f"{vip}/24", "dev", "eth0"])
-    wait_for(lambda: cluster.vip_on("node-a", vip), 10, "the VIP back on node-a")
-    cluster.wait_served_by(vip, "node-a")
-    assert cluster.vfs_status("home")["epoch"] == epoch  # restored in place, not failed over
-    assert "home: vip is down; restarting it" in cluster.agent_log("node-a").read_text()

@@ -30,9 +30,6 @@ class FakeHost:
         self.calls.append("probe")
         return self.foreign
 
-    def has_vip(self, vip):
-        return "vip_up" in self.calls
-
     def mount(self, vfs, device, fstype, options):
         self._do("mount")
 
@@ -121,17 +118,3 @@ def test_vip_only_spec_skips_disk_and_nfs():
     host = FakeHost()
     bring_up(takeover_steps(host), ctx(spec={"vip": "10.77.0.100/24", "candidates": ["node-a"]}))
     assert host.calls == ["probe", "vip_up", "announce"]
-
-
-def test_vip_health_and_restart_raises_and_announces():
-    host = FakeHost()
-    c = ctx()
-    vip_step = next(s for s in takeover_steps(host) if s.name == "vip")
-    assert not vip_step.healthy(c)
-    vip_step.restart(c)
-    assert host.calls == ["vip_up", "announce"] and vip_step.healthy(c)
-    c.holding.retire()  # a holding being released never raises its VIP again
-    host.calls.clear()
-    with pytest.raises(Exception, match="being released"):
-        vip_step.restart(c)
-    assert host.calls == []
