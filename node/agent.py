@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from controller import tracing
 from controller.keyspace import Keyspace
-from controller.ownership import Holding, LeaseKeeper
+from controller.ownership import Holding, LeaseKeeper, fence_margin
 from controller.reconcile import AgentContext, Backoff, VfsReconciler
 from controller.spec import SpecError, parse_spec
 from controller.status import wall_clock
@@ -176,7 +176,7 @@ class Agent:
         if self.guard is None or spec is None or h.fenced:
             return
         mountpoint = str(self.host.storage.mountpoint(h.vfs)) if spec.storage is not None else None
-        self.guard.hold(h.vfs, spec.vip_cidr, h.deadline, mountpoint, self.host.nfs_pid(h.vfs), h.epoch)
+        self.guard.hold(h.vfs, spec.vip_cidr, guard_deadline(h), mountpoint, self.host.nfs_pid(h.vfs), h.epoch)
 
     def _guard_release(self, h: Holding) -> None:
         if self.guard is not None:
@@ -229,6 +229,17 @@ class Agent:
             except StoreError as exc:
                 log.warning("could not revoke node lease: %s", exc)
         self.store.close()
+
+
+def guard_deadline(h: Holding) -> float:
+    """When the guard acts for this holding: half a fence margin after the agent's own deadline.
+
+    The guard is the backstop for an agent that cannot act. Acting at the very same moment as the
+    agent's fence monitor raced it: a keepalive acknowledged just before the deadline reached the
+    guard just after it, and the guard fenced a live holding (VIP removed, server killed under a
+    serving agent). etcd cannot expire the lease before deadline + margin, so the guard still
+    acts margin/2 (>= 0.15 s) before anyone else can own the VFS."""
+    return h.deadline + fence_margin(h.ttl) / 2
 
 
 def _managed_vips(view: ClusterView) -> list[ipaddress.IPv4Interface]:

@@ -90,3 +90,13 @@ def test_valid_turns_false_at_the_deadline_even_before_any_fence():
     assert not late.fenced and not late.valid()
     h.fence("test")
     assert not h.valid()
+
+
+def test_guard_acts_after_the_agent_but_before_the_lease_can_expire():
+    from node.agent import guard_deadline
+
+    for ttl in (1, 2, 5, 30):
+        h = holding(ttl=ttl, granted_at=100.0)
+        earliest_expiry = 100.0 + ttl  # etcd measures from receipt, which is after the send at 100.0
+        assert h.deadline < guard_deadline(h) < earliest_expiry
+        assert guard_deadline(h) - h.deadline >= 0.15
