@@ -234,11 +234,11 @@ class Agent:
 def guard_deadline(h: Holding) -> float:
     """When the guard acts for this holding: half a fence margin after the agent's own deadline.
 
-    The guard is the backstop for an agent that cannot act. Acting at the very same moment as the
-    agent's fence monitor raced it: a keepalive acknowledged just before the deadline reached the
-    guard just after it, and the guard fenced a live holding (VIP removed, server killed under a
-    serving agent). etcd cannot expire the lease before deadline + margin, so the guard still
-    acts margin/2 (>= 0.15 s) before anyone else can own the VFS."""
+    The guard is the backstop for an agent that cannot act. At the very same moment as the agent's
+    fence monitor it races it: a keepalive acknowledged just before the deadline can reach the
+    guard just after it, and the guard would fence a holding the agent goes on serving (VIP
+    removed, server killed). etcd cannot expire the lease before deadline + margin, so the guard
+    still acts margin/2 (>= 0.15 s) before anyone else can own the VFS."""
     return h.deadline + fence_margin(h.ttl) / 2
 
 
