@@ -19,6 +19,8 @@ Invariants (the safety argument is in docs/protocol.md):
    checks the deadline under that lock, so a fence can never be overtaken by a raise.
 5. Only monotonic time is used here: a wall-clock jump can neither extend nor shorten
    a holding.
+6. The fence guard (node/guard.py) acts for a holding at guard_deadline(): after the agent's own
+   deadline (never racing its fence monitor), still before the lease can expire.
 """
 
 from __future__ import annotations
@@ -47,6 +49,17 @@ def fence_margin(ttl: float) -> float:
     and the VIP to be deleted (a netlink call) with time to spare.
     """
     return max(0.3, ttl / 4)
+
+
+def guard_deadline(h: Holding) -> float:
+    """When the guard acts for this holding: half a fence margin after the agent's own deadline.
+
+    The guard is the backstop for an agent that cannot act. At the very same moment as the agent's
+    fence monitor it races it: a keepalive acknowledged just before the deadline can reach the
+    guard just after it, and the guard would fence a holding the agent goes on serving (VIP
+    removed, server killed). etcd cannot expire the lease before deadline + margin, so the guard
+    still acts margin/2 (>= 0.15 s) before anyone else can own the VFS."""
+    return h.deadline + fence_margin(h.ttl) / 2
 
 
 @dataclass

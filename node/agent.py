@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from controller import tracing
 from controller.keyspace import Keyspace
-from controller.ownership import Holding, LeaseKeeper, fence_margin
+from controller.ownership import Holding, LeaseKeeper, guard_deadline
 from controller.reconcile import AgentContext, Backoff, VfsReconciler
 from controller.spec import SpecError, parse_spec
 from controller.status import wall_clock
@@ -229,17 +229,6 @@ class Agent:
             except StoreError as exc:
                 log.warning("could not revoke node lease: %s", exc)
         self.store.close()
-
-
-def guard_deadline(h: Holding) -> float:
-    """When the guard acts for this holding: half a fence margin after the agent's own deadline.
-
-    The guard is the backstop for an agent that cannot act. At the very same moment as the agent's
-    fence monitor it races it: a keepalive acknowledged just before the deadline can reach the
-    guard just after it, and the guard would fence a holding the agent goes on serving (VIP
-    removed, server killed). etcd cannot expire the lease before deadline + margin, so the guard
-    still acts margin/2 (>= 0.15 s) before anyone else can own the VFS."""
-    return h.deadline + fence_margin(h.ttl) / 2
 
 
 def _managed_vips(view: ClusterView) -> list[ipaddress.IPv4Interface]:

@@ -206,22 +206,12 @@ class GaneshaServer:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def remove_leftovers(self, vfs: str) -> bool:
-        """Stop a ganesha.nfsd of this VFS left by an earlier run (checked by its config path)."""
-        pidfile = self.workdir(vfs) / "server.pid"
-        try:
-            pid = int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return False
-        conf = str(self.workdir(vfs) / "ganesha.conf")
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            cmdline = []
-        found = conf.encode() in cmdline  # the pid may have been reused by something else
-        if found:
+        """Stop every ganesha.nfsd of this VFS left by an earlier run (found by its config path)."""
+        strays = stray_pids(self.workdir(vfs) / "ganesha.conf")
+        for pid in strays:
             _terminate(pid, 10.0, None)
-        pidfile.unlink(missing_ok=True)
-        return found
+        (self.workdir(vfs) / "server.pid").unlink(missing_ok=True)
+        return bool(strays)
 
 
 def stray_pids(conf: Path, proc_root: Path = Path("/proc")) -> list[int]:

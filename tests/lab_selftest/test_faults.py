@@ -8,7 +8,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +27,6 @@ NODE_A, NODE_B, CLIENT = "10.77.0.21", "10.77.0.22", "10.77.0.50"
 ETCD = {1: "10.77.0.11", 2: "10.77.0.12", 3: "10.77.0.13"}
 REACHABLE = ("open", "refused")
 CUT = "error:EINVAL"  # connect() through a blackhole route
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(state_dir=STATE_DIR).running() as lab:
-        yield lab
-
-
-@pytest.fixture
-def healed(lab: Lab) -> Iterator[Lab]:
-    yield lab
-    lab.heal()
 
 
 def _state(pid: int) -> str:

@@ -59,19 +59,6 @@ def _lab_namespaces() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.startswith("nfsha-")]
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(state_dir=STATE_DIR).running() as lab:
-        yield lab
-
-
-@pytest.fixture
-def healed(lab: Lab) -> Iterator[Lab]:
-    """Every test that breaks something leaves a whole lab behind."""
-    yield lab
-    lab.heal()
-
-
 def test_endpoints(lab: Lab) -> None:
     assert lab.etcd_endpoints == [f"http://10.77.0.1{i}:2379" for i in (1, 2, 3)]
     assert lab.etcd_endpoints_arg == ",".join(lab.etcd_endpoints)

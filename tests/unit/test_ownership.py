@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from controller.ownership import Fenced, Holding, fence_margin
+from controller.ownership import Fenced, Holding, fence_margin, guard_deadline
 from controller.status import make_status, same
 
 
@@ -93,8 +93,6 @@ def test_valid_turns_false_at_the_deadline_even_before_any_fence():
 
 
 def test_guard_acts_after_the_agent_but_before_the_lease_can_expire():
-    from node.agent import guard_deadline
-
     for ttl in (1, 2, 5, 30):
         h = holding(ttl=ttl, granted_at=100.0)
         earliest_expiry = 100.0 + ttl  # etcd measures from receipt, which is after the send at 100.0
