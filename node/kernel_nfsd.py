@@ -56,7 +56,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.spec_nfs import ExportSpec
+from controller.keyspace import InvalidName, check_name
+from controller.spec_nfs import METADATA_DIR, ExportSpec, NfsSpecError, short
+from controller.spec_nfs import check_client as check_spec_client
+from controller.spec_nfs import check_export as check_spec_export
 from node.nfs_server import NfsInstance, NfsServerError
 
 log = logging.getLogger(__name__)
@@ -122,15 +125,14 @@ def run_command(argv: list[str], timeout: float) -> None:
 
 
 def check_client(client: str) -> str:
-    """A client as exportfs gets it: a normalised CIDR, nothing else (no '*', blanks, '(')."""
-    if not isinstance(client, str) or any(c.isspace() or c in "()[],#*\"'\\" for c in client):
-        raise NfsServerError(f"refusing client {client!r}: not a plain CIDR")
+    """A client as exportfs gets it: a network exactly as the spec validator normalises it
+    (hex digits, '.', ':', '/' only: no '*', blanks, '(', hostnames or scope ids)."""
     try:
-        net = ipaddress.ip_network(client, strict=False)
-    except ValueError:
-        raise NfsServerError(f"refusing client {client!r}: not a CIDR") from None
-    if net.with_prefixlen != client:
-        raise NfsServerError(f"refusing client {client!r}: not in normal form ({net.with_prefixlen})")
+        normal = check_spec_client(client)
+    except NfsSpecError as exc:
+        raise NfsServerError(f"refusing client {short(client)}: not a plain CIDR ({exc})") from None
+    if normal != client:
+        raise NfsServerError(f"refusing client {short(client)}: not in normal form ({normal})")
     return client
 
 
@@ -142,11 +144,21 @@ def check_path(path: str, what: str) -> str:
 
 def check_vip(vip: str) -> str:
     try:
-        if str(ipaddress.ip_address(vip)) == vip:
+        if isinstance(vip, str) and "%" not in vip and str(ipaddress.ip_address(vip)) == vip:
             return vip
     except ValueError:
         pass
-    raise NfsServerError(f"refusing VIP {vip!r}: not a plain IP address")
+    raise NfsServerError(f"refusing VIP {short(vip)}: not a plain IP address")
+
+
+def check_export(export: ExportSpec) -> ExportSpec:
+    """The export exactly as the spec validator would have produced it (defence in depth)."""
+    for client in getattr(export, "clients", None) or ():
+        check_client(client)
+    try:
+        return check_spec_export(export)
+    except NfsSpecError as exc:
+        raise NfsServerError(f"refusing export: {exc}") from None
 
 
 def exportfs_target(client: str, directory: str) -> str:
@@ -198,9 +210,13 @@ def plan_exports(inst: NfsInstance) -> list[KernelExport]:
     plan: list[KernelExport] = []
     seen: set[tuple[str, str]] = set()
     for export in inst.exports:
+        check_export(export)
         if export.access == "none":
             continue  # nobody may use it: the kernel must not even know it
         directory = check_path(_check_inside(inst.export_dir(export), inst.mountpoint), "export directory")
+        if METADATA_DIR in Path(os.path.relpath(directory, os.path.realpath(inst.mountpoint))).parts:
+            # A symlink on the disk (which an NFS client may have made) must not export nfs-ha's own files.
+            raise NfsServerError(f"export path {export.path} resolves to {directory}, inside {METADATA_DIR}")
         options = export_options(inst.vfs, export)
         for client in export.clients:
             key = (check_client(client), directory)
@@ -214,6 +230,20 @@ def plan_exports(inst: NfsInstance) -> list[KernelExport]:
 
 def render_exports_file(inst: NfsInstance, plan: Iterable[KernelExport]) -> str:
     """exports(5) text of the plan, one line per directory; a record, never read by exportfs."""
+    try:
+        check_name(inst.vfs, "VFS name")
+    except InvalidName as exc:
+        raise NfsServerError(f"refusing to write an exports file: {exc}") from None
+    check_vip(inst.vip)
+    check_path(str(inst.mountpoint), "mountpoint")
+    if not isinstance(inst.epoch, int) or isinstance(inst.epoch, bool):
+        raise NfsServerError(f"refusing epoch {short(inst.epoch)}: not an integer")
+    plan = list(plan)
+    for item in plan:
+        check_client(item.client)
+        check_path(item.directory, "export directory")
+        if not all(OPTION_RE.match(o) for o in item.options.split(",")):
+            raise NfsServerError(f"refusing export options {short(item.options)}")
     lines = [
         f"# nfs-ha: kernel nfsd exports of VFS {inst.vfs} (VIP {inst.vip}, epoch {inst.epoch}).",
         "# Exported with `exportfs -i`, not from /etc/exports; `exportfs -r` would drop them. Do not edit.",

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import socket
 from pathlib import Path
@@ -5,9 +6,11 @@ from pathlib import Path
 import pytest
 
 from controller.spec import SpecError, parse_spec
+from controller.spec_nfs import NfsSpecError, StorageSpec, check_export, check_storage
 from node.ganesha import NfsServerError, _quote, listening, render_config
+from node.kernel_nfsd import plan_exports, render_exports_file
 from node.nfs_server import NfsInstance
-from node.storage import Storage, StorageError
+from node.storage import Storage, StorageError, set_immutable
 
 BASE = {"vip": "10.77.0.100/24", "candidates": ["node-a", "node-b"]}
 FULL = {**BASE,
@@ -121,6 +124,181 @@ def test_storage_epoch_roundtrip(tmp_path):
     assert st.read_epoch("home") == 0
     st.write_epoch("home", 1234)
     assert st.read_epoch("home") == 1234
-    (st.mountpoint("home") / ".nfs-ha" / "epoch").write_text("garbage")
+    epoch = st.mountpoint("home") / ".nfs-ha" / "epoch"
+    set_immutable(epoch, False)  # the agent keeps it immutable; pretend something wrote it anyway
+    epoch.write_text("garbage")
     with pytest.raises(StorageError, match="not an epoch"):
         st.read_epoch("home")
+    set_immutable(epoch.parent, False)  # so pytest can delete tmp_path
+
+
+# --- issue 8 §3: strict grammars, refused in the spec and again by the renderers --------------
+
+INJECTION = "fe80::1%x,*; Squash = No_Root_Squash; Access_Type = RW; }"
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"exports__clients": [INJECTION]}, r"exports\[0\]\.clients: .* no host names, wildcards or scope ids"),
+    ({"exports__clients": ["fe80::1%eth0"]}, r"exports\[0\]\.clients"),
+    ({"exports__clients": ["fe80::%1/64"]}, r"exports\[0\]\.clients"),
+    ({"exports__clients": ["host.example.com"]}, r"exports\[0\]\.clients"),
+    ({"exports__clients": ["@netgroup"]}, r"exports\[0\]\.clients"),
+    ({"exports__clients": ["10.0.0.*"]}, r"exports\[0\]\.clients"),
+    ({"exports__clients": [" 10.0.0.0/24"]}, r"exports\[0\]\.clients"),
+    ({"exports__clients": ["::ffff:10.0.0.0/104"]}, "IPv4-mapped"),
+    ({"exports__clients": ["0.0.0.0/0"]}, "cannot read a /0 network"),
+    ({"exports__clients": ["::/0"]}, "cannot read a /0 network"),
+    ({"exports__clients": ["fd00::/112"]}, "/100 to /127"),
+    ({"exports__clients": [10]}, r"exports\[0\]\.clients"),
+    ({"exports__path": "/.nfs-ha"}, "nfs-ha's own metadata"),
+    ({"exports__path": "/.nfs-ha/epoch"}, "nfs-ha's own metadata"),
+    ({"exports__path": "/data/.nfs-ha"}, "nfs-ha's own metadata"),
+    ({"exports__path": "//.nfs-ha//"}, "nfs-ha's own metadata"),
+    ({"exports__pseudo": "/.nfs-ha"}, "nfs-ha's own metadata"),
+    ({"exports__path": "/" + "a" * 256}, "at most 255"),
+    ({"exports__path": "/a" * 600}, "at most 1024"),
+    ({"storage__options": "nobarrier"}, "'nobarrier' is refused: it turns write barriers off"),
+    ({"storage": {"device": "/dev/loop3", "fstype": "ext4", "options": "barrier=0"}}, "'barrier=0' is refused"),
+    ({"storage": {"device": "/dev/loop3", "fstype": "ext4", "options": "errors=continue"}}, "errors=continue"),
+    ({"storage": {"device": "/dev/loop3", "fstype": "ext4", "options": "data=writeback"}}, "data=writeback"),
+    ({"storage__options": "ro"}, "read-write"),
+    ({"storage__options": "norecovery"}, "journal replay"),
+    ({"storage__options": "nouuid"}, "already mounted"),
+    ({"storage__options": "noatime,noatime"}, "more than once"),
+    ({"storage__options": "data=journal"}, "not an allowed mount option for xfs"),  # ext4 only
+    ({"storage__options": "logbufs=9"}, "not an allowed mount option for xfs"),
+    ({"storage__options": "NOATIME"}, "not an allowed mount option"),
+    ({"storage": {"device": "/dev/loop3", "fstype": "ext4", "options": "commit=301"}}, "commit=301"),
+    ({"storage": {"device": "/dev/loop3", "fstype": "ext4", "options": "commit=٣"}}, "not an allowed"),
+    ({"storage__device": "/dev/./sda"}, "no '.' or '..'"),
+    ({"storage__device": "/dev/" + "a" * 300}, "device path"),
+    ({"nfs": {"grace_seconds": 5, "lease_seconds": 10}}, r"nfs\.grace_seconds \(5\) must be at least nfs\.lease"),
+    ({"nfs": {"grace_seconds": 1, "lease_seconds": 600}}, "at least nfs.lease_seconds"),
+    ({"nfs": {"lease_seconds": 11}}, "at least nfs.lease_seconds"),  # the default grace is 10
+    ({"nfs": {"grace_seconds": 10.0}}, "nfs.grace_seconds must be an integer"),
+])
+def test_hostile_fileserver_specs(changes, fragment):
+    with pytest.raises(SpecError, match=fragment):
+        parse_spec("home", spec_with(**changes))
+
+
+@pytest.mark.parametrize("fstype, options", [
+    ("xfs", "noatime,inode64,logbsize=256k,logbufs=8,allocsize=64m,discard,prjquota,largeio"),
+    ("xfs", "relatime,nodiratime,lazytime,sunit=512,swidth=2048,uquota,gqnoenforce"),
+    ("ext4", "noatime,data=ordered,commit=30,errors=remount-ro,barrier=1,journal_checksum,discard,usrquota"),
+    ("ext4", "relatime,data=journal,errors=panic,barrier,stripe=16,inode_readahead_blks=64,max_batch_time=15000"),
+    ("xfs", ""),
+    ("ext4", "noatime,,relatime"),
+])
+def test_allowed_mount_options(fstype, options):
+    spec = parse_spec("home", spec_with(storage={"device": "/dev/loop3", "fstype": fstype, "options": options}))
+    assert spec.storage.options == tuple(o for o in options.split(",") if o)
+
+
+def test_grace_zero_is_graceless_and_allowed_with_any_lease():
+    spec = parse_spec("home", spec_with(nfs={"grace_seconds": 0, "lease_seconds": 600}))
+    assert spec.nfs.grace_seconds == 0 and spec.nfs.lease_seconds == 600
+
+
+def test_clients_are_normalised_and_deduplicated():
+    spec = parse_spec("home", spec_with(exports__clients=["10.77.0.5/24", "10.77.0.0/24", "FD00:0::1", "10.0.0.1"]))
+    assert spec.exports[0].clients == ("10.77.0.0/24", "fd00::1/128", "10.0.0.1/32")
+
+
+def test_the_kernel_backend_takes_what_ganesha_cannot_read():
+    spec = parse_spec("home", spec_with(exports__clients=["fd00::/112", "0.0.0.0/0"], nfs={"backend": "kernel"}))
+    assert spec.exports[0].clients == ("fd00::/112", "0.0.0.0/0")
+
+
+def test_an_ipv6_host_is_rendered_as_an_address_ganesha_can_read(tmp_path):
+    conf = render_config(instance(tmp_path, exports__clients=["fd00::1", "10.77.0.0/24", "fd00::/64"]))
+    assert "CLIENT { Clients = fd00::1, 10.77.0.0/24, fd00::/64; Access_Type = RW; }" in conf
+
+
+def hand_built(tmp_path: Path, **changes) -> NfsInstance:
+    """An NfsInstance that did not come through parse_spec: what the renderers must re-check."""
+    good = instance(tmp_path)
+    export_changes = {k: v for k, v in changes.items() if k in ("path", "pseudo", "access", "clients", "squash")}
+    exports = (dataclasses.replace(good.exports[0], **export_changes),)
+    rest = {k: v for k, v in changes.items() if k not in export_changes}
+    return dataclasses.replace(good, exports=exports, **rest)
+
+
+@pytest.mark.parametrize("changes", [
+    {"clients": (INJECTION,)},
+    {"clients": ("*",)},
+    {"clients": ("10.77.0.0/24 *",)},
+    {"clients": ("10.77.0.5/24",)},  # not normalised
+    {"clients": ("0.0.0.0/0",)},  # ganesha cannot read it
+    {"clients": ("fd00::/120",)},
+    {"clients": ()},
+    {"path": "/.nfs-ha"},
+    {"path": "/a/../b"},
+    {"path": "/a//b"},
+    {"pseudo": '/x"; Path = "/etc'},
+    {"pseudo": "/"},
+    {"pseudo": "/a b"},
+    {"access": "RW"},
+    {"squash": "none; Access_Type = RW"},
+    {"vip": "10.77.0.100; Bind_addr = 0.0.0.0"},
+    {"vip": "fe80::1%eth0"},
+    {"vip": "10.77.0.100/24"},
+    {"vfs": "home\nEXPORT {"},
+    {"grace_seconds": 5, "lease_seconds": 10},
+    {"grace_seconds": -1},
+    {"lease_seconds": True},
+    {"epoch": "42\nEXPORT {"},
+    {"mountpoint": Path("/srv/a b")},
+    {"mountpoint": Path('/srv/"x')},
+])
+def test_the_ganesha_renderer_refuses_what_the_validator_would(tmp_path, changes):
+    with pytest.raises(NfsServerError, match="refusing"):
+        render_config(hand_built(tmp_path, **changes))
+
+
+def test_the_ganesha_renderer_refuses_duplicate_pseudo_paths(tmp_path):
+    inst = instance(tmp_path)
+    with pytest.raises(NfsServerError, match="pseudo path twice"):
+        render_config(dataclasses.replace(inst, exports=inst.exports * 2))
+
+
+@pytest.mark.parametrize("value", ["", "a b", 'a"b', "a\\b", "a\nb", "a;b", "a{b", "a#b", "é", 5, None])
+def test_quote_takes_plain_path_characters_only(value):
+    with pytest.raises(NfsServerError):
+        _quote(value)
+
+
+@pytest.mark.parametrize("changes", [
+    {"clients": (INJECTION,)}, {"clients": ("fe80::1%x",)}, {"path": "/.nfs-ha"}, {"access": "all"},
+])
+def test_the_kernel_renderer_refuses_what_the_validator_would(tmp_path, changes):
+    inst = hand_built(tmp_path, **changes)
+    with pytest.raises(NfsServerError, match="refusing"):
+        plan_exports(inst)
+
+
+def test_the_kernel_backend_refuses_a_symlink_into_the_metadata_dir(tmp_path):
+    inst = instance(tmp_path, exports__path="/pub")
+    (inst.mountpoint / ".nfs-ha").mkdir(parents=True)
+    (inst.mountpoint / "pub").symlink_to(".nfs-ha")  # what an NFS client with write access could make
+    with pytest.raises(NfsServerError, match=r"inside \.nfs-ha"):
+        plan_exports(inst)
+
+
+def test_the_kernel_exports_file_refuses_odd_header_values(tmp_path):
+    inst = instance(tmp_path)
+    for changes in ({"vfs": "x\n10.0.0.0/8(rw)"}, {"vip": "10.77.0.100 x"}, {"epoch": "1\n/ *(rw)"},
+                    {"mountpoint": Path("/m n")}):
+        with pytest.raises(NfsServerError, match="refusing"):
+            render_exports_file(dataclasses.replace(inst, **changes), [])
+
+
+def test_check_storage_and_check_export_accept_only_what_the_parser_makes():
+    spec = parse_spec("home", json.dumps(FULL))
+    assert check_storage(spec.storage) == spec.storage and check_export(spec.exports[0]) == spec.exports[0]
+    for storage in (StorageSpec("/dev/loop3", "xfs", ("nobarrier",)), StorageSpec("/dev/loop3", "xfs", ("a,b",)),
+                    StorageSpec("/dev/loop3", "xfs", ["noatime"]), StorageSpec("/etc/x", "xfs")):
+        with pytest.raises(NfsSpecError):
+            check_storage(storage)
+    with pytest.raises(NfsSpecError):
+        check_export(dataclasses.replace(spec.exports[0], clients=("10.77.0.0/24", "fe80::1%x")))
