@@ -6,6 +6,12 @@
                                 its create_revision is the VFS epoch (fencing token)
     <prefix>/vfs/<vfs>/status   JSON status, written by the owner (or the status writer)
     <prefix>/nodes/<node>       node registration, bound to the node's lease
+    <prefix>/epoch-base         operator-written integer (`nfs-ha raise-epoch N`), only ever raised:
+                                storage epoch = epoch-base + owner create_revision
+
+Names must pass check_name. A key below the prefix that does not fit this layout (an invalid
+name, an unknown field, a deeper path) is junk: `parse` returns None for it, so it never
+becomes a VFS or a node; agents log each junk key once at warning and otherwise ignore it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "/nfs-ha"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z, not $: "$" also matches before a final newline
 VFS_FIELDS = ("spec", "intent", "owner", "status")
 
 
@@ -67,17 +73,27 @@ class Keyspace:
     def node(self, node: str) -> str:
         return f"{self.prefix}/nodes/{node}"
 
-    def parse(self, key: str) -> tuple[str, str, str] | None:
-        """Map a key to ("vfs", name, field) or ("node", name, ""); None for foreign keys.
+    @property
+    def epoch_base(self) -> str:
+        """Operator-raised integer added to owner epochs for the storage epoch (nfs-ha raise-epoch)."""
+        return f"{self.prefix}/epoch-base"
 
-        Names are returned even when they are not valid, so that a bad name can be
-        reported rather than silently ignored.
+    def parse(self, key: str) -> tuple[str, str, str] | None:
+        """Map a key to ("vfs", name, field) or ("node", name, ""); None for foreign and junk keys.
+
+        Only valid names are returned: a junk key (see the module docstring) must not start a
+        reconciler or count as a live node (an invalid node name could sort first and make
+        itself the status writer nobody is). `is_junk` tells junk from foreign keys.
         """
         if not key.startswith(self.root):
             return None
         parts = key[len(self.root):].split("/")
-        if len(parts) == 3 and parts[0] == "vfs" and parts[2] in VFS_FIELDS:
+        if len(parts) == 3 and parts[0] == "vfs" and parts[2] in VFS_FIELDS and NAME_RE.match(parts[1]):
             return ("vfs", parts[1], parts[2])
-        if len(parts) == 2 and parts[0] == "nodes":
+        if len(parts) == 2 and parts[0] == "nodes" and NAME_RE.match(parts[1]):
             return ("node", parts[1], "")
         return None
+
+    def is_junk(self, key: str) -> bool:
+        """A key below the prefix that nfs-ha does not understand (reported, never acted on)."""
+        return key.startswith(self.root) and key != self.epoch_base and self.parse(key) is None

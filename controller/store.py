@@ -36,7 +36,11 @@ class StoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class WatchBatch:
-    """One watch response: (key, record or None for a delete, revision of the change)."""
+    """One watch response: (key, record or None for a delete, revision of the change).
+
+    `revision` is the response header's: the store's revision when it was sent, which during
+    a catch-up is ahead of the events; track the events' revisions (controller/view.py).
+    """
 
     revision: int
     events: list[tuple[str, KeyRecord | None, int]]
@@ -113,7 +117,10 @@ class EtcdStore:
             for ev in resp.events:
                 kv = ev._event.kv
                 deleted = isinstance(ev, pyetcd.events.DeleteEvent)
+                # For a delete, etcd sets kv.mod_revision to the revision of the delete itself
+                # (checked against etcd 3.4), so every event carries the revision it happened at.
                 events.append((kv.key.decode(), None if deleted else _record(kv), kv.mod_revision))
+            # resp.header.revision is the store's current revision, not that of these events.
             on_batch(WatchBatch(resp.header.revision, events))
 
         return self._call("watch", lambda: client.add_watch_prefix_callback(
@@ -172,6 +179,18 @@ class EtcdStore:
         _value, meta = responses[-1][0]
         return int(meta.create_revision)
 
+    def delete_if_no_owner(self, owner_key: str, keys: Iterable[str], absent: Iterable[str] = ()) -> bool:
+        """Delete `keys` iff the owner key does not exist, nor any key in `absent`.
+
+        Used to remove the status of a deleted VFS: it must never go while somebody owns the
+        VFS (or, with its spec key in `absent`, once an operator has written a spec again).
+        """
+        c = self._client
+        compare = [c.transactions.create(k) == 0 for k in (owner_key, *absent)]
+        ops = [c.transactions.delete(k) for k in keys]
+        ok, _ = self._call("guarded delete", lambda: c.transaction(compare=compare, success=ops, failure=[]))
+        return bool(ok)
+
     def put_if_epoch(self, owner_key: str, epoch: int, puts: dict[str, str],
                      delete_owner: bool = False) -> bool:
         """Write `puts` (and optionally delete the owner key) iff the owner's epoch is `epoch`.
@@ -185,4 +204,13 @@ class EtcdStore:
             ops.append(c.transactions.delete(owner_key))
         ok, _ = self._call("guarded put", lambda: c.transaction(
             compare=[c.transactions.create(owner_key) == epoch], success=ops, failure=[]))
+        return bool(ok)
+
+    def put_if_unchanged(self, key: str, value: str, seen: KeyRecord | None) -> bool:
+        """Put iff the key is still as `seen` (same mod_revision; absent if None): compare-and-set."""
+        c = self._client
+        compare = ([c.transactions.mod(key) == seen.mod_revision] if seen is not None
+                   else [c.transactions.create(key) == 0])
+        ok, _ = self._call("compare-and-set", lambda: c.transaction(
+            compare=compare, success=[c.transactions.put(key, value)], failure=[]))
         return bool(ok)

@@ -2,16 +2,26 @@
 
 A ClusterView is a plain value: the watch loop builds a new one per batch of events and
 hands it to the reconcilers, so they never see a half-applied batch.
+
+Its `revision` is the revision up to which it reflects etcd: the header revision of a full
+load, then the highest revision of a watch event applied. Never a watch response's header
+revision: during a catch-up (a watch re-created after a reconnect) etcd sends the missed
+events in batches of up to 1000 revisions, each with the header revision of the *current*
+store, and a view at that revision would skip every event of the later batches (and the
+watch would be re-created past them).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller.keyspace import Keyspace
 from controller.spec import SpecError, VfsSpec, parse_intent, parse_spec
+
+MAX_JSON_VALUE = 64 * 1024  # far above any status or registration nfs-ha writes
 
 
 @dataclass(frozen=True)
@@ -22,9 +32,13 @@ class KeyRecord:
     lease: int
 
     def json(self) -> dict[str, Any] | None:
+        """The value as a JSON object, or None: agent-written keys are untrusted too (a junk owner,
+        status or node key must not take down a reconciler or `nfs-ha status`)."""
+        if len(self.value) > MAX_JSON_VALUE:
+            return None
         try:
             data = json.loads(self.value)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return None
         return data if isinstance(data, dict) else None
 
@@ -57,17 +71,31 @@ class ClusterView:
     revision: int = 0
     keys: dict[str, KeyRecord] = field(default_factory=dict)
 
-    def applied(self, revision: int, events: list[tuple[str, KeyRecord | None, int]]) -> ClusterView:
-        """The view after a batch of watch events; events this view already reflects are skipped."""
+    def applied(self, header_revision: int, events: list[tuple[str, KeyRecord | None, int]]) -> ClusterView:
+        """The view after a batch of watch events; events this view already reflects are skipped.
+
+        The revision advances to the highest event revision applied. `header_revision` (the
+        response header's) is deliberately unused, see the module docstring; a batch without
+        events (a progress notification) leaves the view as it is.
+        """
+        del header_revision
         keys = dict(self.keys)
+        revision = self.revision
         for key, record, event_revision in events:
             if event_revision <= self.revision:
-                continue
+                continue  # compared with the revision before this batch: a transaction's events share one
             if record is None:
                 keys.pop(key, None)
             else:
                 keys[key] = record
-        return replace(self, revision=max(self.revision, revision), keys=keys)
+            revision = max(revision, event_revision)
+        if revision == self.revision:
+            return self
+        return replace(self, revision=revision, keys=keys)
+
+    def junk_keys(self) -> list[str]:
+        """Keys below the prefix that are neither a VFS field nor a node (see keyspace): ignored."""
+        return sorted(k for k in self.keys if self.keyspace.is_junk(k))
 
     def _get(self, key: str) -> KeyRecord | None:
         return self.keys.get(key)
@@ -95,6 +123,13 @@ class ClusterView:
         data = rec.json() or {}
         return Owner(node=str(data.get("node", "")), epoch=rec.create_revision, lease=rec.lease, value=data)
 
+    def epoch_base(self) -> int:
+        """The storage epoch base (0 when unset or not a plain non-negative integer: a lower base
+        only makes a takeover refuse a disk, never accept a stale one)."""
+        rec = self._get(self.keyspace.epoch_base)
+        text = rec.value.decode(errors="replace").strip() if rec else ""
+        return int(text) if re.fullmatch(r"[0-9]{1,18}", text) else 0
+
     def status(self, vfs: str) -> dict[str, Any] | None:
         rec = self._get(self.keyspace.status(vfs))
         return rec.json() if rec else None
@@ -104,24 +139,31 @@ class ClusterView:
         return rec.value.decode(errors="replace").strip() if rec else None
 
     def config(self, vfs: str) -> VfsConfig:
-        """The validated spec and intent of one VFS, including cross-VFS checks."""
-        spec_rec = self._get(self.keyspace.spec(vfs))
-        if spec_rec is None:
-            return VfsConfig(vfs, None, None, ("no spec",))
+        """The validated spec and intent of one VFS, including cross-VFS checks.
+
+        Never raises: whatever goes wrong with one VFS's keys is that VFS's error (parse_spec and
+        parse_intent already raise only SpecError; this holds even if they did not).
+        """
         try:
-            spec = parse_spec(vfs, spec_rec.value)
-        except SpecError as exc:
-            return VfsConfig(vfs, None, None, (f"invalid spec: {exc}",))
-        clash = self._vip_clash(spec, spec_rec)
-        if clash:
-            return VfsConfig(vfs, None, None, (clash,))
-        intent_rec = self._get(self.keyspace.intent(vfs))
-        if intent_rec is None:
-            return VfsConfig(vfs, spec, None)
-        try:
-            return VfsConfig(vfs, spec, parse_intent(intent_rec.value, spec))
-        except SpecError as exc:
-            return VfsConfig(vfs, spec, None, (f"invalid intent ignored: {exc}",))
+            spec_rec = self._get(self.keyspace.spec(vfs))
+            if spec_rec is None:
+                return VfsConfig(vfs, None, None, ("no spec",))
+            try:
+                spec = parse_spec(vfs, spec_rec.value)
+            except Exception as exc:
+                return VfsConfig(vfs, None, None, (f"invalid spec: {exc}",))
+            clash = self._vip_clash(spec, spec_rec)
+            if clash:
+                return VfsConfig(vfs, None, None, (clash,))
+            intent_rec = self._get(self.keyspace.intent(vfs))
+            if intent_rec is None:
+                return VfsConfig(vfs, spec, None)
+            try:
+                return VfsConfig(vfs, spec, parse_intent(intent_rec.value, spec))
+            except Exception as exc:
+                return VfsConfig(vfs, spec, None, (f"invalid intent ignored: {exc}",))
+        except Exception as exc:  # containment: one VFS's bad keys must not stop the others
+            return VfsConfig(vfs, None, None, (f"invalid spec: {type(exc).__name__}: {str(exc)[:200]}",))
 
     def _vip_clash(self, spec: VfsSpec, spec_rec: KeyRecord) -> str | None:
         # A VIP that another VFS is being served with stays with it, whatever its spec says

@@ -4,6 +4,10 @@ A watch dies with its stream (etcd restart, partition, member change). On any er
 watch is re-created from the last seen revision + 1, which replays what happened in the
 meantime; if that revision was compacted away, or anything else goes wrong, the whole
 prefix is loaded again. A periodic full load also catches a stream that hangs silently.
+
+"The last seen revision" is the view's revision: the revision of the last event applied
+(or of the last full load), never a watch header's, so a re-created watch replays exactly
+what the view has not seen (see controller/view.py: catch-up batches).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from controller import loops
 from controller.keyspace import Keyspace
 from controller.store import EtcdStore, StoreError, WatchBatch
 from controller.view import ClusterView
@@ -50,7 +55,8 @@ class ViewKeeper:
     def stop(self) -> None:
         self._stop.set()
         self._events.put(RuntimeError("stopping"))
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # an agent stopped during start-up never started it
+            self._thread.join(timeout=5)
 
     def _publish(self, view: ClusterView) -> None:
         self._view = view
@@ -65,28 +71,39 @@ class ViewKeeper:
         next_resync = time.monotonic() + self._resync
         while not self._stop.is_set():
             try:
-                if not self._watching:
-                    self._start_watch()
-                item = self._events.get(timeout=max(0.05, next_resync - time.monotonic()))
-            except queue.Empty:
-                item = None
-            except StoreError as exc:
-                log.warning("watch could not be created: %s", exc)
-                self._reload_later()
-                continue
-            if self._stop.is_set():
-                return
-            if isinstance(item, Exception):
-                log.warning("watch ended (%s); re-creating from revision %d", item, self._view.revision + 1)
+                next_resync = self._step(next_resync)
+            except Exception as exc:  # a bug or an OSError must not freeze the view for good
+                loops.record("watch", exc, logger=log)
                 self._watching = False
-                if "Compacted" in type(item).__name__:
-                    self._reload_later()
-                continue
-            if item is not None:
-                self._apply([item, *self._drain()])
-            if time.monotonic() >= next_resync:
-                next_resync = time.monotonic() + self._resync
-                self._reload_quietly()
+                self._stop.wait(0.5)
+
+    def _step(self, next_resync: float) -> float:
+        """One round of the loop: wait for events (or the resync), apply them; returns next_resync."""
+        try:
+            if not self._watching:
+                self._start_watch()
+            item = self._events.get(timeout=max(0.05, next_resync - time.monotonic()))
+        except queue.Empty:
+            item = None
+        except StoreError as exc:
+            log.warning("watch could not be created: %s", exc)
+            self._reload_later()
+            return next_resync
+        if self._stop.is_set():
+            return next_resync
+        if isinstance(item, Exception):
+            log.warning("watch ended (%s); re-creating from revision %d", item, self._view.revision + 1)
+            self._watching = False
+            if "Compacted" in type(item).__name__:
+                self._reload_later()
+            return next_resync
+        if item is not None:
+            self._apply([item, *self._drain()])
+        if time.monotonic() >= next_resync:
+            next_resync = time.monotonic() + self._resync
+            self._reload_quietly()
+        return next_resync
+
 
     def _drain(self) -> list[WatchBatch | Exception]:
         items = []
@@ -111,8 +128,16 @@ class ViewKeeper:
         except StoreError as exc:
             log.warning("resync failed: %s", exc)
             return False
-        if revision >= self._view.revision:
-            self._publish(ClusterView(self._ks, revision, keys))
+        if revision < self._view.revision:
+            # Linearizable reads never go back in time, unless etcd itself did: restored from a
+            # snapshot. A watch from our revision + 1 would wait for revisions that are numbered
+            # anew; events still queued from the old watch carry the old numbering: drop them and
+            # start over from what etcd has now (docs/safety.md, "etcd restored from a snapshot").
+            log.warning("etcd's revision went back from %d to %d (restored from a snapshot?): reloading",
+                        self._view.revision, revision)
+            self._watching = False
+            self._drain()
+        self._publish(ClusterView(self._ks, revision, keys))
         return True
 
     def _reload_later(self) -> None:

@@ -123,4 +123,12 @@ def test_watch_events_older_than_view_are_ignored():
     stale = v.applied(12, [(KS.intent("home"), rec("node-a", create=3), 3)])
     assert stale.raw_intent("home") == "node-b"
     deleted = v.applied(12, [(KS.intent("home"), None, 11)])
-    assert deleted.raw_intent("home") is None and deleted.revision == 12
+    assert deleted.raw_intent("home") is None and deleted.revision == 11  # the event applied, not the header
+
+
+def test_junk_agent_written_keys_do_not_break_the_view():
+    deep = b"[" * 5000
+    v = ClusterView(KS, 10, {KS.owner("home"): rec(deep.decode(), create=5), KS.node("node-a"): rec(deep.decode()),
+                             KS.status("home"): rec("x" * 70000)})
+    assert v.owner("home") is not None and v.owner("home").node == ""
+    assert v.live_nodes() == {"node-a": {}} and v.status("home") is None

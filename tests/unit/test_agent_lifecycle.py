@@ -1,0 +1,274 @@
+"""The agent stays up: reconcilers of deleted VFS end (after releasing), junk keys start nothing,
+and signals stop the agent at any time while SIGHUP never does.
+
+The in-process tests run the real Agent (start-up, watch, reconcilers, stop) over an in-memory
+etcd (tests/unit/fake_etcd.py); only the host actuators, the fence guard process and the
+takeover steps are replaced. The signal tests run the real agent as a subprocess.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import node.agent as agent_mod
+from controller.keyspace import Keyspace
+from controller.ownership import LeaseKeeper
+from controller.reconcile import AgentContext, Backoff, VfsReconciler
+from controller.view import ClusterView
+from node.config import AgentConfig
+from tests.unit.fake_etcd import FakeEtcd
+
+REPO = Path(__file__).resolve().parents[2]
+KS = Keyspace("/t")
+SPEC = json.dumps({"vip": "10.77.0.100/24", "candidates": ["node-a"]})
+
+
+class FakeIface:
+    def addresses(self) -> set[ipaddress.IPv4Interface]:
+        return set()
+
+
+class FakeHost:
+    """The host actuators the agent calls outside the takeover steps (which the tests drop)."""
+
+    def __init__(self, ifname: str, state_dir: Path) -> None:
+        self.iface = FakeIface()
+        self.mac = "02:00:00:00:00:01"
+        self.nfs_workroot = state_dir / "nfs"
+        self.vips_down: list[str] = []
+
+    def on_nfs_exit(self, callback: Callable[[str], None]) -> None:
+        pass
+
+    def on_nfs_started(self, callback: Callable[[str], None]) -> None:
+        pass
+
+    def vip_down(self, vip: ipaddress.IPv4Interface) -> None:
+        self.vips_down.append(str(vip))
+
+    def remove_leftovers(self, managed: object) -> list[str]:
+        return []
+
+    def nfs_pid(self, vfs: str) -> int | None:
+        return None
+
+
+class FakeGuard:
+    class proc:  # mimics subprocess.Popen: agent reads guard.proc.poll()
+        returncode = None
+
+        @staticmethod
+        def poll() -> None:
+            return None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.held: dict[str, int] = {}
+
+    def hold(self, vfs: str, *args: Any, **kwargs: Any) -> None:
+        self.held[vfs] = args[-1]
+
+    def release(self, vfs: str, epoch: int) -> None:
+        self.held.pop(vfs, None)
+
+    def close_clean(self, timeout: float = 5.0) -> int:
+        return 0
+
+
+def wait_until(pred: Callable[[], object], what: str, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def running(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[FakeEtcd, agent_mod.Agent]]:
+    store = FakeEtcd()
+    monkeypatch.setattr(agent_mod, "EtcdStore", lambda *a, **kw: store)
+    monkeypatch.setattr(agent_mod, "Host", FakeHost)
+    monkeypatch.setattr(agent_mod, "GuardClient", FakeGuard)
+    cfg = AgentConfig(name="node-a", etcd="http://127.0.0.1:1", interface="lo", prefix="/t",
+                      state_dir=str(tmp_path), rank_delay=0.0)
+    agent = agent_mod.Agent(cfg)
+    agent.ctx.steps = []  # no VIP, disk or NFS server: ownership, release and status are what is tested
+    agent.start()
+    yield store, agent
+    agent.stop()
+
+
+def vfs_keys(store: FakeEtcd, vfs: str) -> set[str]:
+    return {k.rsplit("/", 1)[1] for k in store.keys if k.startswith(f"/t/vfs/{vfs}/")}
+
+
+def owner_node(store: FakeEtcd, vfs: str) -> str | None:
+    rec = store.keys.get(KS.owner(vfs))
+    return json.loads(rec.value)["node"] if rec else None
+
+
+def test_deleted_vfs_is_released_then_its_status_removed_and_its_reconciler_stopped(running):
+    store, agent = running
+    store.put(KS.spec("home"), SPEC)
+    wait_until(lambda: owner_node(store, "home") == "node-a", "node-a to own home")
+    rec = agent.reconcilers["home"]
+    wait_until(lambda: rec.holding is not None, "the holding")
+
+    store.delete(KS.spec("home"))
+    # Released first (owner key gone, lease revoked), then status removed, then the thread ended.
+    wait_until(lambda: "home" not in agent.reconcilers, "the reconciler to be dropped")
+    assert rec.holding is None and not rec._thread.is_alive()
+    assert vfs_keys(store, "home") == set()
+    assert agent.keeper.holdings() == []
+    assert agent.guard.held == {}
+
+    # Written again: a new reconciler serves it.
+    store.put(KS.spec("home"), SPEC)
+    wait_until(lambda: owner_node(store, "home") == "node-a", "node-a to own home again")
+    assert agent.reconcilers["home"] is not rec
+
+
+def test_reconciler_holding_a_vfs_is_not_stopped_until_it_has_released(running):
+    store, agent = running
+    store.put(KS.spec("home"), SPEC)
+    wait_until(lambda: owner_node(store, "home") == "node-a", "node-a to own home")
+    rec = agent.reconcilers["home"]
+    # Ask it to end while it holds home: it must go on, so it is still the one that releases.
+    assert rec.stop(release=False, timeout=0.2) is False
+    assert rec._thread.is_alive() and rec.holding is not None
+    store.delete(KS.spec("home"))
+    wait_until(lambda: not rec._thread.is_alive(), "the loop to end after releasing")
+    assert rec.holding is None and owner_node(store, "home") is None
+
+
+def test_intent_alone_and_junk_keys_start_no_reconciler_and_junk_is_logged_once(running, caplog):
+    store, agent = running
+    caplog.set_level(logging.WARNING, logger="nfs-ha-agent")
+    junk = ["/t/vfs/Home/spec", "/t/vfs/home/specs", "/t/vfs/a/b/spec", "/t/vfs/-x/status", "/t/nodes/NODE-Z",
+            "/t/other"]
+    for key in junk:
+        store.put(key, "x")
+    store.put(KS.intent("lonely"), "node-a")
+    store.put(KS.epoch_base, "7")  # a known key outside vfs/ and nodes/: not junk
+    store.put(KS.spec("home"), SPEC)
+    wait_until(lambda: owner_node(store, "home") == "node-a", "node-a to own home")
+    store.put(KS.intent("home"), "node-a")  # one more view with the same junk in it
+    wait_until(lambda: agent.views.view.raw_intent("home") == "node-a", "the intent in the view")
+    assert set(agent.reconcilers) == {"home"}
+    assert sorted(agent.views.view.live_nodes()) == ["node-a"]  # NODE-Z would sort first
+    warned = [r.getMessage() for r in caplog.records if "ignoring key" in r.getMessage()]
+    assert sorted(warned) == sorted(f"ignoring key {k!r}: not an nfs-ha key (invalid name or unknown field)"
+                                    for k in junk)
+
+
+def make_reconciler(store: FakeEtcd, me: str = "node-a") -> tuple[VfsReconciler, Callable[[ClusterView], None]]:
+    views: list[ClusterView] = []
+    ctx = AgentContext(me=me, keyspace=KS, store=store, keeper=LeaseKeeper(store), steps=[], view=lambda: views[-1],
+                       default_ttl=5, rank_delay=0.0, backoff=Backoff(), vip_down=lambda _vip: None)
+    return VfsReconciler("home", ctx), views.append
+
+
+def test_status_of_deleted_vfs_is_removed_by_the_lowest_live_node_only():
+    store = FakeEtcd()
+    for node in ("node-a", "node-b"):
+        store.put(KS.node(node), "{}")
+    store.put(KS.status("home"), json.dumps({"phase": "unplaced", "previous": "node-b"}))
+    store.put(KS.intent("home"), "node-b")
+    view = ClusterView(KS, *store.load("/t/"))
+    rec_b, show_b = make_reconciler(store, "node-b")
+    show_b(view)
+    rec_b.reconcile()
+    assert KS.status("home") in store.keys  # node-b is not the status writer
+    rec_a, show_a = make_reconciler(store, "node-a")
+    show_a(view)
+    rec_a.reconcile()
+    assert KS.status("home") not in store.keys
+    assert KS.intent("home") in store.keys  # the operator's key is left alone
+
+
+def test_status_is_not_removed_while_an_owner_key_or_a_spec_exists_in_etcd():
+    store = FakeEtcd()
+    store.put(KS.node("node-a"), "{}")
+    store.put(KS.status("home"), json.dumps({"phase": "serving", "node": "node-b"}))
+    stale = ClusterView(KS, *store.load("/t/"))  # shows no owner and no spec
+    rec, show = make_reconciler(store)
+    show(stale)
+    lease, _ = store.grant(5)
+    store.put(KS.owner("home"), json.dumps({"node": "node-b"}), lease=lease)
+    rec.reconcile()
+    assert KS.status("home") in store.keys
+    store.revoke(lease)
+    store.put(KS.spec("home"), SPEC)
+    rec.reconcile()
+    assert KS.status("home") in store.keys
+
+
+# --- signals (a real agent process) --------------------------------------------------------
+
+
+def start_agent(tmp_path: Path, log_level: str = "INFO") -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """An agent whose etcd cannot be reached (closed loopback port): it stays in start-up."""
+    if os.geteuid() != 0:
+        pytest.skip("the agent needs root (netlink on lo, /run state)")
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'name = "node-z"\netcd = "http://127.0.0.1:1"\ninterface = "lo"\n'
+                    f'state_dir = "{tmp_path}/state"\nlog_level = "{log_level}"\n')
+    log_file = tmp_path / "agent.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NFS_HA_", "OTEL_"))}
+    with open(log_file, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "node.agent", "--config", str(conf)], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    return proc, log_file, conf
+
+
+def wait_log(proc: subprocess.Popen[bytes], log_file: Path, text: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log_file.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"agent never logged {text!r} (exit {proc.returncode}):\n{log_file.read_text()}")
+        time.sleep(0.05)
+
+
+def stop_within(proc: subprocess.Popen[bytes], signum: int, seconds: float) -> int:
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    try:
+        code = proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"agent still running {seconds}s after signal {signum}")
+    assert time.monotonic() - sent < seconds
+    return code
+
+
+def test_sighup_keeps_the_agent_and_reloads_log_level_sigterm_stops_it_while_etcd_is_unreachable(tmp_path):
+    proc, log_file, conf = start_agent(tmp_path)
+    wait_log(proc, log_file, "initial load failed, retrying")
+    conf.write_text(conf.read_text().replace('log_level = "INFO"', 'log_level = "DEBUG"'))
+    proc.send_signal(signal.SIGHUP)
+    wait_log(proc, log_file, "SIGHUP: log level now DEBUG")
+    time.sleep(0.3)
+    assert proc.poll() is None, log_file.read_text()
+    assert stop_within(proc, signal.SIGTERM, 5.0) == 0, log_file.read_text()
+    assert "Traceback" not in log_file.read_text()
+
+
+def test_sigint_stops_the_agent_during_start_up(tmp_path):
+    proc, log_file, _conf = start_agent(tmp_path)
+    wait_log(proc, log_file, "initial load failed, retrying")
+    assert stop_within(proc, signal.SIGINT, 5.0) == 0, log_file.read_text()
+    assert "Traceback" not in log_file.read_text()
