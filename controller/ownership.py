@@ -21,6 +21,16 @@ Invariants (the safety argument is in docs/protocol.md):
    a holding.
 6. The fence guard (node/guard.py) acts for a holding at guard_deadline(): after the agent's own
    deadline (never racing its fence monitor), still before the lease can expire.
+7. A fenced holding whose VIP could not be removed is never forgotten. fence() marks it fenced
+   first (so it never serves again, invariant 3) and records the error in `drop_error`; the fence
+   monitor retries the drop on every tick until it succeeds, even after the holding was removed
+   from the keeper (until a new holding of the same VFS is added: the VIP is then that one's), and
+   keeps it in holdings() so the watchdog keeps protecting it. The first failure is escalated at
+   once through `on_drop_failed` (the agent has the guard fence the VFS). `dropped_at_ns` is set
+   only once the VIP is really down.
+8. No holding can stop the others being kept alive or fenced: the keepalive loop and the fence
+   monitor catch, log and count (controller.loops) any exception per holding, and per pass, and go
+   on; they end only on stop().
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from controller import loops
 from controller.store import EtcdStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -73,13 +84,21 @@ class Holding:
     drop: Callable[[], None]  # takes the VIP down at once; called by fence()
     epoch: int = 0
     on_fence: Callable[[Holding], None] | None = None
+    # Told of the first failure to take the VIP down (LeaseKeeper.add sets it); None: log CRITICAL.
+    on_drop_failed: Callable[[Holding, BaseException], None] | None = None
     fence_reason: str = ""
     fenced_at_ns: int = 0  # wall clock, only for the trace of the fence
-    dropped_at_ns: int = 0
+    dropped_at_ns: int = 0  # wall clock; 0 until the VIP is really down (invariant 7)
+    drop_error: str = ""  # the last failure to take the VIP down, kept after a retry succeeds
+    drop_failures: int = 0
     _deadline: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _fenced: bool = False
     _retired: bool = False  # being released: the VIP is going down on purpose
+    _drop_lock: threading.Lock = field(default_factory=threading.Lock)  # one drop attempt at a time
+    # The VFS's shared disk may be mounted on this node: from acquire until an unmount succeeded.
+    # The hardware watchdog covers a fenced holding until this is False (node/watchdog.py).
+    holds_disk: bool = False
     last_ack: float = 0.0
 
     def __post_init__(self) -> None:
@@ -117,10 +136,12 @@ class Holding:
             self._retired = True
 
     def fence(self, reason: str) -> bool:
-        """Fence now: mark fenced, then take the VIP down. True if newly fenced.
+        """Fence now: mark fenced, then take the VIP down. True if newly fenced. Never raises.
 
         The flag is set under the lock, so a raise in progress finishes first and is then
-        undone by `drop`; a raise that has not started yet will refuse (invariant 4).
+        undone by `drop`; a raise that has not started yet will refuse (invariant 4). If the
+        drop fails the holding stays fenced, the failure is escalated and the drop is retried
+        by the fence monitor (invariant 7).
         """
         with self._lock:
             if self._fenced:
@@ -129,13 +150,49 @@ class Holding:
             self.fence_reason = reason
             self.fenced_at_ns = time.time_ns()
         log.warning("%s: self-fence: %s", self.vfs, reason)
-        try:
-            self.drop()
-        finally:
-            self.dropped_at_ns = time.time_ns()
-            if self.on_fence:
+        self.retry_drop()
+        if self.on_fence:
+            with loops.guarded("on-fence", self.vfs, log):
                 self.on_fence(self)
         return True
+
+    @property
+    def vip_pending(self) -> bool:
+        """Fenced, but the VIP is not known to be down yet (invariant 7)."""
+        return self._fenced and self.dropped_at_ns == 0
+
+    def retry_drop(self) -> bool:
+        """Take the VIP of a fenced holding down if that has not succeeded yet. True once it is down.
+        Never raises; the first failure is escalated (invariant 7)."""
+        with self._drop_lock:
+            if not self.vip_pending:
+                return self._fenced
+            try:
+                self.drop()
+            except Exception as exc:
+                self.drop_error = f"{type(exc).__name__}: {exc}"
+                self.drop_failures += 1
+                failed: BaseException | None = exc
+                first = self.drop_failures == 1
+            else:
+                self.dropped_at_ns = time.time_ns()
+                failed, first = None, False
+        if failed is not None:
+            loops.record("vip-drop", failed, self.vfs, log)
+            if first:
+                self._escalate(failed)
+            return False
+        if self.drop_failures:
+            log.warning("%s: VIP down after %d failed attempts", self.vfs, self.drop_failures)
+        return True
+
+    def _escalate(self, exc: BaseException) -> None:
+        if self.on_drop_failed is None:
+            log.critical("%s: fenced, but its VIP could not be removed (%s: %s); retrying",
+                         self.vfs, type(exc).__name__, exc)
+            return
+        with loops.guarded("vip-drop-escalation", self.vfs, log):
+            self.on_drop_failed(self, exc)
 
     def valid(self) -> bool:
         """Still allowed to claim the VIP: not fenced, not being released, before the deadline.
@@ -155,17 +212,26 @@ class LeaseKeeper:
 
     Two threads: the keepalive loop (which may block on a slow etcd) and the fence
     monitor (which never touches the network, so a hung etcd cannot delay a fence).
+    Neither ends before stop(), whatever one holding raises (invariant 8).
     """
 
     def __init__(self, store: EtcdStore, on_deadline: Callable[[Holding], None] | None = None,
-                 on_removed: Callable[[Holding], None] | None = None) -> None:
+                 on_removed: Callable[[Holding], None] | None = None,
+                 on_drop_failed: Callable[[Holding, BaseException], None] | None = None) -> None:
         self._store = store
         # Told every new deadline of a holding, and when one ends (the fence guard listens).
         self._on_deadline = on_deadline or (lambda _h: None)
         self._on_removed = on_removed or (lambda _h: None)
+        # Told once per holding that its VIP could not be removed (the agent has the guard fence it).
+        self._on_drop_failed = on_drop_failed or _drop_failed_critical
         self._holdings: dict[str, Holding] = {}
+        # Removed from the keeper while fenced with the VIP still up: the drop is retried (invariant 7).
+        self._undropped: dict[str, Holding] = {}
         self._extra: dict[int, tuple[int, Callable[[int], None]]] = {}
         self._lock = threading.Lock()
+        # Held while retrying drops, and by add(): once add() of a new holding of a VFS returns, no
+        # retry for an older holding of it can take the (same) VIP down any more.
+        self._retry_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -183,21 +249,34 @@ class LeaseKeeper:
             t.join(timeout=5)
 
     def add(self, holding: Holding) -> None:
-        with self._lock:
+        if holding.on_drop_failed is None:
+            holding.on_drop_failed = self._on_drop_failed
+        with self._retry_lock, self._lock:
+            old = self._undropped.pop(holding.vfs, None)
             self._holdings[holding.vfs] = holding
-        self._on_deadline(holding)
+        if old is not None and old is not holding:
+            log.warning("%s: the new holding (epoch %d) takes over the VIP whose removal for epoch %d kept "
+                        "failing (%s)", holding.vfs, holding.epoch, old.epoch, old.drop_error)
+        with loops.guarded("guard-hold", holding.vfs, log):  # the next keepalive tells it again
+            self._on_deadline(holding)
         self._wake.set()
 
     def holdings(self) -> list[Holding]:
+        """Held VFSs, and fenced ones whose VIP is still up (the watchdog protects both)."""
         with self._lock:
-            return list(self._holdings.values())
+            return [*self._holdings.values(), *(h for h in self._undropped.values() if h.vip_pending)]
 
     def remove(self, holding: Holding) -> None:
         with self._lock:
             removed = self._holdings.get(holding.vfs) is holding
             if removed:
                 del self._holdings[holding.vfs]
+                if holding.vip_pending:
+                    self._undropped[holding.vfs] = holding
         if removed:
+            if holding.vip_pending:
+                log.error("%s: removed while its VIP could not be taken down (%s); still retrying",
+                          holding.vfs, holding.drop_error)
             self._on_removed(holding)
 
     def add_plain(self, lease_id: int, ttl: int, on_lost: Callable[[int], None]) -> None:
@@ -212,36 +291,74 @@ class LeaseKeeper:
 
     def _fence_loop(self) -> None:
         while not self._stop.wait(FENCE_CHECK_SECONDS):
-            now = time.monotonic()
+            try:
+                self._fence_tick(time.monotonic())
+            except Exception as exc:  # only a bug gets here: the loop must go on all the same
+                loops.record("fence-monitor", exc, logger=log)
+
+    def _fence_tick(self, now: float) -> None:
+        with self._lock:
+            held = list(self._holdings.values())
+        # Fences first: a retried drop (a netlink call) must not delay another holding's fence.
+        just_fenced: set[int] = set()
+        for h in held:
+            if h.overdue(now):
+                just_fenced.add(id(h))  # its first drop attempt is now; the retry is next tick
+                with loops.guarded("fence-monitor", h.vfs, log):
+                    h.fence(f"no keepalive acknowledged in time (last acked send "
+                            f"{now - h.last_ack:.2f}s ago, TTL {h.ttl}s)")
+        # Then every VIP a fence could not take down (invariant 7). Under _retry_lock, so add() of a
+        # new holding of the same VFS cannot slip in between choosing a holding and dropping its VIP.
+        with self._retry_lock:
             with self._lock:
-                due = [h for h in self._holdings.values() if h.overdue(now)]
-            for h in due:
-                h.fence(f"no keepalive acknowledged in time (last acked send "
-                              f"{now - h.last_ack:.2f}s ago, TTL {h.ttl}s)")
+                for vfs, h in list(self._undropped.items()):
+                    if not h.vip_pending:
+                        del self._undropped[vfs]
+                pending = [h for h in (*self._holdings.values(), *self._undropped.values())
+                           if h.vip_pending and id(h) not in just_fenced]
+            for h in pending:
+                with loops.guarded("fence-monitor", h.vfs, log):
+                    if h.retry_drop():
+                        with self._lock:
+                            if self._undropped.get(h.vfs) is h:
+                                del self._undropped[h.vfs]
 
     def _keepalive_loop(self) -> None:
         next_due: dict[int, float] = {}
-        clients = {}
+        clients: dict[float, object] = {}
         while not self._stop.is_set():
-            with self._lock:
-                leases = {h.lease_id: (h.ttl, h) for h in self._holdings.values() if not h.fenced}
-                leases.update({lid: (ttl, cb) for lid, (ttl, cb) in self._extra.items()})
-            now = time.monotonic()
-            for lease_id, (ttl, owner) in leases.items():
-                if next_due.get(lease_id, 0.0) > now:
-                    continue
-                interval = max(0.1, ttl / 4)
+            try:
+                self._keepalive_pass(next_due, clients)
+            except Exception as exc:  # only a bug gets here: the loop must go on all the same
+                loops.record("keepalive", exc, logger=log)
+                self._stop.wait(0.1)
+                continue
+            wait = min(next_due.values(), default=time.monotonic() + 1.0) - time.monotonic()
+            self._wake.wait(max(0.01, wait))
+            self._wake.clear()
+
+    def _keepalive_pass(self, next_due: dict[int, float], clients: dict[float, object]) -> None:
+        with self._lock:
+            leases: dict[int, tuple[int, Holding | Callable[[int], None]]] = {
+                h.lease_id: (h.ttl, h) for h in self._holdings.values() if not h.fenced}
+            leases.update({lid: (ttl, cb) for lid, (ttl, cb) in self._extra.items()})
+        now = time.monotonic()
+        for lease_id, (ttl, owner) in leases.items():
+            if next_due.get(lease_id, 0.0) > now:
+                continue
+            interval = max(0.1, ttl / 4)
+            what = owner.vfs if isinstance(owner, Holding) else f"lease {lease_id:x}"
+            # Any failure of one lease (etcd client, guard, a bug) is that lease's alone: it is
+            # retried at its next interval, and its holding self-fences if none succeeds in time.
+            with loops.guarded("keepalive", what, log):
                 client = clients.get(interval)
                 if client is None:
                     client = clients[interval] = self._store.new_client(timeout=interval)
                 self._keepalive_one(lease_id, owner, client)
-                next_due[lease_id] = time.monotonic() + interval
-            for lease_id in list(next_due):
-                if lease_id not in leases:
-                    del next_due[lease_id]
-            wait = min(next_due.values(), default=time.monotonic() + 1.0) - time.monotonic()
-            self._wake.wait(max(0.01, wait))
-            self._wake.clear()
+            next_due[lease_id] = time.monotonic() + interval
+        for lease_id in list(next_due):
+            if lease_id not in leases:
+                del next_due[lease_id]
 
     def _keepalive_one(self, lease_id: int, owner: Holding | Callable[[int], None], client: object) -> None:
         sent_at = time.monotonic()
@@ -260,3 +377,8 @@ class LeaseKeeper:
             with self._lock:
                 self._extra.pop(lease_id, None)
             owner(lease_id)
+
+
+def _drop_failed_critical(h: Holding, exc: BaseException) -> None:
+    log.critical("%s: fenced, but its VIP could not be removed (%s: %s); retrying on every fence check",
+                 h.vfs, type(exc).__name__, exc)

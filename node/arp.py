@@ -10,12 +10,17 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import select
 import socket
 import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+
+from controller import loops
+
+log = logging.getLogger(__name__)
 
 ETH_P_ARP = 0x0806
 ARP_REQUEST = 1
@@ -27,6 +32,7 @@ DEFEND_INTERVAL = 1.0  # seconds between two defences of one address
 # A defence announces at once and once more a little later: in case the first was lost, and because
 # a plain ARP reply (not a gratuitous one) cannot change a client's entry within neigh locktime (1 s).
 DEFEND_AGAIN_AFTER = 1.2
+RETRY_PAUSE = 0.25  # after an error (socket, netlink), the defence of an address starts again this much later
 _ARP_HDR = struct.Struct("!HHBBH6s4s6s4s")
 
 
@@ -141,39 +147,66 @@ def announce(iface: str, ip: str, still_valid: Callable[[], bool] = lambda: True
         return _send_claim(arp, _claim_frames(arp.mac, addr), still_valid)
 
 
+class _Claim:
+    """What the defence of one address keeps across a restart after an error: the announcements
+    still due, foreign claims not yet answered and when the last defence was."""
+
+    def __init__(self, addr: bytes, due: Iterable[float]) -> None:
+        self.addr = addr
+        self.due = sorted(due)
+        self.pending: set[str] = set()
+        self.last_defence = float("-inf")
+
+    def announce_now(self) -> None:
+        self.due = sorted([*self.due, time.monotonic()])
+
+    def run(self, iface: str, still_valid: Callable[[], bool], has_ip: Callable[[], bool],
+            on_defend: Callable[[set[str]], None] | None, min_interval: float, poll: float) -> None:
+        with ArpSocket(iface) as arp:
+            frames = _claim_frames(arp.mac, self.addr)
+            while still_valid():
+                now = time.monotonic()
+                wake = min(self.due[0], now + poll) if self.due else now + poll
+                self.pending.update(mac_text(m) for m in arp.senders_of(self.addr, wake))
+                now = time.monotonic()
+                defended: set[str] = set()
+                if self.pending and now - self.last_defence >= min_interval:
+                    defended, self.pending, self.last_defence = self.pending, set(), now
+                    self.due = sorted([*self.due, now, now + DEFEND_AGAIN_AFTER])
+                if not self.due or self.due[0] > now:
+                    continue
+                if not still_valid() or not has_ip() or not _send_claim(arp, frames, still_valid):
+                    return
+                while self.due and self.due[0] <= now:  # only once sent: an error announces them again
+                    self.due.pop(0)
+                if defended and on_defend is not None:
+                    on_defend(defended)
+
+
 def keep_claim(iface: str, ip: str, still_valid: Callable[[], bool], announce_at: Iterable[float],
                has_ip: Callable[[], bool], on_defend: Callable[[set[str]], None] | None = None,
-               min_interval: float = DEFEND_INTERVAL, poll: float = 0.1) -> None:
+               min_interval: float = DEFEND_INTERVAL, poll: float = 0.1, retry_pause: float | None = None) -> None:
     """While ``still_valid()``: announce `ip` at the monotonic times ``announce_at``, and defend
     it: any ARP frame from another MAC with `ip` as its sender address (a stale gratuitous ARP of
     a node resumed after a freeze, a misconfigured host) is answered with our own announcement,
     at once and again after DEFEND_AGAIN_AFTER, at most once per ``min_interval`` (RFC 5227 style,
     so two defenders cannot flood the link): clients' ARP caches point back here within
     milliseconds instead of after their ~30 s timeout.
-    Nothing is sent unless ``has_ip()`` (the address is still on the interface) just before."""
-    addr = ipaddress.IPv4Address(ip).packed
-    due = sorted(announce_at)
-    pending: set[str] = set()
-    last_defence = float("-inf")
-    with ArpSocket(iface) as arp:
-        frames = _claim_frames(arp.mac, addr)
-        while still_valid():
-            now = time.monotonic()
-            wake = min(due[0], now + poll) if due else now + poll
-            pending.update(mac_text(m) for m in arp.senders_of(addr, wake))
-            now = time.monotonic()
-            defended: set[str] = set()
-            if pending and now - last_defence >= min_interval:
-                defended, pending, last_defence = pending, set(), now
-                due = sorted([*due, now, now + DEFEND_AGAIN_AFTER])
-            if not due or due[0] > now:
-                continue
-            while due and due[0] <= now:
-                due.pop(0)
-            if not still_valid() or not has_ip() or not _send_claim(arp, frames, still_valid):
-                return
-            if defended and on_defend is not None:
-                on_defend(defended)
+    Nothing is sent unless ``has_ip()`` (the address is still on the interface) just before.
+    Ends only when the holding is no longer valid or the address is gone: any exception (the raw
+    socket, netlink in ``has_ip``, ``on_defend``) is counted ("arp-defence", controller.loops) and
+    the defence starts again on a new socket after ``retry_pause`` (RETRY_PAUSE), announcing at once
+    (a frame or a defence may have been lost)."""
+    claim = _Claim(ipaddress.IPv4Address(ip).packed, announce_at)
+    pause = RETRY_PAUSE if retry_pause is None else retry_pause
+    while still_valid():
+        try:
+            claim.run(iface, still_valid, has_ip, on_defend, min_interval, poll)
+            return
+        except Exception as exc:
+            loops.record("arp-defence", exc, f"{ip} on {iface}", log)
+        time.sleep(pause)
+        claim.announce_now()
 
 
 def watch(iface: str, ip: str, src_ip: str, interval: float, duration: float) -> Iterator[dict[str, object]]:
