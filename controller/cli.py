@@ -1,4 +1,4 @@
-"""The operator CLI: `nfs-ha status`, `nfs-ha move`, `nfs-ha timeline`."""
+"""The operator CLI: `nfs-ha status`, `nfs-ha move`, `nfs-ha raise-epoch`, `nfs-ha timeline`."""
 
 from __future__ import annotations
 
@@ -101,6 +101,30 @@ def cmd_move(store: EtcdStore, ks: Keyspace, args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_EPOCH = 10**18 - 1  # the agents read at most 18 digits (controller/view.py epoch_base)
+
+
+def cmd_raise_epoch(store: EtcdStore, ks: Keyspace, args: argparse.Namespace) -> int:
+    """Recovery after etcd was restored from a snapshot (docs/safety.md, "etcd restored from a
+    snapshot"): every new owner's storage epoch becomes epoch-base + its owner revision, so with a
+    base of at least the highest epoch on any disk every new owner's epoch is above it. The base
+    is only ever raised (compare-and-set), so two operators cannot lower it by racing."""
+    text = args.epoch.strip()
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) <= MAX_EPOCH:
+        return _fail(f"epoch must be a whole number from 1 to {MAX_EPOCH}, got {args.epoch!r}")
+    wanted = int(text)
+    for _ in range(10):
+        rec = store.get(ks.epoch_base)
+        current = ClusterView(ks, 0, {ks.epoch_base: rec} if rec else {}).epoch_base()
+        if current >= wanted:
+            print(f"epoch base is already {current} (>= {wanted}); nothing changed")
+            return 0
+        if store.put_if_unchanged(ks.epoch_base, str(wanted), rec):
+            print(f"epoch base raised from {current} to {wanted}: new owners' storage epochs are above {wanted}")
+            return 0
+    return _fail("the epoch base kept changing under us; try again")
+
+
 def _fail(message: str) -> int:
     print(f"nfs-ha: {message}", file=sys.stderr)
     return 2
@@ -117,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     mv = sub.add_parser("move", help="ask for a VFS to be served by a node (writes the intent)")
     mv.add_argument("vfs")
     mv.add_argument("node")
+    re_ = sub.add_parser("raise-epoch", help="after etcd was restored from a snapshot: make every new owner's "
+                         "storage epoch higher than N (the number a refused takeover names)")
+    re_.add_argument("epoch")
     add_timeline_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "timeline":
@@ -127,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     try:
-        return {"status": cmd_status, "move": cmd_move}[args.cmd](store, ks, args)
+        return {"status": cmd_status, "move": cmd_move, "raise-epoch": cmd_raise_epoch}[args.cmd](store, ks, args)
     except StoreError as exc:
         return _fail(str(exc))
     finally:

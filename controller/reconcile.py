@@ -13,6 +13,13 @@ Rules kept here (the ownership invariants themselves are in ownership.py):
 - A VFS whose disk could not be unmounted stays owned (lease renewed, VIP down, status
   error) and the release is retried: deleting the owner key would let another node
   mount the same disk.
+- A lost or fenced holding whose disk could not be unmounted is not let go either: it stays
+  with the lease keeper (so the hardware watchdog stays armed, docs/safety.md) and the fence
+  guard keeps its last hold, and the unmount is retried; only a released disk ends it.
+- The disk bound: a takeover from a *lost* owner (one that left acquiring/serving/releasing
+  behind) mounts nothing before T_release (release_bound) has passed since this node first
+  saw the VFS without an owner key, unless the fencing hook confirmed the old node is off.
+  The old node has unmounted or been reset by then (its guard's and watchdog's rule).
 - A dead NFS server of a held VFS is restarted a few times; after that the VFS is
   released with an error, so another candidate can serve it.
 """
@@ -28,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller import tracing
+from controller import loops, tracing
 from controller.failover_trace import FailoverTracer
 from controller.keyspace import Keyspace
 from controller.ownership import Holding, LeaseKeeper
@@ -107,6 +114,7 @@ class AgentContext:
     fence: Callable[[str], Any] | None = None  # the fencing hook: node -> result with .ok, .describe()
     fence_required: bool = False
     min_ttl: int = 1  # shorter spec TTLs are raised to this (a hardware watchdog needs 2 s)
+    release_bound: float = 10.0  # T_release, seconds (node/config.py validates it)
 
 
 class VfsReconciler:
@@ -121,6 +129,8 @@ class VfsReconciler:
         self._restarts: list[float] = []
         self._timings: dict[str, float] = {}
         self._status_doc: dict[str, Any] | None = None
+        self._owner_gone_since: float | None = None  # monotonic: first seen without an owner key
+        self._disk_stuck: str | None = None  # a lost holding's unmount failed; retried every pass
         self.trace = FailoverTracer(vfs, ctx.me)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -134,25 +144,38 @@ class VfsReconciler:
     def wake(self) -> None:
         self._wake.set()
 
-    def stop(self, release: bool) -> None:
-        """Stop the loop; with `release`, hand the VFS over first (SIGTERM)."""
+    _release_on_stop = False  # set by stop(release=True), never unset: the loop ends at once
+
+    def stop(self, release: bool, timeout: float = 30.0) -> bool:
+        """Stop the loop; True once it has ended and nothing is held.
+
+        With `release` (SIGTERM) the loop ends after its current pass and the VFS is handed
+        over here. Without (a deleted VFS, agent._on_view), the loop ends at the first pass
+        that leaves nothing held: a thread holding a VFS is never stopped, it goes on (and
+        releases a VFS whose spec is gone) until it holds nothing. Safe to call again.
+        """
+        if release:
+            self._release_on_stop = True  # before _stop: _run reads it once _stop is set
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
         if release and self.holding is not None:
             self._release(self.holding, "agent stopping")
-        self.trace.close()
+        ended = not self._thread.is_alive()
+        if release or ended:
+            self.trace.close()
+        return ended and self.holding is None
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not (self._stop.is_set() and (self._release_on_stop or self.holding is None)):
             self._wake.clear()
             try:
                 delay = self.reconcile()
             except StoreError as exc:
                 log.warning("%s: etcd unavailable: %s", self.vfs, exc)
                 delay = RETRY_SECONDS
-            except Exception:
-                log.exception("%s: reconcile failed", self.vfs)
+            except Exception as exc:
+                loops.record("reconcile", exc, self.vfs, log)
                 delay = RETRY_SECONDS
             self._wake.wait(RESYNC_SECONDS if delay is None else delay)
 
@@ -165,9 +188,10 @@ class VfsReconciler:
         owner = view.owner(self.vfs)
         h = self.holding
         self.trace.observe(view)
+        self._note_owner(owner)
         if h is not None and (h.fenced or self._lost(h, view)):
             self._teardown_after_loss(h)
-            return 0.0
+            return 0.0 if self.holding is None else RETRY_SECONDS
         if h is not None and self._must_release:
             self._release(h, self._must_release, error=self._must_release)
             return RETRY_SECONDS if self.holding is not None else None
@@ -227,6 +251,20 @@ class VfsReconciler:
                 self.ctx.backoff.fail(self.vfs, self._must_release)
                 return False
         return True
+
+    def _note_owner(self, owner: object) -> None:
+        if owner is not None:
+            self._owner_gone_since = None
+        elif self._owner_gone_since is None:
+            self._owner_gone_since = time.monotonic()
+
+    def _release_bound_until(self, lost: str | None, fence_note: dict[str, Any]) -> float:
+        """Monotonic time before which nothing may be mounted (0: no wait). Only a lost owner
+        may still have the disk; a confirmed fence (its node is off) needs no wait."""
+        if lost is None or fence_note.get("ok"):
+            return 0.0
+        gone = self._owner_gone_since if self._owner_gone_since is not None else time.monotonic()
+        return gone + self.ctx.release_bound
 
     def _lost(self, h: Holding, view: ClusterView) -> bool:
         owner = view.owner(self.vfs)
@@ -293,7 +331,8 @@ class VfsReconciler:
         with tracing.child(root, "lease_grant", span_attrs):
             lease_id, granted = store.grant(ttl)
         h = Holding(vfs=self.vfs, lease_id=lease_id, ttl=granted, granted_at=sent_at,
-                    drop=lambda: self.ctx.vip_down(spec.vip), on_fence=lambda _h: self.wake())
+                    drop=lambda: self.ctx.vip_down(spec.vip), on_fence=lambda _h: self.wake(),
+                    holds_disk=spec.storage is not None)
         owner_doc = {"node": me, "since": wall_clock(), "lease": f"{lease_id:x}", "ttl": granted,
                      "vip": spec.vip_cidr}
         status = make_status("acquiring", me, 0, "", vip=spec.vip_cidr, cause=cause, previous=previous)
@@ -314,11 +353,14 @@ class VfsReconciler:
         self.ctx.keeper.add(h)
         self._restarts = []
         log.info("%s: owner with epoch %d (lease %x, cause %s)", self.vfs, epoch, lease_id, cause)
-        tctx = TakeoverContext(spec, h, span=root, node=me)
+        tctx = TakeoverContext(spec, h, span=root, node=me, epoch_base=self.ctx.view().epoch_base())
         fence_note: dict[str, Any] = {}
         try:
             if lost is not None and self.ctx.fence is not None:
                 fence_note = self._fence_lost_owner(lost, root)
+            tctx.not_before = self._release_bound_until(lost, fence_note)
+            if tctx.not_before:
+                root.set_attribute("nfs_ha.release_bound_wait", round(max(0.0, tctx.not_before - time.monotonic()), 3))
             bring_up(self.ctx.steps, tctx)
         except StepFailed as exc:
             log.warning("%s: takeover failed: %s", self.vfs, exc)
@@ -382,7 +424,7 @@ class VfsReconciler:
         if result.critical:
             # The disk is still mounted here: keep the lease so nobody else mounts it.
             self._must_release = reason
-            msg = f"release stuck, VFS kept owned (VIP down): {'; '.join(result.errors)}"
+            msg = f"release stuck, VFS kept owned: {'; '.join(result.errors)}"
             log.error("%s: %s", self.vfs, msg)
             self._put_status(h.epoch, make_status("error", self.ctx.me, h.epoch, msg, vip=spec.vip_cidr,
                                                   cause=reason), quiet=True)
@@ -391,6 +433,7 @@ class VfsReconciler:
                     span.end()
             return
         self._must_release = None
+        h.holds_disk = False  # unmounted: the watchdog need not cover this holding any more
         log.info("%s: released (steps %s)", self.vfs, tctx.timings)
         errors = "; ".join([e for e in (error, *result.errors) if e])
         final = make_status("error" if error else "unplaced", None, 0, errors, vip=spec.vip_cidr,
@@ -407,12 +450,28 @@ class VfsReconciler:
         assert spec is not None
         h.fence(h.fence_reason or "owner key is gone or belongs to a newer epoch")
         # Stays with the keeper (and so the guard) until the steps are down: _end_holding removes it.
-        root = self.trace.start_fence(spec, h)
+        retry = self._disk_stuck is not None
+        root = None if retry else self.trace.start_fence(spec, h)
         result = bring_down(self.ctx.steps, TakeoverContext(spec, h, span=root, node=self.ctx.me))
         if result.errors:
             log.error("%s: after self-fence: %s", self.vfs, "; ".join(result.errors))
-            tracing.fail(root, "; ".join(result.errors))
+            if root is not None:
+                tracing.fail(root, "; ".join(result.errors))
+        if result.critical:
+            # The disk is still mounted here. Letting go of the holding would disarm the watchdog
+            # and tell the guard the VFS is released; keep both on it and retry the unmount.
+            self._disk_stuck = "; ".join(result.errors)
+            msg = f"self-fenced but the disk is still mounted here (retrying): {self._disk_stuck}"
+            self._put_status(h.epoch, make_status("error", self.ctx.me, h.epoch, msg, vip=spec.vip_cidr),
+                             quiet=True)
+            if root is not None:
+                root.end()
+            return
+        self._disk_stuck = None
+        h.holds_disk = False
         self._must_release = None
+        if root is None:
+            root = self.trace.start_fence(spec, h)  # the trace of the fence ends with the disk released
         self._end_holding(h, make_status("fenced", None, 0, f"{self.ctx.me} self-fenced: {h.fence_reason}",
                                          vip=spec.vip_cidr, previous=self.ctx.me), root)
         root.end()
@@ -480,12 +539,21 @@ class VfsReconciler:
         return None
 
     def _write_unowned_status(self, config: VfsConfig, view: ClusterView) -> None:
-        """Status of a VFS nobody owns; written by one node only (the lowest-named live one)."""
+        """Status of a VFS nobody owns; written by one node only (the lowest-named live one).
+
+        A VFS whose spec key is gone gets its status removed instead (by that node too, and
+        only while etcd shows neither an owner key nor a spec key), so a deleted VFS leaves
+        nothing that keeps reconcilers running; an operator's intent key is left alone.
+        """
         live = view.live_nodes()
         if not live or min(live) != self.ctx.me:
             return
-        if config.errors == ("no spec",):
-            return  # a VFS without spec has nothing to report (e.g. only an intent was written)
+        ks = self.ctx.keyspace
+        if ks.spec(self.vfs) not in view.keys:
+            if ks.status(self.vfs) in view.keys and self.ctx.store.delete_if_no_owner(
+                    ks.owner(self.vfs), [ks.status(self.vfs)], absent=[ks.spec(self.vfs)]):
+                log.info("%s: spec deleted and nobody owns it: status removed", self.vfs)
+            return
         if config.spec is None:
             wanted = make_status("error", None, 0, config.error)
         elif not preference(config, live):

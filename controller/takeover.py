@@ -3,12 +3,24 @@
 Acquire runs the steps in order after the owner transaction succeeded; release and
 self-fence run them in reverse. The order is the protocol:
 
-    up:   probe -> mount -> storage epoch -> NFS server -> VIP up -> gratuitous ARP
+    up:   release-bound wait -> probe -> mount -> storage epoch -> NFS server -> VIP up -> gratuitous ARP
     down: VIP down -> NFS server stop -> unmount
 
+- The release-bound wait comes first: after a *lost* owner (one that neither released nor
+  fenced itself), nothing is mounted before T_release has passed since this node saw the old
+  owner key go (docs/safety.md, "The disk bound"), unless the fencing hook confirmed the old
+  node is off. By then the old node has unmounted or been reset.
+- Before every step that touches shared state (mount, epoch write, NFS start, VIP) the holding
+  is checked valid again: a takeover that outlived its lease (a slow mount, a frozen process)
+  stops there instead of touching a disk another node may own by now.
 - The probe comes before the disk is touched: a node that still answers the VIP may
   still have the filesystem mounted, and a shared disk mounted twice is corrupted.
-- The storage epoch check refuses a disk that a newer owner has already written to.
+- The storage epoch check refuses a disk that a newer owner has already written to. The
+  storage epoch is the owner key's create_revision plus the cluster's epoch base
+  (`<prefix>/epoch-base`, raised by `nfs-ha raise-epoch N` after etcd was restored from a
+  snapshot and its revisions went back).
+- A mount that fails (or times out: the kernel may still finish it) is checked and undone
+  before the step fails; if that undo fails, the failure is critical and the VFS stays owned.
 - VIP down comes first on the way down, so clients stop reaching this node before
   anything else happens, and a hung unmount can never keep the VIP up.
 - The NFS server starts before the VIP so the first client packet finds it listening.
@@ -33,7 +45,7 @@ from opentelemetry.trace import Span
 
 from controller import tracing
 from controller.ownership import Holding
-from controller.spec import VfsSpec
+from controller.spec import VfsSpec, vip_fits
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +70,8 @@ class VipHost(Protocol):
     def vip_down(self, vip: ipaddress.IPv4Interface) -> None: ...
 
     def foreign_macs(self, vip: ipaddress.IPv4Interface) -> set[str]: ...
+
+    def interface_networks(self) -> set[ipaddress.IPv4Interface]: ...
 
     def announce(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None: ...
 
@@ -91,6 +105,13 @@ class TakeoverContext:
     timings: dict[str, float] = field(default_factory=dict)  # step -> seconds, for status
     span: Span | None = None  # the root span of this takeover/release; steps become its children
     node: str = ""
+    epoch_base: int = 0  # added to the holding's epoch for the storage epoch (see the docstring)
+    not_before: float = 0.0  # monotonic time before which nothing is mounted (0: no wait)
+    sleep: Callable[[float], None] = time.sleep  # injectable for tests
+
+    @property
+    def storage_epoch(self) -> int:
+        return self.epoch_base + self.holding.epoch
 
     def step_span(self, name: str) -> AbstractContextManager[object]:
         if self.span is None:
@@ -102,6 +123,7 @@ class Step(Protocol):
     name: str
     critical_down: bool  # a failing `down` means the VFS must stay owned (disk still mounted)
     has_down: bool  # False: `down` does nothing (no span, no timing)
+    touches_shared: bool  # True: the holding is checked valid right before `up`
 
     def up(self, ctx: TakeoverContext) -> None: ...
 
@@ -113,9 +135,30 @@ class NothingToUndo:
 
     critical_down = False
     has_down = False
+    touches_shared = False
 
     def down(self, ctx: TakeoverContext) -> None:
         pass
+
+
+@dataclass
+class ReleaseBoundWait(NothingToUndo):
+    """After a lost owner: wait until T_release has passed since its owner key went (ctx.not_before).
+
+    The wait is cut short by nothing but the holding becoming invalid; the fencing hook's
+    confirmation is decided by the caller (it then leaves not_before at 0)."""
+
+    name: str = "release_bound_wait"
+
+    def up(self, ctx: TakeoverContext) -> None:
+        while True:
+            left = ctx.not_before - time.monotonic()
+            if left <= 0:
+                return
+            if not ctx.holding.valid():
+                raise StepFailed(f"{ctx.spec.name}: the holding ended while waiting for the lost owner's "
+                                 "disk release bound")
+            ctx.sleep(min(left, 0.1))
 
 
 @dataclass
@@ -126,6 +169,12 @@ class ProbeStep(NothingToUndo):
     name: str = "arp_probe"
 
     def up(self, ctx: TakeoverContext) -> None:
+        # The VIP's prefix must be the interface's subnet (or /32): its route must not take over
+        # traffic for other hosts, such as the etcd members (controller/spec.py vip_fits).
+        own = {a for a in self.host.interface_networks() if a.ip != ctx.spec.vip.ip}
+        misfit = vip_fits(ctx.spec.vip, own)
+        if misfit:
+            raise StepFailed(misfit)
         macs = self.host.foreign_macs(ctx.spec.vip)
         if macs:
             raise StepFailed(f"VIP {ctx.spec.vip_address} still answers ARP from {', '.join(sorted(macs))}; "
@@ -137,8 +186,9 @@ class ProbeStep(NothingToUndo):
 class VipStep:
     host: VipHost
     name: str = "vip"
-    critical_down = False
+    critical_down = True  # a VIP that could not be removed: keep the VFS owned, never two holders
     has_down = True
+    touches_shared = True
 
     def up(self, ctx: TakeoverContext) -> None:
         ctx.holding.guarded(lambda: self.host.vip_up(ctx.spec.vip))
@@ -165,11 +215,23 @@ class MountStep:
     name: str = "mount"
     critical_down = True  # a disk left mounted here must stay owned
     has_down = True
+    touches_shared = True
 
     def up(self, ctx: TakeoverContext) -> None:
         st = ctx.spec.storage
-        if st is not None:
+        if st is None:
+            return
+        try:
             self.host.mount(ctx.spec.name, st.device, st.fstype, st.options)
+        except Exception as exc:
+            # A mount that timed out may still have completed in the kernel: undo it here (the
+            # step is not "done", so bring_up would not), and keep the VFS owned if that fails.
+            try:
+                self.host.unmount(ctx.spec.name)
+            except Exception as undo:
+                raise StepFailed(f"mount failed ({exc}) and the disk may be mounted: unmount failed: {undo}",
+                                 critical=True) from exc
+            raise
 
     def down(self, ctx: TakeoverContext) -> None:
         if ctx.spec.storage is not None:
@@ -182,15 +244,17 @@ class EpochStep(NothingToUndo):
 
     host: StorageHost
     name: str = "epoch_check"
+    touches_shared = True
 
     def up(self, ctx: TakeoverContext) -> None:
         if ctx.spec.storage is None:
             return
-        ours = ctx.holding.epoch
+        ours = ctx.storage_epoch
         on_disk = self.host.read_epoch(ctx.spec.name)
         if on_disk > ours:
             raise StepFailed(f"storage epoch {on_disk} on {ctx.spec.storage.device} is newer than ours ({ours}): "
-                             "a newer owner has used this disk; refusing it")
+                             "a newer owner has used this disk; refusing it. If etcd was restored from a "
+                             f"snapshot (its revisions went back), run: nfs-ha raise-epoch {on_disk}")
         self.host.write_epoch(ctx.spec.name, ours)
 
 
@@ -201,6 +265,7 @@ class NfsStep:
     name: str = "nfs_server"
     critical_down = False
     has_down = True
+    touches_shared = True
 
     def up(self, ctx: TakeoverContext) -> None:
         if ctx.spec.storage is not None:
@@ -220,7 +285,8 @@ class FileserverHost(VipHost, StorageHost, NfsHost, Protocol):
 
 def takeover_steps(host: FileserverHost) -> list[Step]:
     """The whole takeover, in protocol order (see the module docstring)."""
-    return [ProbeStep(host), MountStep(host), EpochStep(host), NfsStep(host), VipStep(host), AnnounceStep(host)]
+    return [ReleaseBoundWait(), ProbeStep(host), MountStep(host), EpochStep(host), NfsStep(host), VipStep(host),
+            AnnounceStep(host)]
 
 
 def bring_up(steps: Sequence[Step], ctx: TakeoverContext) -> None:
@@ -229,6 +295,9 @@ def bring_up(steps: Sequence[Step], ctx: TakeoverContext) -> None:
     for step in steps:
         started = time.monotonic()
         try:
+            if getattr(step, "touches_shared", False) and not ctx.holding.valid():
+                raise StepFailed(f"the holding is no longer valid (fenced, released or past its deadline) "
+                                 f"before step {step.name}; not touching shared state")
             with ctx.step_span(step.name):
                 step.up(ctx)
             ctx.timings[step.name] = round(time.monotonic() - started, 4)
@@ -237,7 +306,8 @@ def bring_up(steps: Sequence[Step], ctx: TakeoverContext) -> None:
             reason = str(exc) if isinstance(exc, StepFailed) else f"{step.name} failed: {exc}"
             if undone.errors:
                 reason += f" (undo errors: {'; '.join(undone.errors)})"
-            raise StepFailed(reason, critical=undone.critical) from exc
+            own_critical = isinstance(exc, StepFailed) and exc.critical
+            raise StepFailed(reason, critical=undone.critical or own_critical) from exc
         done.append(step)
 
 

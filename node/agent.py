@@ -3,6 +3,16 @@
 Start-up order matters: leftover VIPs are removed before any reconciler runs, so this
 agent never serves something it does not hold. SIGTERM hands every VFS over at once
 (VIP down, then owner key deleted and lease revoked).
+
+Reconcilers: one per VFS that has a spec, owner or status key (an intent alone starts none;
+junk keys, see controller/keyspace.py, start none and are logged once at warning). When a
+VFS loses all three, its reconciler is stopped and dropped, but only once its thread holds
+nothing: a VFS still held is released first (its spec is gone), never abandoned.
+
+Signals: SIGTERM and SIGINT stop the agent at any time, also while start-up still waits
+for etcd (exit 0; nothing is held before start-up ends). SIGHUP re-reads the configuration
+and applies only its log_level (options and NFS_HA_* still win over the file, as at start);
+without a config file it changes nothing. It never stops the agent.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from importlib import metadata
 from typing import TypeVar
@@ -40,6 +51,10 @@ log = logging.getLogger("nfs-ha-agent")
 T = TypeVar("T")
 
 
+class StopRequested(Exception):
+    """A stop (SIGTERM, SIGINT) came while start-up was still waiting for etcd."""
+
+
 class Agent:
     def __init__(self, cfg: agent_config.AgentConfig) -> None:
         self.cfg = cfg
@@ -48,12 +63,16 @@ class Agent:
         self.host = Host(cfg.interface, cfg.node_state_dir)
         self.keeper = LeaseKeeper(self.store, on_deadline=self._guard_hold, on_removed=self._guard_release)
         self.guard: GuardClient | None = None
-        self.watchdog = WatchdogArm(WatchdogDevice(cfg.watchdog), self.keeper.holdings) if cfg.watchdog else None
+        self.watchdog = (WatchdogArm(WatchdogDevice(cfg.watchdog), self.keeper.holdings,
+                                     release_bound=cfg.release_bound) if cfg.watchdog else None)
         self._guard_records: list[dict[str, object]] = []
         self.backoff = Backoff(on_change=self._register_soon)
         self.views = ViewKeeper(self.store, self.ks, self._on_view)
         self.host.on_nfs_exit(self._wake_vfs)
+        self.host.on_nfs_started(self._guard_hold_vfs)  # the guard learns a new server pid at once
         self.reconcilers: dict[str, VfsReconciler] = {}
+        self._retiring: dict[str, threading.Thread] = {}  # VFS whose reconciler is being stopped
+        self._junk_seen: set[str] = set()  # junk keys already logged
         self._lock = threading.Lock()
         self._node_lease = 0
         self._stopping = threading.Event()
@@ -65,7 +84,8 @@ class Agent:
                                 vip_down=self.host.vip_down,
                                 fence=FenceCommand(cfg.fence_command, cfg.fence_timeout) if cfg.fence_command else None,
                                 fence_required=cfg.fence_required,
-                                min_ttl=WATCHDOG_MIN_TTL if cfg.watchdog else 1)
+                                min_ttl=WATCHDOG_MIN_TTL if cfg.watchdog else 1,
+                                release_bound=cfg.release_bound)
 
     def _steps(self) -> list[Step]:
         steps = takeover_steps(self.host)
@@ -81,7 +101,13 @@ class Agent:
             "addresses": sorted(a.with_prefixlen for a in self.host.iface.addresses()),
             "hostname": socket.gethostname(), "started": self._started, "backoff": self.backoff.published(),
             "guard": self._guard_records[-5:], "watchdog": self.cfg.watchdog or None,
+            "release_bound": self.cfg.release_bound, "reset": self._reset_means(),
         }, sort_keys=True)
+
+    def _reset_means(self) -> str:
+        """How this node enforces the disk bound when an unmount hangs (docs/safety.md)."""
+        means = [m for m, on in (("reset command", self.cfg.reset_command), ("watchdog", self.cfg.watchdog)) if on]
+        return " + ".join(means) or "none"
 
     def register(self) -> None:
         if not self._node_lease:
@@ -128,6 +154,10 @@ class Agent:
         log.info("agent %s started on %s (lease TTL %ds, prefix %s)", self.cfg.name, self.cfg.interface,
                  self.cfg.lease_ttl, self.ks.prefix)
 
+    def request_stop(self) -> None:
+        """Ask start-up (and the registration loop) to give up; safe from a signal handler."""
+        self._stopping.set()
+
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         while not self._stopping.is_set():
             try:
@@ -135,19 +165,44 @@ class Agent:
             except StoreError as exc:
                 log.warning("%s failed, retrying: %s", what, exc)
                 self._stopping.wait(1.0)
-        raise SystemExit(1)
+        raise StopRequested(what)
 
     def _on_view(self, view: ClusterView) -> None:
         with self._lock:
             if self._stopping.is_set() or not self._ready:
                 return
-            for name in view.vfs_names():
+            junk = set(view.junk_keys())
+            for key in sorted(junk - self._junk_seen):
+                log.warning("ignoring key %r: not an nfs-ha key (invalid name or unknown field)", key[:200])
+            self._junk_seen = junk
+            wanted = _wanted_vfs(view)
+            for name in sorted(wanted):
                 if name not in self.reconcilers:
                     rec = VfsReconciler(name, self.ctx)
                     self.reconcilers[name] = rec
                     rec.start()
-            for rec in self.reconcilers.values():
+            for name, rec in self.reconcilers.items():
+                if name not in wanted and name not in self._retiring:
+                    t = threading.Thread(target=self._retire, args=(name, rec), name=f"retire-{name}", daemon=True)
+                    self._retiring[name] = t
+                    t.start()
                 rec.wake()
+
+    def _retire(self, name: str, rec: VfsReconciler) -> None:
+        """Stop the reconciler of a deleted VFS once it holds nothing, then drop it.
+
+        It stays in self.reconcilers until its thread has ended, so the fence guard still finds
+        its spec should it (re)acquire meanwhile, and no second reconciler starts beside it.
+        """
+        while not rec.stop(release=False, timeout=5.0):
+            if self._stopping.is_set():
+                return  # stop() hands it over
+        with self._lock:
+            if self.reconcilers.get(name) is rec:
+                del self.reconcilers[name]
+            self._retiring.pop(name, None)
+        log.info("%s: no spec, owner or status left: its reconciler stopped", name)
+        self._on_view(self.views.view)  # a spec written meanwhile gets a new reconciler
 
     # --- the fence guard (node/guard.py) ------------------------------------------------------
 
@@ -164,7 +219,10 @@ class Agent:
             src.replace(state_dir / "guard-actions.seen.jsonl")
 
     def _start_guard(self) -> None:
-        self.guard = GuardClient(self.cfg.node_state_dir, self.cfg.interface)
+        if not (self.cfg.reset_command or self.cfg.watchdog):
+            log.warning("neither reset_command nor watchdog is configured: a disk whose unmount hangs after a "
+                        "fence cannot be forced off this node within release_bound (docs/safety.md)")
+        self.guard = GuardClient(self.cfg.node_state_dir, self.cfg.interface)  # TODO-WIRE guard kwargs
         for rec in list(self.reconcilers.values()):
             if rec.holding is not None:
                 self._guard_hold(rec.holding)
@@ -176,7 +234,16 @@ class Agent:
         if self.guard is None or spec is None or h.fenced:
             return
         mountpoint = str(self.host.storage.mountpoint(h.vfs)) if spec.storage is not None else None
+        device = spec.storage.device if spec.storage is not None else None
         self.guard.hold(h.vfs, spec.vip_cidr, guard_deadline(h), mountpoint, self.host.nfs_pid(h.vfs), h.epoch)
+        del device  # TODO-WIRE device=device
+
+    def _guard_hold_vfs(self, vfs: str) -> None:
+        with self._lock:
+            rec = self.reconcilers.get(vfs)
+        h = rec.holding if rec is not None else None
+        if h is not None:
+            self._guard_hold(h)
 
     def _guard_release(self, h: Holding) -> None:
         if self.guard is not None:
@@ -231,6 +298,16 @@ class Agent:
         self.store.close()
 
 
+def _wanted_vfs(view: ClusterView) -> set[str]:
+    """VFS that need a reconciler: a spec, an owner or a status key (an intent alone is not enough)."""
+    names = set()
+    for key in view.keys:
+        parsed = view.keyspace.parse(key)
+        if parsed and parsed[0] == "vfs" and parsed[2] != "intent":
+            names.add(parsed[1])
+    return names
+
+
 def _managed_vips(view: ClusterView) -> list[ipaddress.IPv4Interface]:
     vips = []
     for name in view.vfs_names():
@@ -251,35 +328,99 @@ def _version() -> str:
         return "unknown"
 
 
+def _log_level(name: str) -> int:
+    level = logging.getLevelName(str(name).upper())
+    if not isinstance(level, int):
+        raise ValueError(f"invalid log_level {name!r}: use DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+def _set_log_level(level: int) -> None:
+    logging.getLogger().setLevel(level)
+    for noisy in ("pyroute2", "grpc"):  # their DEBUG output drowns ours
+        logging.getLogger(noisy).setLevel(max(logging.INFO, level))
+
+
+def _reload_log_level(argv: list[str] | None) -> None:
+    """SIGHUP: the log level of the configuration as loaded now; nothing else changes."""
+    try:
+        level = _log_level(agent_config.load(argv).log_level)
+    except (ValueError, OSError) as exc:
+        log.warning("SIGHUP: configuration not reloaded, log level kept: %s", exc)
+        return
+    if level != logging.getLogger().level:
+        _set_log_level(level)
+        log.warning("SIGHUP: log level now %s", logging.getLevelName(level))
+    else:
+        log.info("SIGHUP: log level unchanged (%s)", logging.getLevelName(level))
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Handlers first, so a stop works at any time. They only append to a list (no lock: a handler
+    # runs in the main thread between two bytecodes, where taking a lock that thread holds, as
+    # Event.set() can, would hang it); the main loop below acts on what they recorded.
+    signals: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda num, _frame: signals.append(num))
     try:
         cfg = agent_config.load(argv)
+        level = _log_level(cfg.log_level)
     except (ValueError, OSError) as exc:
         print(f"nfs-ha-agent: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=cfg.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
-    for noisy in ("pyroute2", "grpc"):  # their DEBUG output drowns ours
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    _set_log_level(level)
     provider = tracing.setup(cfg.name, cfg.span_file)
     try:
         agent = Agent(cfg)
     except VipError as exc:
         print(f"nfs-ha-agent: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    agent.start()
-    waiter = threading.Thread(target=agent.run_until_stopped, daemon=True, name="registration")
-    waiter.start()
-    while not stop.wait(0.5):
-        pass
-    log.info("stopping: handing over every VFS")
+    # Start-up (which waits for etcd as long as it takes) and then the registration loop run in
+    # their own thread, so the main thread stays free to notice signals.
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            agent.start()
+        except BaseException as exc:  # handed to the main thread, which decides the exit code
+            outcome.append(exc)
+            return
+        outcome.append(None)
+        agent.run_until_stopped()
+
+    runner = threading.Thread(target=run, name="agent", daemon=True)
+    runner.start()
+    handled = 0
+    while True:
+        count = len(signals)
+        new, handled = signals[handled:count], count
+        if signal.SIGHUP in new:
+            _reload_log_level(argv)
+        if signal.SIGTERM in new or signal.SIGINT in new:
+            break
+        if outcome and outcome[0] is not None:
+            return _start_failed(outcome[0])
+        time.sleep(0.1)
+    agent.request_stop()
+    if not outcome:
+        log.info("stop requested during start-up; waiting for it to give up")
+        runner.join()
+    failed = outcome[0] if outcome else None
+    if failed is not None and not isinstance(failed, StopRequested):
+        return _start_failed(failed)
+    log.info("stopping: %s", "start-up did not finish, nothing is held" if failed else "handing over every VFS")
     agent.stop()
     _flush(provider)
     log.info("stopped")
     return 0
+
+
+def _start_failed(exc: BaseException) -> int:
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    log.critical("start-up failed", exc_info=exc)
+    return 1
 
 
 def _flush(provider: object) -> None:

@@ -1,10 +1,17 @@
-"""Agent configuration: command line over NFS_HA_* environment over a TOML file over defaults."""
+"""Agent configuration: command line over NFS_HA_* environment over a TOML file over defaults.
+
+Every value is checked for type and range (`AgentConfig.validate`): a bad one is a ValueError naming
+the field, never another exception; durations are finite and not negative; nothing with a NUL byte
+reaches a path or an argv.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,19 +37,33 @@ class AgentConfig:
     fence_required: bool = False  # a failing fence command blocks the takeover
     fence_timeout: float = 60.0
     watchdog: str = ""  # hardware watchdog device (e.g. /dev/watchdog), armed while VFS are held
+    # T_release: a fenced node has unmounted its shared disks or been reset within this many seconds
+    # after its lease could expire; a new owner of a lost node's VFS waits this long before mounting.
+    release_bound: float = 10.0
+    reset_command: tuple[str, ...] = ()  # argv the fence guard runs as its last escalation (power cycle)
 
     def validate(self) -> AgentConfig:
+        """This config, if every field is usable; ValueError naming the field otherwise (never another error)."""
+        _check_types(self)
         try:
             check_name(self.name, "node name")
         except InvalidName as exc:
             raise ValueError(str(exc)) from None
         parse_endpoints(self.etcd)
-        if not self.interface or "/" in self.interface or len(self.interface) > 15:
-            raise ValueError(f"invalid interface name {self.interface!r}")
+        if not INTERFACE_RE.fullmatch(self.interface) or self.interface in (".", ".."):
+            raise ValueError(f"invalid interface name {self.interface!r}: at most 15 of A-Z a-z 0-9 _ . @ -, "
+                             "starting with a letter, digit or _")
         if not MIN_LEASE_TTL <= self.lease_ttl <= MAX_LEASE_TTL:
             raise ValueError(f"lease TTL must be {MIN_LEASE_TTL}..{MAX_LEASE_TTL} s")
-        if self.rank_delay < 0:
-            raise ValueError("rank delay must not be negative")
+        _check_seconds("rank_delay", self.rank_delay, 0.0, MAX_RANK_DELAY, zero_ok=True)
+        _check_seconds("fence_timeout", self.fence_timeout, 0.0, MAX_FENCE_TIMEOUT, zero_ok=False)
+        if not STATE_DIR_RE.fullmatch(self.state_dir) or "/../" in self.state_dir + "/" \
+                or "/./" in self.state_dir + "/":
+            # It ends up in Ganesha configs and in argv (mount points, the guard): plain paths only.
+            raise ValueError(f"state_dir must be an absolute path of A-Z a-z 0-9 . _ + - / (no '.' or '..' "
+                             f"parts), got {self.state_dir!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {list(LOG_LEVELS)}, got {self.log_level!r}")
         normalize_prefix(self.prefix)
         if self.fence_command and not self.fence_command[0].startswith("/"):
             raise ValueError("fence_command must start with an absolute path (it never runs through a shell)")
@@ -50,6 +71,9 @@ class AgentConfig:
             raise ValueError("fence_required needs a fence_command")
         if self.watchdog and not self.watchdog.startswith("/"):
             raise ValueError("watchdog must be an absolute device path, e.g. /dev/watchdog")
+        if self.reset_command and not self.reset_command[0].startswith("/"):
+            raise ValueError("reset_command must start with an absolute path (it never runs through a shell)")
+        check_release_bound(self.release_bound)
         return self
 
     @property
@@ -57,12 +81,69 @@ class AgentConfig:
         return Path(self.state_dir) / self.name
 
 
+MAX_RANK_DELAY = 60.0
+MAX_FENCE_TIMEOUT = 3600.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+INTERFACE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,14}")  # Linux: < 16 bytes, no '/', ':' or blanks
+STATE_DIR_RE = re.compile(r"/[A-Za-z0-9._+/-]{0,511}")
+_TYPE_CHECKS: dict[str, Any] = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "tuple[str, ...]": lambda v: isinstance(v, tuple) and all(isinstance(i, str) for i in v),
+}
+
+
+def _check_types(cfg: AgentConfig) -> None:
+    # Wrong types (a TOML table where a number belongs, a config built in code) must give a
+    # ValueError here, not a TypeError in some comparison below; no NUL can reach a path or argv.
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        check = _TYPE_CHECKS.get(str(f.type))
+        if check is not None and not check(value):
+            raise ValueError(f"{f.name} must be of type {f.type}, got {type(value).__name__}")
+        texts = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(t, str) and "\0" in t for t in texts):
+            raise ValueError(f"{f.name} must not contain a NUL character")
+
+
+def _check_seconds(name: str, value: float, low: float, high: float, zero_ok: bool) -> None:
+    if not math.isfinite(value) or not low <= value <= high or (value == 0 and not zero_ok):
+        bound = f"{low:g}" if zero_ok else f"more than {low:g}"
+        raise ValueError(f"{name} must be a finite number of seconds from {bound} to {high:g}, got {value!r}")
+
+
+MIN_RELEASE_BOUND = 2.0
+MAX_RELEASE_BOUND = 600.0
+
+
+def check_release_bound(release_bound: float) -> None:
+    """T_release against the other timings (docs/safety.md, "The disk bound").
+
+    The guard starts fencing at the agent's deadline + margin/2 and escalates to a reset at
+    fence start + T_release/2, leaving the reset T_release/2 (+ margin/2) before a new owner may
+    mount. Killing Ganesha and unmounting take about a second, so T_release/2 must be at least 1 s.
+    It does not depend on the lease TTL: the new owner counts T_release from the moment it saw
+    the lease expire, which is after the old owner's deadline + margin whatever the TTL."""
+    if not isinstance(release_bound, int | float) or isinstance(release_bound, bool) \
+            or not math.isfinite(release_bound) or not MIN_RELEASE_BOUND <= release_bound <= MAX_RELEASE_BOUND:
+        raise ValueError(f"release_bound must be {MIN_RELEASE_BOUND:g}..{MAX_RELEASE_BOUND:g} seconds "
+                         f"(time to kill the NFS server and unmount, or reset), got {release_bound!r}")
+
+
 def _coerce(name: str, value: Any) -> Any:
     kind = {f.name: f.type for f in fields(AgentConfig)}[name]
-    if kind == "int":
-        return int(value)
-    if kind == "float":
-        return float(value)
+    if kind in ("int", "float"):
+        # No bools (TOML `true` is not 1), no silently truncated fractions; only ValueError escapes.
+        if isinstance(value, bool) or not isinstance(value, int | float | str) or \
+                (kind == "int" and isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{name} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        try:
+            return int(value) if kind == "int" else float(value)
+        except (ValueError, OverflowError):
+            raise ValueError(f"{name} must be {'an integer' if kind == 'int' else 'a number'}, "
+                             f"got {value!r}") from None
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -72,7 +153,10 @@ def _coerce(name: str, value: Any) -> Any:
             return False
         raise ValueError(f"{name} must be true or false, got {value!r}")
     if kind == "tuple[str, ...]":
-        items = json.loads(value) if isinstance(value, str) else value
+        try:
+            items = json.loads(value) if isinstance(value, str) else value
+        except RecursionError:
+            raise ValueError(f"{name} is nested too deeply") from None
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ValueError(f"{name} must be a list of strings (JSON on the command line or in NFS_HA_*)")
         return tuple(items)
@@ -96,6 +180,11 @@ def load(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--fence-required", default=None, action="store_const", const="true",
                         help="block a takeover when the fence command fails")
     parser.add_argument("--fence-timeout", type=float, help="seconds the fence command may take (default 60)")
+    parser.add_argument("--release-bound", type=float,
+                        help="seconds within which a fenced node has unmounted its disks or been reset (T_release, "
+                        "default 10); a new owner of a lost node's VFS waits this long before mounting")
+    parser.add_argument("--reset-command", help='JSON argv the fence guard runs when a disk cannot be released '
+                        'in time, e.g. \'["/usr/local/sbin/nfs-ha-sysrq-reboot"]\'')
     parser.add_argument("--watchdog", help="hardware watchdog device (e.g. /dev/watchdog), armed while this "
                         "node holds a VFS; see docs/safety.md")
     args = parser.parse_args(argv)

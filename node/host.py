@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from controller import loops
 from controller.spec import VfsSpec
 from node import arp
 from node.ganesha import GaneshaServer
@@ -41,6 +42,7 @@ class Host:
         self.nfs_backends: dict[str, NfsServer] = nfs_backends or {
             "ganesha": GaneshaServer(self.nfs_workroot), "kernel": KernelNfsd(self.nfs_workroot)}
         self._nfs_of: dict[str, NfsServer] = {}
+        self._nfs_started: list[Callable[[str], None]] = []
 
     @property
     def mac(self) -> str:
@@ -52,31 +54,51 @@ class Host:
         self.iface.add(vip)
 
     def vip_down(self, vip: ipaddress.IPv4Interface) -> None:
+        """Raises only if the address may still be up: that is what a fence retries and escalates."""
         self.iface.remove(vip)
-        self.raised.discard(vip.with_prefixlen)
+        # The address is gone. A record that cannot be rewritten (ENOSPC) only makes the next start
+        # remove an address that is not there: counted, never turned into a failed VIP removal.
+        with loops.guarded("vip-record", vip.with_prefixlen, log):
+            self.raised.discard(vip.with_prefixlen)
+
+    def interface_networks(self) -> set[ipaddress.IPv4Interface]:
+        """The interface's own addresses: without the VIPs this node raised (a VIP must not vouch
+        for another VIP's subnet)."""
+        raised = {ipaddress.IPv4Interface(v).ip for v in self.raised.load()}
+        return {a for a in self.iface.addresses() if a.ip not in raised}
 
     def foreign_macs(self, vip: ipaddress.IPv4Interface) -> set[str]:
         return arp.probe(self.ifname, str(vip.ip))
 
     def announce(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None:
         """Gratuitous ARP now; then a thread repeats it (ANNOUNCE_AT) and defends the VIP against
-        foreign claims for as long as the holding is valid (arp.keep_claim)."""
-        if not arp.announce(self.ifname, str(vip.ip), still_valid):
-            return
-        threading.Thread(target=self._keep_claim, args=(vip, still_valid), daemon=True,
-                         name=f"garp-{vip.ip}").start()
+        foreign claims for as long as the holding is valid (arp.keep_claim). Never raises: a failed
+        announcement (no socket, EMFILE) is counted and retried by that thread at once; the VIP
+        is up and ours either way."""
+        schedule = ANNOUNCE_AT[1:]
+        try:
+            if not arp.announce(self.ifname, str(vip.ip), still_valid):
+                return
+        except Exception as exc:
+            loops.record("arp-announce", exc, str(vip.ip), log)
+            schedule = ANNOUNCE_AT  # starts with 0.0: the thread announces at once
+        try:
+            threading.Thread(target=self._keep_claim, args=(vip, still_valid, schedule), daemon=True,
+                             name=f"garp-{vip.ip}").start()
+        except Exception as exc:  # RuntimeError "can't start new thread": nothing defends this VIP
+            loops.record("arp-defence", exc, str(vip.ip), log)
 
-    def _keep_claim(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None:
+    def _keep_claim(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool],
+                    schedule: tuple[float, ...] = ANNOUNCE_AT[1:]) -> None:
         start = time.monotonic()
 
         def defended(macs: set[str]) -> None:
             log.warning("VIP %s claimed by %s; announced it again", vip.ip, ", ".join(sorted(macs)))
 
-        try:
-            arp.keep_claim(self.ifname, str(vip.ip), still_valid, [start + at for at in ANNOUNCE_AT[1:]],
+        # keep_claim retries after its own errors; this only catches what escapes it (a bug).
+        with loops.guarded("arp-defence", str(vip.ip), log):
+            arp.keep_claim(self.ifname, str(vip.ip), still_valid, [start + at for at in schedule],
                            lambda: self.iface.has(vip), on_defend=defended)
-        except OSError as exc:
-            log.warning("gratuitous ARP for %s failed: %s", vip.ip, exc)
 
     # --- storage (controller.takeover.StorageHost) -----------------------------------------
 
@@ -106,6 +128,8 @@ class Host:
                            grace_seconds=spec.nfs.grace_seconds, lease_seconds=spec.nfs.lease_seconds, epoch=epoch)
         self._nfs_of[spec.name] = backend
         backend.start(inst, NFS_START_TIMEOUT)
+        for callback in self._nfs_started:
+            callback(spec.name)
 
     def nfs_stop(self, vfs: str) -> None:
         backend = self._nfs_of.pop(vfs, None)
@@ -119,6 +143,10 @@ class Host:
     def nfs_pid(self, vfs: str) -> int | None:
         backend = self._nfs_of.get(vfs)
         return backend.pid(vfs) if backend is not None else None
+
+    def on_nfs_started(self, callback: Callable[[str], None]) -> None:
+        """`callback(vfs)` right after a server of that VFS started (the fence guard learns its pid)."""
+        self._nfs_started.append(callback)
 
     def on_nfs_exit(self, callback: Callable[[str], None]) -> None:
         for backend in self.nfs_backends.values():

@@ -2,16 +2,30 @@
 
 One mount point per VFS, `<state-dir>/<node>/mnt/<vfs>`. Commands are argv lists with
 validated values (controller/spec_nfs.py) and a timeout each; nothing runs in a shell.
+
+The epoch file `.nfs-ha/epoch` is the fencing token on the disk. An export of the filesystem's
+root also exposes `.nfs-ha/`, so the agent keeps the file and the directory immutable
+(FS_IMMUTABLE_FL, as `chattr +i`) except for the moment it rewrites the file: no NFS client,
+not even root without squash, can then change, delete or rename them (NFS has no way to clear
+the flag). The directories the NFS servers write into (`nfs-recovery`, `statd`) are created
+before the directory is locked, and stay writable. Exports of paths inside `.nfs-ha` are
+refused by the spec validator.
 """
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import subprocess
 import time
 from pathlib import Path
 
 EPOCH_FILE = ".nfs-ha/epoch"
+METADATA_SUBDIRS = ("nfs-recovery", "statd")  # written by the NFS servers (node/nfs_server.py, kernel_nfsd.py)
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IMMUTABLE_FL = 0x00000010
 MOUNT_TIMEOUT = 60.0
 UMOUNT_TIMEOUT = 20.0
 UMOUNT_TRIES = 5
@@ -119,18 +133,42 @@ class Storage:
 
     def write_epoch(self, vfs: str, epoch: int) -> None:
         path = self.mountpoint(vfs) / EPOCH_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = path.parent
+        meta.mkdir(parents=True, exist_ok=True)
+        set_immutable(meta, False)
+        for sub in METADATA_SUBDIRS:
+            (meta / sub).mkdir(exist_ok=True)
+        if path.exists():
+            set_immutable(path, False)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as fh:
             fh.write(f"{epoch}\n")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        set_immutable(path, True)
+        set_immutable(meta, True)
+        dir_fd = os.open(meta, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)  # the rename itself must be on disk before we serve
+            os.fsync(dir_fd)  # the rename and the flags must be on disk before we serve
         finally:
             os.close(dir_fd)
+
+
+def set_immutable(path: Path, on: bool) -> None:
+    """Set or clear FS_IMMUTABLE_FL (chattr +i / -i) with the ioctl, no shell. xfs and ext4 (the
+    only filesystems a spec may name) support it; StorageError on any failure."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        buf = array.array("i", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+        flags = (buf[0] | FS_IMMUTABLE_FL) if on else (buf[0] & ~FS_IMMUTABLE_FL)
+        if flags != buf[0]:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, array.array("i", [flags]))
+    except OSError as exc:
+        raise StorageError(f"cannot {'set' if on else 'clear'} the immutable flag of {path}: {exc}") from exc
+    finally:
+        os.close(fd)
 
 
 def _run(argv: list[str], timeout: float, what: str) -> None:

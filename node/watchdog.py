@@ -8,12 +8,19 @@ Patroni uses it. Configure it with `watchdog = "/dev/watchdog"` (or --watchdog /
 INVARIANTS (this module keeps them; `WatchdogArm.tick` is the whole rule)
 
 1. Armed exactly while this node has a holding that still needs protecting: one that is not fenced,
-   or is fenced but its VIP is not down yet. When none is left (released, self-fenced, agent
-   stopped), it is disarmed with the magic close ("V"), so an idle node is never reset.
-2. Petted only while every such holding h has `now + timeout < h.last_ack + h.ttl`. etcd cannot
-   expire a lease before `last_ack + ttl` (last_ack is the *send* time of the newest acknowledged
-   keepalive), so if the agent freezes right after a pet, the reset (at most `timeout` later) comes
-   before any other node can own the VFS.
+   or is fenced but its VIP is not down yet, or whose shared disk is not released yet (holds_disk:
+   from acquire until an unmount succeeded). When none is left (released, self-fenced and
+   unmounted, agent stopped), it is disarmed with the magic close ("V"), so an idle node is never
+   reset.
+2. Petted only while every such holding h has `now + timeout < bound(h)`:
+   - not fenced, or its VIP not down: bound = `h.last_ack + h.ttl`. etcd cannot expire a lease
+     before that (last_ack is the *send* time of the newest acknowledged keepalive), so if the
+     agent freezes right after a pet, the reset (at most `timeout` later) comes before any other
+     node can own the VFS.
+   - fenced, VIP down, disk still mounted: bound = `h.last_ack + h.ttl + release_bound`. A new
+     owner mounts no earlier than T_release (release_bound) after it saw the lease expire
+     (controller/reconcile.py), so a node whose unmount hangs is reset before that: the
+     watchdog is the guard's last escalation step where one is configured (node/guard.py).
 3. A healthy agent that loses etcd is not reset: the last pet is at most PET_INTERVAL before
    `last_ack + ttl - timeout`, so the reset could come no earlier than `last_ack + ttl - PET_INTERVAL`,
    while the self-fence drops the VIP at `last_ack + ttl - margin` (margin >= 0.3 s, see
@@ -42,6 +49,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from controller import loops
 from controller.ownership import Holding
 from controller.takeover import NothingToUndo, StepFailed, TakeoverContext
 
@@ -124,8 +132,14 @@ def check_device(path: str) -> None:
 
 
 def needs_protection(h: Holding) -> bool:
-    """Invariant 1: not fenced, or fenced while its VIP is not down yet."""
-    return not h.fenced or h.dropped_at_ns == 0
+    """Invariant 1: not fenced, or fenced while its VIP is not down yet or its disk not released."""
+    return not h.fenced or h.dropped_at_ns == 0 or h.holds_disk
+
+
+def pet_bound(h: Holding, release_bound: float) -> float:
+    """Invariant 2: the monotonic time a reset must come before."""
+    vip_gone = h.fenced and h.dropped_at_ns != 0
+    return h.last_ack + h.ttl + (release_bound if vip_gone else 0.0)
 
 
 def timeout_for(holdings: Iterable[Holding]) -> int:
@@ -137,10 +151,11 @@ class WatchdogArm:
     """Arms, pets and disarms a watchdog device from the holdings of this node."""
 
     def __init__(self, device: Device, holdings: Callable[[], list[Holding]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, release_bound: float = 0.0) -> None:
         self.device = device
         self._holdings = holdings
         self._clock = clock
+        self.release_bound = release_bound
         self.timeout = 0  # 0: disarmed
         self.state = "disarmed"
         self._stop = threading.Event()
@@ -176,7 +191,7 @@ class WatchdogArm:
         elif want != self.timeout:
             self.timeout = self.device.set_timeout(want)
         now = self._clock()
-        if all(now + self.timeout < h.last_ack + h.ttl for h in live):
+        if all(now + self.timeout < pet_bound(h, self.release_bound) for h in live):
             self.device.pet()
             self.state = "petted"
         else:
@@ -192,9 +207,9 @@ class WatchdogArm:
             try:
                 self.tick()
                 self._failed = ""
-            except (OSError, WatchdogError) as exc:
+            except Exception as exc:  # counted, never the end of petting (that would reset the node)
+                loops.record("watchdog", exc, self.state, log)
                 if str(exc) != self._failed:  # once per distinct failure, not 20 times a second
-                    log.error("watchdog %s: %s", self.state, exc)
                     self._failed = str(exc)
 
     def stop(self) -> None:

@@ -197,6 +197,17 @@ def test_disk_written_by_a_newer_owner_is_refused(cluster: Cluster) -> None:
     assert row["phase"] in ("error", "unplaced") and row["owner"] is None
     assert cluster.holders(vip) == []
     assert all(cluster.lab.mounts_of(n) == [] for n in NODES)
+    # The documented recovery (after etcd was restored from a snapshot): the refusal names the
+    # command and the number; raising the epoch base lets the next takeover accept the disk.
+    assert any("nfs-ha raise-epoch 999999999" in n["backoff"].get("home", "") for n in cluster.status()["nodes"])
+    assert cluster.cli("raise-epoch", "abc").returncode == 2
+    proc = cluster.cli("raise-epoch", "999999999")
+    assert proc.returncode == 0, proc.stderr
+    assert "raised from 0 to 999999999" in proc.stdout
+    assert "already" in cluster.cli("raise-epoch", "5").stdout  # never lowered
+    owner = cluster.wait_serving("home", timeout=90)["owner"]
+    epoch_on_disk = cluster.lab.run(owner, ["cat", f"/run/nfs-ha/{owner}/mnt/home/.nfs-ha/epoch"]).stdout
+    assert int(epoch_on_disk) == 999999999 + cluster.vfs_status("home")["epoch"]
 
 
 def test_server_is_never_restarted_on_an_empty_mount_point(cluster: Cluster) -> None:

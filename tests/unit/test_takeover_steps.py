@@ -1,5 +1,6 @@
 """Order and undo of the takeover steps, with a recording fake host (no root needed)."""
 
+import ipaddress
 import json
 import time
 
@@ -20,6 +21,7 @@ class FakeHost:
         self.fail = fail
         self.disk_epoch = disk_epoch
         self.foreign = foreign or set()
+        self.networks = {ipaddress.IPv4Interface("10.77.0.11/24")}
 
     def _do(self, name):
         self.calls.append(name)
@@ -29,6 +31,9 @@ class FakeHost:
     def foreign_macs(self, vip):
         self.calls.append("probe")
         return self.foreign
+
+    def interface_networks(self):
+        return self.networks
 
     def mount(self, vfs, device, fstype, options):
         self._do("mount")
@@ -118,3 +123,20 @@ def test_vip_only_spec_skips_disk_and_nfs():
     host = FakeHost()
     bring_up(takeover_steps(host), ctx(spec={"vip": "10.77.0.100/24", "candidates": ["node-a"]}))
     assert host.calls == ["probe", "vip_up", "announce"]
+
+
+@pytest.mark.parametrize("networks", [set(), {"192.168.1.5/24"}, {"10.77.0.11/16"}, {"10.77.0.100/24"}])
+def test_a_vip_outside_the_interface_subnet_touches_nothing(networks):
+    """The VIP itself (already up from an earlier holding) does not vouch for its own prefix."""
+    host = FakeHost()
+    host.networks = {ipaddress.IPv4Interface(n) for n in networks}
+    with pytest.raises(StepFailed, match=r"10\.77\.0\.100/24"):
+        bring_up(takeover_steps(host), ctx())
+    assert host.calls == []
+
+
+def test_a_slash_32_vip_fits_any_interface():
+    host = FakeHost()
+    host.networks = set()
+    bring_up(takeover_steps(host), ctx(spec={"vip": "10.77.0.100/32", "candidates": ["node-a"]}))
+    assert "vip_up" in host.calls

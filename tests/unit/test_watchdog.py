@@ -185,3 +185,31 @@ def test_takeover_step_arms_first_or_fails_the_takeover(tmp_path: Path) -> None:
     broken = WatchdogArm(WatchdogDevice(str(path)), lambda: [h])
     with pytest.raises(StepFailed, match=r"cannot arm the hardware watchdog: .*Inappropriate ioctl"):
         WatchdogStep(broken).up(TakeoverContext(spec, h))
+
+
+def test_armed_until_the_disk_is_released_and_reset_before_a_new_owner_may_mount() -> None:
+    """A fenced holding with its VIP down but its disk still mounted keeps the watchdog armed, petted
+    only while a reset would still come before last_ack + TTL + release_bound (when a new owner may
+    mount at the earliest); once unmounted, it is disarmed."""
+    h = Holding(vfs="home", lease_id=1, ttl=4, granted_at=100.0, drop=lambda: None, holds_disk=True)
+    dev, clock = FakeDevice(), Clock(100.0)
+    arm = WatchdogArm(dev, lambda: [h], clock=clock, release_bound=10.0)
+    assert arm.tick() == "petted" and arm.timeout == 2
+    clock.now = 103.0  # past the self-fence deadline (103.0)
+    h.fence("lease lost")  # VIP down, disk still mounted
+    assert h.fenced and h.dropped_at_ns
+    clock.now = 111.9  # 111.9 + 2 < 100 + 4 + 10
+    assert arm.tick() == "petted" and dev.armed
+    clock.now = 112.0
+    assert arm.tick() == "withheld" and dev.armed  # the reset comes by 114.0 = last_ack + TTL + release_bound
+    h.holds_disk = False  # the unmount finally succeeded
+    assert arm.tick() == "disarmed" and not dev.armed
+
+
+def test_a_fenced_holding_without_a_disk_disarms_as_before() -> None:
+    h = Holding(vfs="vip-only", lease_id=1, ttl=4, granted_at=100.0, drop=lambda: None)
+    dev, clock = FakeDevice(), Clock(100.0)
+    arm = WatchdogArm(dev, lambda: [h], clock=clock, release_bound=10.0)
+    arm.tick()
+    h.fence("lease lost")
+    assert arm.tick() == "disarmed"

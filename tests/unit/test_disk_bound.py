@@ -1,0 +1,281 @@
+"""The disk bound (docs/safety.md, "The disk bound"): the controller side, with an in-memory store.
+
+- a takeover from a lost owner mounts nothing before T_release has passed since the owner key went;
+- no wait after a clean release, or when the fencing hook confirmed the old node is off;
+- every step that touches shared state re-checks the holding;
+- a mount that fails is undone before the takeover fails (critical if that fails);
+- a fenced holding whose unmount fails is kept (keeper, watchdog) and retried;
+- the storage epoch includes the epoch base, and its refusal names the recovery command.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from controller.keyspace import Keyspace
+from controller.ownership import Holding, LeaseKeeper
+from controller.reconcile import AgentContext, Backoff, VfsReconciler
+from controller.spec import parse_spec
+from controller.takeover import (
+    EpochStep,
+    MountStep,
+    NothingToUndo,
+    ReleaseBoundWait,
+    StepFailed,
+    TakeoverContext,
+    bring_up,
+)
+from controller.view import ClusterView, KeyRecord
+
+KS = Keyspace("/t")
+SPEC = {"vip": "10.77.0.100/24", "candidates": ["node-a", "node-b"],
+        "storage": {"device": "/dev/loop3", "fstype": "xfs"},
+        "exports": [{"pseudo": "/home", "clients": ["10.77.0.0/24"]}]}
+
+
+class MemStore:
+    """Just what a VfsReconciler's acquire/release paths call, kept in a dict."""
+
+    def __init__(self) -> None:
+        self.rev = 10
+        self.keys: dict[str, KeyRecord] = {}
+        self.next_lease = 100
+
+    def _put(self, key: str, value: str, lease: int = 0) -> None:
+        self.rev += 1
+        old = self.keys.get(key)
+        self.keys[key] = KeyRecord(value.encode(), old.create_revision if old else self.rev, self.rev, lease)
+
+    def view(self) -> ClusterView:
+        return ClusterView(KS, self.rev, dict(self.keys))
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        self.next_lease += 1
+        return self.next_lease, ttl
+
+    def revoke(self, lease_id: int) -> None:
+        pass
+
+    def create_owner(self, owner_key: str, value: str, lease_id: int, also: dict[str, str]) -> int | None:
+        if owner_key in self.keys:
+            return None
+        self._put(owner_key, value, lease_id)
+        for k, v in also.items():
+            self._put(k, v)
+        return self.keys[owner_key].create_revision
+
+    def put_if_epoch(self, owner_key: str, epoch: int, puts: dict[str, str], delete_owner: bool = False) -> bool:
+        rec = self.keys.get(owner_key)
+        if (rec.create_revision if rec else 0) != epoch:
+            return False
+        for k, v in puts.items():
+            self._put(k, v)
+        if delete_owner:
+            self.keys.pop(owner_key, None)
+        return True
+
+
+@dataclass
+class Recorder:
+    """A mount step stand-in that records when it ran (monotonic)."""
+
+    name: str = "mount"
+    critical_down: bool = True
+    has_down: bool = True
+    touches_shared: bool = True
+    up_at: list[float] = field(default_factory=list)
+    down_fails: int = 0
+    downs: int = 0
+
+    def up(self, ctx: TakeoverContext) -> None:
+        self.up_at.append(time.monotonic())
+
+    def down(self, ctx: TakeoverContext) -> None:
+        self.downs += 1
+        if self.down_fails > 0:
+            self.down_fails -= 1
+            raise RuntimeError("umount: target is busy")
+
+
+@dataclass
+class FenceOk:
+    ok: bool
+
+    def describe(self) -> str:
+        return "powered off" if self.ok else "BMC did not answer"
+
+
+def setup(status: dict[str, Any] | None, release_bound: float = 0.4, fence: Any = None,
+          ) -> tuple[MemStore, VfsReconciler, Recorder]:
+    store = MemStore()
+    store._put(KS.spec("home"), json.dumps(SPEC))
+    store._put(KS.node("node-a"), "{}")
+    if status is not None:
+        store._put(KS.status("home"), json.dumps(status))
+    mount = Recorder()
+    ctx = AgentContext(me="node-a", keyspace=KS, store=store, keeper=LeaseKeeper(store),  # type: ignore[arg-type]
+                       steps=[ReleaseBoundWait(), mount], view=store.view, default_ttl=5, rank_delay=0.0,
+                       backoff=Backoff(), vip_down=lambda _vip: None, fence=fence,
+                       release_bound=release_bound)
+    return store, VfsReconciler("home", ctx), mount
+
+
+def test_takeover_from_a_lost_owner_waits_the_release_bound_before_mounting() -> None:
+    store, rec, mount = setup({"phase": "serving", "node": "node-b", "epoch": 3})
+    first_seen = time.monotonic()
+    rec.reconcile()
+    assert rec.holding is not None and len(mount.up_at) == 1
+    assert mount.up_at[0] - first_seen >= 0.4
+    assert json.loads(store.keys[KS.status("home")].value)["phase"] == "serving"
+
+
+@pytest.mark.parametrize("status", [None, {"phase": "unplaced", "previous": "node-b"},
+                                    {"phase": "fenced", "previous": "node-b"}])
+def test_no_wait_after_a_clean_release_or_fence(status: dict[str, Any] | None) -> None:
+    _, rec, mount = setup(status, release_bound=30.0)
+    started = time.monotonic()
+    rec.reconcile()
+    assert len(mount.up_at) == 1 and mount.up_at[0] - started < 1.0
+
+
+def test_no_wait_when_the_fencing_hook_confirmed_the_old_node_is_off() -> None:
+    _, rec, mount = setup({"phase": "serving", "node": "node-b"}, release_bound=30.0,
+                          fence=lambda _node: FenceOk(True))
+    started = time.monotonic()
+    rec.reconcile()
+    assert len(mount.up_at) == 1 and mount.up_at[0] - started < 1.0
+
+
+def test_a_failed_fence_does_not_shorten_the_wait() -> None:
+    _, rec, mount = setup({"phase": "serving", "node": "node-b"}, release_bound=0.4,
+                          fence=lambda _node: FenceOk(False))
+    started = time.monotonic()
+    rec.reconcile()
+    assert len(mount.up_at) == 1 and mount.up_at[0] - started >= 0.4
+
+
+def test_the_wait_counts_from_when_the_owner_key_was_first_seen_gone() -> None:
+    store, rec, mount = setup({"phase": "serving", "node": "node-b"}, release_bound=0.5)
+    store._put(KS.owner("home"), json.dumps({"node": "node-b"}), 7)
+    rec.reconcile()  # owner present: nothing to do
+    assert rec._owner_gone_since is None
+    del store.keys[KS.owner("home")]
+    rec._note_owner(None)
+    gone = rec._owner_gone_since
+    assert gone is not None
+    time.sleep(0.3)
+    rec.reconcile()
+    assert mount.up_at and mount.up_at[0] >= gone + 0.5
+    assert mount.up_at[0] - gone < 0.5 + 0.5  # counted from then, not restarted at the takeover
+
+
+def test_a_fenced_holding_whose_unmount_fails_is_kept_until_the_disk_is_released() -> None:
+    store, rec, mount = setup(None)
+    rec.reconcile()
+    h = rec.holding
+    assert h is not None and h.holds_disk
+    removed: list[Holding] = []
+    rec.ctx.keeper._on_removed = removed.append
+    mount.down_fails = 2
+    h.fence("test: lease lost")
+    assert rec.reconcile() == 1.0  # retried, not a busy loop
+    assert rec.holding is h and h.holds_disk and h in rec.ctx.keeper.holdings() and not removed
+    status = json.loads(store.keys[KS.status("home")].value)
+    assert "disk is still mounted here" in status["error"]
+    rec.reconcile()
+    assert rec.holding is h and mount.downs == 2
+    rec.reconcile()  # the unmount works now
+    assert rec.holding is None and not h.holds_disk and removed == [h] and mount.downs == 3
+    assert json.loads(store.keys[KS.status("home")].value)["phase"] == "fenced"
+
+
+# --- the steps themselves ----------------------------------------------------------------------
+
+
+def make_ctx(epoch: int = 7, base: int = 0) -> TakeoverContext:
+    h = Holding(vfs="home", lease_id=1, ttl=5, granted_at=time.monotonic(), drop=lambda: None, epoch=epoch)
+    return TakeoverContext(parse_spec("home", json.dumps(SPEC)), h, epoch_base=base)
+
+
+def test_a_holding_fenced_between_steps_stops_before_the_next_shared_step() -> None:
+    c = make_ctx()
+    after = Recorder(name="nfs_server")
+
+    class FenceIt(NothingToUndo):
+        name = "probe"
+
+        def up(self, ctx: TakeoverContext) -> None:
+            ctx.holding.fence("lease lost mid-takeover")
+
+    with pytest.raises(StepFailed, match=r"no longer valid .* before step nfs_server"):
+        bring_up([FenceIt(), after], c)
+    assert after.up_at == []
+
+
+def test_the_release_bound_wait_stops_when_the_holding_ends() -> None:
+    c = make_ctx()
+    c.not_before = time.monotonic() + 60
+    c.sleep = lambda _s: c.holding.fence("gone")
+    with pytest.raises(StepFailed, match="holding ended while waiting"):
+        ReleaseBoundWait().up(c)
+
+
+class Disk:
+    def __init__(self, mount_error: str = "", unmount_error: str = "", on_disk: int = 0) -> None:
+        self.calls: list[str] = []
+        self.mount_error, self.unmount_error, self.on_disk = mount_error, unmount_error, on_disk
+
+    def mount(self, vfs: str, device: str, fstype: str, options: tuple[str, ...]) -> None:
+        self.calls.append("mount")
+        if self.mount_error:
+            raise RuntimeError(self.mount_error)
+
+    def unmount(self, vfs: str) -> None:
+        self.calls.append("unmount")
+        if self.unmount_error:
+            raise RuntimeError(self.unmount_error)
+
+    def read_epoch(self, vfs: str) -> int:
+        return self.on_disk
+
+    def write_epoch(self, vfs: str, epoch: int) -> None:
+        self.calls.append(f"write_epoch:{epoch}")
+
+
+def test_a_mount_that_times_out_is_undone_before_the_takeover_fails() -> None:
+    disk = Disk(mount_error="mounting /dev/loop3: no answer after 60s")
+    with pytest.raises(StepFailed) as err:
+        bring_up([MountStep(disk)], make_ctx())  # type: ignore[arg-type]
+    assert disk.calls == ["mount", "unmount"] and not err.value.critical
+
+
+def test_a_mount_that_cannot_be_undone_is_critical() -> None:
+    disk = Disk(mount_error="no answer after 60s", unmount_error="target is busy")
+    with pytest.raises(StepFailed, match="unmount failed") as err:
+        bring_up([MountStep(disk)], make_ctx())  # type: ignore[arg-type]
+    assert err.value.critical
+
+
+def test_the_storage_epoch_adds_the_epoch_base() -> None:
+    disk = Disk(on_disk=900)
+    EpochStep(disk).up(make_ctx(epoch=7, base=900))  # type: ignore[arg-type]
+    assert disk.calls == ["write_epoch:907"]
+
+
+def test_a_refused_disk_names_the_recovery_command() -> None:
+    with pytest.raises(StepFailed, match=r"run: nfs-ha raise-epoch 900$"):
+        EpochStep(Disk(on_disk=900)).up(make_ctx(epoch=7))  # type: ignore[arg-type]
+
+
+def test_epoch_base_of_the_view() -> None:
+    def view(value: bytes | None) -> int:
+        keys = {KS.epoch_base: KeyRecord(value, 1, 1, 0)} if value is not None else {}
+        return ClusterView(KS, 1, keys).epoch_base()
+
+    assert view(None) == 0 and view(b"1234\n") == 1234
+    assert view(b"-5") == 0 and view(b"1e9") == 0 and view("²".encode()) == 0 and view(b"9" * 40) == 0
