@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import sys
 
-from . import disks, mntns, netns, procs
+from . import disks, freeze, mntns, netns, procs
 from .errors import LabError
 from .state import StateDir
 from .topology import MEMBERS, NETNS_DIR, NODE_RUN_DIR, NODES, lab_namespaces
@@ -42,7 +44,14 @@ def teardown(state: StateDir, leftovers: bool = False) -> list[int]:
     Works from the system's view (namespace names, /proc, mountinfo, the loop table), not from
     records, so it also clears what a killed run left. Returns the killed pids.
     """
-    killed = procs.kill_all(lab_pids(state))
+    # SIGKILL, thaw, then wait: a process blocked on a frozen lab disk dies only once thawed,
+    # and a frozen superblock must be thawed while a namespace still reaches it.
+    killed = [pid for pid in lab_pids(state) if procs.signal_pid(pid, signal.SIGKILL)]
+    try:
+        freeze.thaw(state, [n for n in NODES if mntns.is_pinned(state.mntns_file(n))], killed)
+    except LabError as exc:  # keep tearing down; a disk left frozen shows up below
+        print(f"lab teardown: thawing failed: {exc}", file=sys.stderr)
+    procs.wait_gone(killed, 5.0)
     for mount in mntns.lab_mounts(state.root):
         mntns.unmount(mount.point)
     for ns in netns.existing_lab_namespaces():
@@ -52,6 +61,9 @@ def teardown(state: StateDir, leftovers: bool = False) -> list[int]:
     # Loops last: a disk mounted in a node's mount namespace keeps the device busy until that
     # namespace is gone (no process left, pin unmounted).
     stuck = disks.release_all(state, leftovers)
+    if stuck and any(freeze.thaw_private(lp.device) for lp in stuck):
+        # Unmounted while frozen: the superblock stayed, frozen, and kept the device busy.
+        stuck = disks.wait_released(stuck, disks.RELEASE_TIMEOUT)
     held = [f"{lp.device} ({lp.backing}): {disks.describe_holders(lp.device, None)}" for lp in stuck]
     left = mntns.lab_mounts(state.root)
     if left:

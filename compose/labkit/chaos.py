@@ -11,16 +11,26 @@ xfs disk, own export, grace and lease 5 s) with a writer and an ARP sampler each
 healed, and the time until every VFS is serving again is measured (bounded). At the end:
 acknowledged writes are read back through their VIPs (all, or ``nfs_read_max`` per VFS), then
 the agents are stopped (releasing every VFS) and every acknowledged write is checked on its
-disk; the ARP samples are checked for two MACs answering one VIP, agent logs are scanned for
-errors. See docs/lab.md.
+disk; the ARP samples are checked for two MACs answering one VIP, the dual-mount sampler's for
+one disk mounted (or held open) by two nodes, agent logs are scanned for errors. See docs/lab.md.
+
+Invariants of the run itself: every fault undoes what it created (processes by PID, routes,
+freezes, keys) in its heal, also when its injection failed half-way; agents that died (a fence
+guard's reset, as a power cycle) are started again after each heal and before each fault, as a
+rebooted machine's init would, and counted; the lab is always removed at the end.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import os
 import random
 import re
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -28,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import diskcheck, netns
-from .cluster import NODE_NAMES, LabCluster
+from . import diskcheck, etcd, netns
+from .cluster import NODE_NAMES, LabCluster, MountSampler, agent_supports, cli_supports
+from .errors import LabError
 from .lab import Lab
 
 STATE_DIR = "/run/nfsha-lab-chaos"
@@ -38,8 +49,87 @@ FAULT_KINDS = (
     "node_kill", "agent_sigkill", "agent_sigstop", "node_cut_from_etcd", "node_cut_from_client",
     "etcd_leader_kill", "etcd_minority_partition", "etcd_restart_all", "ganesha_sigkill",
     "disk_block_next_candidate", "clock_jump",
+    "ganesha_ignores_sigterm", "mount_held_open", "slow_unmount", "agent_starvation", "malformed_specs",
+    "etcd_snapshot_restore",
 )
+# Kinds that need agent features (docs/safety.md): without them the old owner can still have the
+# disk when the next one mounts it, which the dual-mount invariant rightly counts as a failure.
+NEEDS_RESET = ("ganesha_ignores_sigterm", "mount_held_open", "slow_unmount")
+NEEDS_RAISE_EPOCH = ("etcd_snapshot_restore",)
 _ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback")
+RAISE_EPOCH = re.compile(r"nfs-ha raise-epoch (\d+)")
+DEFAULT_RELEASE_BOUND = 10.0  # the agent's default T_release (node/config.py)
+JUNK_VIP = "10.77.0.251"  # outside LabCluster's VIPs (100-250) and every lab host
+JUNK_DEVICE = "/dev/nfsha-chaos-no-such-disk"
+
+
+def unsupported_kinds(bindir: Path, kinds: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Requested kinds this nfs-ha cannot take yet, with the reason (read from --help)."""
+    missing: dict[str, str] = {}
+    for kind in kinds:
+        if kind in NEEDS_RESET and not (agent_supports(bindir, "--reset-command")
+                                        and agent_supports(bindir, "--release-bound")):
+            missing[kind] = "needs the agent's --reset-command and --release-bound (fence guard reset, T_release)"
+        if kind in NEEDS_RAISE_EPOCH and not cli_supports(bindir, "raise-epoch"):
+            missing[kind] = "needs `nfs-ha raise-epoch` (recovery after an etcd snapshot restore)"
+    return missing
+
+
+def junk_specs(prefix_name: str) -> list[tuple[str, bytes]]:
+    """(label, raw spec) an operator or an attacker could write: each must be refused with a
+    status error, never crash an agent or touch a real disk or address. A spec that happens to
+    pass validation still fails harmlessly: its device does not exist, its VIP is unused."""
+    vip = f"{JUNK_VIP}/24"
+    storage = {"device": JUNK_DEVICE, "fstype": "xfs"}
+
+    def spec(**fields: Any) -> bytes:
+        doc: dict[str, Any] = {"vip": vip, "candidates": list(NODE_NAMES), "storage": storage,
+                               "exports": [{"path": "/", "pseudo": "/junk", "access": "rw",
+                                            "clients": ["10.77.0.0/24"]}]}
+        doc.update(fields)
+        return json.dumps(doc).encode()
+
+    def export(**fields: Any) -> list[dict[str, Any]]:
+        return [{"path": "/", "pseudo": "/junk", "access": "rw", "clients": ["10.77.0.0/24"], **fields}]
+
+    def nested(depth: int) -> bytes:
+        return b'{"vip": ' + b"[" * depth + b"]" * depth + b', "candidates": ["node-a"]}'
+
+    return [
+        ("deep nesting", nested(30_000)),  # fits the size limit: the parser's recursion must hold
+        ("deep nesting, oversized", nested(100_000)),
+        ("deep nesting in exports", spec(exports=[{"clients": [[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]}])),
+        ("huge string", spec(storage={"device": "/dev/" + "x" * 900_000, "fstype": "xfs"})),
+        ("long device path", spec(storage={"device": "/dev/" + "x" * 60_000, "fstype": "xfs"})),
+        ("long candidate list", spec(candidates=[f"node-{i}" for i in range(5_000)])),
+        ("VIP not an address", spec(vip="10.77.0.300/24")),
+        ("VIP with a /0 prefix", spec(vip=f"{JUNK_VIP}/0")),
+        ("IPv6 VIP", spec(vip="fe80::1%eth0/64")),
+        ("VIP with shell text", spec(vip=f"{JUNK_VIP}/24; ip link set eth0 down")),
+        ("VIP as a number", spec(vip=174_326_011)),
+        ("client IPv6 with scope id", spec(exports=export(clients=["fe80::1%eth0"]))),
+        ("client /0", spec(exports=export(clients=["0.0.0.0/0"]))),
+        ("client with Ganesha config text", spec(exports=export(clients=['10.77.0.0/24; } EXPORT { Path = "/"']))),
+        ("export path /.nfs-ha", spec(exports=export(path="/.nfs-ha"))),
+        ("export path escaping the disk", spec(exports=export(path="/../../etc"))),
+        ("pseudo with config injection", spec(exports=export(pseudo='/j"; } EXPORT { Export_Id = 9; Path = "/'))),
+        ("pseudo with a newline", spec(exports=export(pseudo="/junk\nEXPORT {"))),
+        ("mount options injection", spec(storage={"device": JUNK_DEVICE, "fstype": "xfs",
+                                                  "options": "noatime,remount\nexec"})),
+        ("device with shell text", spec(storage={"device": "/dev/loop0; rm -rf /", "fstype": "xfs"})),
+        ("fstype injection", spec(storage={"device": JUNK_DEVICE, "fstype": "xfs -o remount"})),
+        ("negative grace", spec(nfs={"backend": "ganesha", "grace_seconds": -5, "lease_seconds": 5})),
+        ("lease TTL true", spec(lease_ttl=True)),
+        ("candidates not names", spec(candidates=["../etc", "", "node-a node-b"])),
+        ("duplicate keys", b'{"vip": "' + vip.encode() + b'", "vip": "10.77.0.252/24", "candidates": ["node-a"]}'),
+        ("NaN", b'{"vip": NaN, "candidates": ["node-a"]}'),
+        ("integer with 100000 digits", b'{"vip": ' + b"9" * 100_000 + b', "candidates": ["node-a"]}'),
+        ("not UTF-8", b'{"vip": "\xff\xfe", "candidates": ["node-a"]}'),
+        ("a JSON list", b"[1, 2, 3]"),
+        ("null", b"null"),
+        ("empty", b""),
+        ("unknown field", spec(owner=prefix_name)),
+    ]
 
 
 @dataclass
@@ -56,6 +146,9 @@ class ChaosConfig:
     state_dir: str = STATE_DIR
     logdir: Path | None = None
     kinds: tuple[str, ...] = FAULT_KINDS
+    skip_unsupported: bool = True  # kinds this nfs-ha cannot take yet are left out (and reported)
+    release_bound: float | None = None  # the agents' --release-bound (None: their default)
+    junk_per_fault: int = 6  # malformed specs written to new VFS names per malformed_specs fault
     wait_free_timeout: float = 600.0  # another lab on the machine: wait this long for it to go
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
 
@@ -74,17 +167,33 @@ def wait_lab_free(timeout: float, log: Callable[[str], None], poll: float = 10.0
 
 
 class Chaos:
-    def __init__(self, cfg: ChaosConfig, lab: Lab, logdir: Path) -> None:
+    def __init__(self, cfg: ChaosConfig, lab: Lab, logdir: Path, kinds: tuple[str, ...] | None = None) -> None:
         self.cfg = cfg
         self.lab = lab
+        self.logdir = logdir
+        self.kinds = kinds if kinds is not None else cfg.kinds
         self.rng = random.Random(cfg.seed)
         self.cluster = LabCluster(lab, logdir)
         self.cluster.faketime = True
+        self.cluster.release_bound = cfg.release_bound
         self.vfs: dict[str, dict[str, Any]] = {}  # name -> vip, device, pseudo, candidates
         self.events: list[dict[str, Any]] = []
         self.status_errors: dict[str, int] = {}
         self.status_failures = 0
         self._deck: list[str] = []
+        self.mounts: MountSampler | None = None
+        self.etcd_snapshot: Path | None = None
+        self.etcd_snapshot_revision: int | None = None
+        self.agent_started: dict[str, float] = {}  # node -> monotonic start of its current agent
+        self.agent_restarts: list[dict[str, Any]] = []  # agents found dead and started again
+        self.malformed: list[dict[str, Any]] = []
+        # What the fault being injected created, undone in reverse order by its heal (also when
+        # the injection fails half-way), and what it reports about itself.
+        self._undo: list[tuple[str, Callable[[], object]]] = []
+        self._info: dict[str, Any] = {}
+        self._observe: Callable[[dict[str, Any]], None] | None = None
+        self._hold_more: Callable[[], bool] | None = None  # keep the fault a while longer while True
+        self._hold_more_max = 15.0
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -102,8 +211,10 @@ class Chaos:
             return None
         for row in data.get("vfs", []):
             if row.get("error"):
-                key = f"{row['vfs']}: {row['error']}"
+                key = f"{row['vfs']}: {str(row['error'])[:500]}"
                 self.status_errors[key] = self.status_errors.get(key, 0) + 1
+        if self._observe is not None:
+            self._observe(data)
         return data
 
     def not_serving(self, data: dict[str, Any] | None) -> list[str]:
@@ -119,11 +230,14 @@ class Chaos:
                 bad.append(name)
         return bad
 
-    def wait_all_serving(self, timeout: float) -> tuple[float | None, list[str]]:
-        """Seconds until every VFS serves (None on timeout) and what is not serving then."""
+    def wait_all_serving(self, timeout: float, restart_agents: bool = False) -> tuple[float | None, list[str]]:
+        """Seconds until every VFS serves (None on timeout) and what is not serving then. With
+        ``restart_agents``, agents that die meanwhile (a reset) are started again."""
         start = time.monotonic()
         bad: list[str] = sorted(self.vfs)
         while time.monotonic() - start < timeout:
+            if restart_agents:
+                self.restart_dead_agents()
             bad = self.not_serving(self.snapshot())
             if not bad:
                 return time.monotonic() - start, []
@@ -151,11 +265,41 @@ class Chaos:
     def ensure_agent(self, node: str) -> None:
         if node not in self.cluster.agents:
             self.cluster.start_agent(node, self.cfg.ttl)
+            self.agent_started[node] = time.monotonic()
+
+    def restart_dead_agents(self) -> list[str]:
+        """Start again every agent that died (not those a fault removed on purpose): a node's
+        fence guard may have reset it, which kills everything on it, agent included. Each death
+        is classified by the reset records (STATE/resets.jsonl) since that agent started."""
+        dead = [n for n in NODE_NAMES if n in self.cluster.agents and not self.cluster.agent_alive(n)]
+        if not dead:
+            return []
+        resets = self.lab.resets()
+        for node in dead:
+            since = self.agent_started.get(node, 0.0)
+            reset = [r for r in resets if r.get("node") == node and float(r.get("t", 0)) >= since - 1.0]
+            record: dict[str, Any] = {"node": node, "t": round(time.monotonic(), 3),
+                                      "cause": "reset" if reset else "unexpected"}
+            if not reset:
+                record["log_tail"] = self._log_tail(node)
+            self.agent_restarts.append(record)
+            self.log(f"agent on {node} died ({record['cause']}); starting it again")
+        restarted = self.cluster.ensure_agents(nodes=tuple(dead))
+        for node in restarted:
+            self.agent_started[node] = time.monotonic()
+        return restarted
+
+    def _log_tail(self, node: str, lines: int = 8) -> list[str]:
+        try:
+            text = self.cluster.agent_log(node).read_text(errors="replace")
+        except OSError:
+            return []
+        return [line[:300] for line in text.splitlines()[-lines:]]
 
     def next_kind(self) -> str:
         # A shuffled deck: every kind comes once per round, in seeded random order.
         if not self._deck:
-            self._deck = list(self.cfg.kinds)
+            self._deck = list(self.kinds)
             self.rng.shuffle(self._deck)
         return self._deck.pop()
 
@@ -164,6 +308,9 @@ class Chaos:
     def setup(self) -> None:
         c = self.cluster
         c.start_agents(self.cfg.ttl)  # one by one, each registered before the next (under faketime)
+        now = time.monotonic()
+        self.agent_started = {node: now for node in NODE_NAMES}
+        self.mounts = c.mount_sampler(duration=24 * 3600)
         for i in range(self.cfg.vfs):
             name = f"v{i}"
             device = self.lab.create_disk(f"chaos-{name}")
@@ -181,6 +328,11 @@ class Chaos:
         if took is None:
             raise RuntimeError(f"VFS not serving after set-up: {bad}")
         self.log(f"{len(self.vfs)} VFS serving: {self.owners()}")
+        if "etcd_snapshot_restore" in self.kinds:
+            # What an operator restores after losing etcd: a snapshot taken while all was well.
+            self.etcd_snapshot = self.logdir / "etcd-setup.snapshot.db"
+            self.etcd_snapshot_revision = self.lab.etcd_snapshot_save(self.etcd_snapshot)
+            self.log(f"etcd snapshot at revision {self.etcd_snapshot_revision}: {self.etcd_snapshot}")
         for info in self.vfs.values():
             info["writer"] = c.start_writer(info["vip"], info["pseudo"], duration=24 * 3600,
                                             interval=self.cfg.writer_interval)
@@ -239,7 +391,240 @@ class Chaos:
             minutes = self.rng.choice((-1, 1)) * self.rng.randint(1, 10)
             offset = lab.clock_jump(node, minutes * 60)
             return f"{node} {offset}", lambda: lab.clock_jump(node, 0)
+        new_kinds: dict[str, Callable[[float], str]] = {
+            "ganesha_ignores_sigterm": self._ganesha_ignores_sigterm,
+            "mount_held_open": self._mount_held_open,
+            "slow_unmount": self._slow_unmount,
+            "agent_starvation": self._agent_starvation,
+            "malformed_specs": self._malformed_specs,
+            "etcd_snapshot_restore": self._etcd_snapshot_restore,
+        }
+        if kind in new_kinds:
+            return new_kinds[kind](spacing), self.undo_all
         raise ValueError(f"unknown fault kind {kind!r}")
+
+    # --- faults that register their undo steps ------------------------------------------------
+
+    def on_heal(self, what: str, step: Callable[[], object]) -> None:
+        """Register an undo step of the fault being injected (run in reverse order at heal)."""
+        self._undo.append((what, step))
+
+    def undo_all(self) -> None:
+        """Run every registered undo step, newest first, each even if another failed."""
+        errors = []
+        while self._undo:
+            what, step = self._undo.pop()
+            try:
+                step()
+            except Exception as exc:  # the other steps must still run
+                errors.append(f"{what}: {exc!r}"[:500])
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+    def _stop_pid(self, pid: int) -> None:
+        """SIGKILL a process we spawned in the lab, if it still runs (a reset may have killed it)."""
+        with contextlib.suppress(LabError):
+            self.lab.stop(pid, signal.SIGKILL, timeout=10)
+
+    def _owner_mount(self) -> tuple[str, str, str, str]:
+        """(vfs, owner, mount point on the owner, device) of a random VFS mounted on its owner."""
+        owners = self.owners()
+        names = sorted(owners)
+        self.rng.shuffle(names)
+        for name in names:
+            node, device = owners[name], self.vfs[name]["device"]
+            with contextlib.suppress(LabError):
+                point = next((p for d, p in self.lab.mounts_of(node) if d == device), None)
+                if point:
+                    return name, node, point, device
+        raise RuntimeError(f"no VFS is mounted on its owner (owners {owners})")
+
+    def _cut_from_etcd(self, node: str) -> None:
+        self.on_heal(f"heal {node}", lambda: self.lab.heal(node))
+        self.lab.partition_node(node)
+
+    def _hold_until_moved(self, name: str, node: str) -> None:
+        """Keep the fault until another node serves ``name``: the point of these faults is that
+        the stuck node is forced off the disk (fence guard, reset within T_release) before the
+        next owner mounts it, not that the heal frees it first. Bounded by lease expiry +
+        T_release + a margin."""
+        def not_moved() -> bool:
+            row = next((r for r in (self.snapshot() or {}).get("vfs", []) if r.get("vfs") == name), {})
+            return not (row.get("phase") == "serving" and row.get("owner") not in (None, node))
+        self._hold_more = not_moved
+        self._hold_more_max = 3 * self.cfg.ttl + (self.cfg.release_bound or DEFAULT_RELEASE_BOUND) + 15.0
+
+    def _ganesha_ignores_sigterm(self, spacing: float) -> str:
+        """The owner's Ganesha servers ignore SIGTERM (SIGSTOPped: a pending SIGTERM does nothing,
+        only SIGKILL works) and the owner is cut from etcd, so it self-fences and must stop them."""
+        name, node, _, _ = self._owner_mount()
+        pids = self.lab.ganesha_pids(node)
+        if not pids:
+            raise RuntimeError(f"no ganesha.nfsd on {node}")
+        for pid in pids:
+            self.on_heal(f"SIGCONT {pid}", lambda p=pid: self.lab.agent_sigcont(p))
+            self.lab.agent_sigstop(pid)
+        self._cut_from_etcd(node)
+        self._hold_until_moved(name, node)
+        return f"{name} on {node}: ganesha.nfsd {pids} stopped, {node} cut from etcd"
+
+    def _mount_held_open(self, spacing: float) -> str:
+        """A process of the owner keeps its cwd and an open directory in the VFS's mount (so a
+        plain umount fails with EBUSY), and the owner is cut from etcd."""
+        name, node, point, device = self._owner_mount()
+        argv = ["sh", "-c", 'cd "$1" && exec sleep "$2" 3<.', "hold-open", point, str(int(spacing) + 600)]
+        pid = self.lab.spawn(node, argv, self.logdir / "hold-open.log")
+        self.on_heal(f"stop holder {pid}", lambda: self._stop_pid(pid))
+        rdev = os.stat(device).st_rdev
+        deadline = time.monotonic() + 5
+        while not _cwd_on(pid, rdev):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"holder {pid} did not get into {point} on {node}")
+            time.sleep(0.02)
+        self._cut_from_etcd(node)
+        self._hold_until_moved(name, node)
+        self._info["holder_pid"] = pid
+        return f"{name} on {node}: pid {pid} holds {point}, {node} cut from etcd"
+
+    def _slow_unmount(self, spacing: float) -> str:
+        """The owner's filesystem is frozen (fsfreeze -f: writes block, the NFS server hangs in
+        D state) and the owner is cut from etcd. The freeze stays on that node (FreezeWatch:
+        the lab's nodes share one superblock); the heal thaws whatever is still frozen."""
+        name, node, point, device = self._owner_mount()
+        self.on_heal(f"thaw {device}", lambda: self._info.setdefault("thawed_at_heal", self.lab.thaw_disk(device)))
+        watch = self.lab.freeze(node, point)
+        assert watch is not None
+
+        def stop_watch() -> None:
+            watch.stop()
+            self._info["thawed_by_watch"] = watch.thawed
+            if watch.error:
+                self._info["watch_error"] = watch.error
+        self.on_heal("stop the freeze watch", stop_watch)
+        self._cut_from_etcd(node)
+        self._hold_until_moved(name, node)
+        return f"{name} on {node}: {point} frozen, {node} cut from etcd"
+
+    def _agent_starvation(self, spacing: float) -> str:
+        """The owner's agent reniced to 19 and pinned to one CPU, with two busy loops at nice -5
+        pinned there too, in the node's namespaces (its guard, NFS servers and the rest of the
+        lab keep the other CPUs)."""
+        node = self.owner_node()
+        pid = self.cluster.agents.get(node)
+        if pid is None:
+            raise RuntimeError(f"no agent on {node}")
+        cpu = (os.cpu_count() or 1) - 1
+        everything = set(range(os.cpu_count() or 1))
+        self.on_heal(f"un-starve agent {pid}", lambda: _set_sched(pid, 0, everything))
+        _set_sched(pid, 19, {cpu})
+        hogs = []
+        for i in range(2):
+            argv = ["timeout", str(int(spacing) + 120), "taskset", "-c", str(cpu),
+                    "nice", "-n", "-5", "sh", "-c", "while :; do :; done"]
+            hog = self.lab.spawn(node, argv, self.logdir / f"hog-{i}.log")
+            self.on_heal(f"stop hog {hog}", lambda h=hog: self._stop_pid(h))
+            hogs.append(hog)
+        return f"{node}: agent {pid} at nice 19 on CPU {cpu} with hogs {hogs} at nice -5"
+
+    def _malformed_specs(self, spacing: float) -> str:
+        """Junk specs under new VFS names (and two keys with invalid VFS names), and one over an
+        existing VFS's spec, restored at heal. Every junk VFS must show a status error, the
+        overwritten VFS keep serving on its last valid spec, and no VFS stop serving."""
+        c = self.cluster
+        # Only VFS serving now can "stop serving because of it" (an earlier fault may still be
+        # recovering when this one starts).
+        serving_before = set(self.vfs) - set(self.not_serving(self.snapshot()))
+        junk = junk_specs(c.prefix)
+        chosen = self.rng.sample(range(len(junk)), min(self.cfg.junk_per_fault, len(junk)))
+        fault = len(self.events)
+        names: dict[str, str] = {}
+        for k, index in enumerate(chosen):
+            name = f"junk{fault}-{k}"
+            self.on_heal(f"delete {name}", lambda n=name: c.lab.etcdctl("del", "--prefix", f"{c.prefix}/vfs/{n}/"))
+            self._put_raw(c.key(name, "spec"), junk[index][1])
+            names[name] = junk[index][0]
+        for bad in (f"{c.prefix}/vfs/bad name!/spec", f"{c.prefix}/vfs/a/b/spec"):
+            self.on_heal(f"delete {bad!r}", lambda k=bad: c.lab.etcdctl("del", k))
+            self._put_raw(bad, junk[chosen[0]][1])
+        target = self.rng.choice(sorted(self.vfs))
+        key = c.key(target, "spec")
+        original = self._get_raw(key)
+        if original is None:
+            raise RuntimeError(f"{key} has no spec to overwrite")
+        over = self.rng.randrange(len(junk))
+        self.on_heal(f"restore {target}'s spec", lambda: self._put_raw(key, original))
+        self._put_raw(key, junk[over][1])
+        seen: dict[str, Any] = {"junk": names, "overwritten": target, "overwritten_with": junk[over][0],
+                                "errors": {}, "stopped_serving": set(), "serving_before": sorted(serving_before)}
+
+        def observe(data: dict[str, Any]) -> None:
+            rows = {r["vfs"]: r for r in data.get("vfs", [])}
+            for name in [*names, target]:
+                error = (rows.get(name) or {}).get("error")
+                if error and name not in seen["errors"]:
+                    seen["errors"][name] = str(error)[:300]
+            seen["stopped_serving"] |= set(self.not_serving(data)) & serving_before
+        self._observe = observe
+        # Held until every junk VFS has shown its status error (at most 15 s more).
+        self._hold_more = lambda: any(n not in seen["errors"] for n in [*names, target])
+        self._info["malformed"] = seen
+        self.on_heal("stop observing", lambda: setattr(self, "_observe", None))
+        return f"{len(names)} junk VFS ({', '.join(names.values())}); {target} overwritten with {junk[over][0]!r}"
+
+    def _put_raw(self, key: str, value: bytes) -> None:
+        # The value goes through stdin: argv cannot carry NUL-free binary of this size (128 KB
+        # per argument) and etcdctl reads a missing value from stdin.
+        argv = self.lab.client_cmd(etcd.etcdctl_argv(["put", key]))
+        proc = subprocess.run(argv, input=value, capture_output=True, timeout=60, check=False,
+                              env={**os.environ, "ETCDCTL_API": "3"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"etcdctl put {key} failed: {proc.stderr.decode(errors='replace')[-300:]}")
+
+    def _get_raw(self, key: str) -> bytes | None:
+        out = self.lab.etcdctl("get", key, "-w", "json").stdout
+        kvs = json.loads(out or "{}").get("kvs") or []
+        return base64.b64decode(kvs[0].get("value", "")) if kvs else None
+
+    def _etcd_snapshot_restore(self, spacing: float) -> str:
+        """All three members stopped and restored from the snapshot taken at set-up: keys,
+        leases and revisions go back. Owners' storage epochs on the disks are now above what
+        etcd hands out, so takeovers are refused with `nfs-ha raise-epoch N`; the heal plays
+        the operator: it runs that with the highest N shown, until every VFS serves."""
+        if self.etcd_snapshot is None:
+            raise RuntimeError("no etcd snapshot was taken at set-up")
+        leader = self.lab.etcd_snapshot_restore(self.etcd_snapshot)
+        self.on_heal("raise the storage epoch", self._raise_epoch_recovery)
+        return f"restored to revision {self.etcd_snapshot_revision}; etcd{leader} leads"
+
+    def _raise_epoch_recovery(self) -> None:
+        """Watch the status; whenever a refused takeover names a higher N, run `nfs-ha
+        raise-epoch N`. Returns once every VFS has served for 2 s after a settle time (the
+        restored owners' leases must run out first), or after the recovery timeout."""
+        started = time.monotonic()
+        settle = started + 3 * self.cfg.ttl + 5
+        deadline = started + self.cfg.recovery_timeout
+        raised = 0
+        serving_since: float | None = None
+        runs: list[dict[str, Any]] = self._info.setdefault("raise_epoch", [])
+        while time.monotonic() < deadline:
+            data = self.snapshot()
+            rows = (data or {}).get("vfs", [])
+            wanted = max((int(n) for r in rows for n in RAISE_EPOCH.findall(str(r.get("error") or ""))), default=0)
+            if wanted > raised:
+                proc = self.cluster.cli("raise-epoch", str(wanted))
+                runs.append({"n": wanted, "rc": proc.returncode, "after_s": round(time.monotonic() - started, 2),
+                             "output": (proc.stdout + proc.stderr).strip()[-300:]})
+                self.log(f"nfs-ha raise-epoch {wanted}: exit {proc.returncode}")
+                if proc.returncode == 0:
+                    raised = wanted
+            now = time.monotonic()
+            if data is not None and not self.not_serving(data):
+                serving_since = serving_since or now
+                if now >= settle and now - serving_since >= 2.0:
+                    return
+            else:
+                serving_since = None
+            time.sleep(0.3)
 
     def _cont_at(self, pid: int, until: float) -> None:
         # The timer sends SIGCONT at `until`; the heal makes sure it happened.
@@ -270,41 +655,85 @@ class Chaos:
         for i in range(self.cfg.faults):
             kind = self.next_kind()
             spacing = round(self.rng.uniform(*self.cfg.spacing), 2)
+            self.restart_dead_agents()
             t0 = time.monotonic()
-            event: dict[str, Any] = {"i": i, "kind": kind, "spacing_s": spacing}
+            event: dict[str, Any] = {"i": i, "kind": kind, "spacing_s": spacing, "t": round(t0, 3)}
+            self._undo, self._info, self._hold_more, self._hold_more_max = [], {}, None, 15.0
             try:
                 target, heal = self.inject(kind, spacing)
-            except Exception as exc:  # record and go on
+            except Exception as exc:  # record, undo what it did, and go on
                 event.update(target=None, inject_error=repr(exc))
+                try:
+                    self.undo_all()
+                except Exception as undo_exc:
+                    event["heal_error"] = repr(undo_exc)
+                self._observe = None
+                event["t_end"] = round(time.monotonic(), 3)
                 self.events.append(event)
                 self.log(f"fault {i} {kind}: injection failed: {exc!r}")
+                self.wait_all_serving(self.cfg.recovery_timeout, restart_agents=True)
                 continue
             event["target"] = target
             self.log(f"fault {i} {kind} on {target}; holding {spacing}s")
             event["not_serving_during"] = sorted(set(self.not_serving(self.snapshot())))
+            t_held = time.monotonic()
             self.hold(spacing)
+            more_until = time.monotonic() + self._hold_more_max
+            while self._hold_more is not None and self._hold_more() and time.monotonic() < more_until:
+                self.hold(0.5)
+            self._hold_more = None
+            event["held_s"] = round(time.monotonic() - t_held, 2)
             t_heal = time.monotonic()
             try:
                 heal()
             except Exception as exc:
                 event["heal_error"] = repr(exc)
                 self.log(f"fault {i} {kind}: heal failed: {exc!r}")
-            took, bad = self.wait_all_serving(self.cfg.recovery_timeout)
+            if self._undo:  # an old-style heal of a kind that also registered undo steps
+                try:
+                    self.undo_all()
+                except Exception as exc:
+                    event["heal_error"] = repr(exc)
+            self._observe = None
+            self._record_info(event)
+            took, bad = self.wait_all_serving(self.cfg.recovery_timeout, restart_agents=True)
             event["recovery_s"] = None if took is None else round(time.monotonic() - t_heal, 3)
             event["from_fault_s"] = None if took is None else round(time.monotonic() - t0, 3)
             event["not_serving_after"] = bad
+            event["t_end"] = round(time.monotonic(), 3)
             self.events.append(event)
             self.log(f"fault {i} {kind}: " + (f"all serving {event['recovery_s']}s after heal" if took is not None
                                               else f"NOT serving after {self.cfg.recovery_timeout}s: {bad}"))
+
+    def _record_info(self, event: dict[str, Any]) -> None:
+        info = dict(self._info)
+        seen = info.pop("malformed", None)
+        if seen is not None:
+            junk = dict(seen["junk"])
+            result = {
+                "junk": junk,
+                "without_status_error": sorted(n for n in junk if n not in seen["errors"]),
+                "overwritten": seen["overwritten"],
+                "overwritten_with": seen["overwritten_with"],
+                "overwritten_error": seen["errors"].get(seen["overwritten"]),
+                "stopped_serving": sorted(seen["stopped_serving"]),
+                "serving_before": seen["serving_before"],
+                "errors": seen["errors"],
+            }
+            self.malformed.append(result)
+            info["malformed"] = result
+        event.update(info)
 
     def finish(self) -> dict[str, Any]:
         """Heal everything, then check the promises: ARP samples, and every acknowledged write,
         read back through its VIP (all of them, or a sample of ``nfs_read_max`` per VFS) and
         then checked on its disk after the agents released every VFS (labkit.diskcheck)."""
         self.lab.heal()
+        self.lab.thaw_disk()  # nothing should be frozen any more; never leave it so
+        self.restart_dead_agents()
         for node in NODE_NAMES:
             self.ensure_agent(node)
-        _, bad_end = self.wait_all_serving(self.cfg.recovery_timeout)
+        _, bad_end = self.wait_all_serving(self.cfg.recovery_timeout, restart_agents=True)
         owners_before = self.owners()
         acked: dict[str, list[dict[str, Any]]] = {}
         writes: dict[str, Any] = {"acknowledged": 0, "failed_attempts": 0, "read_back_nfs": 0,
@@ -324,12 +753,33 @@ class Chaos:
         writes["owner_changes_during_check"] = {
             name: [owners_before.get(name), owners_after.get(name)]
             for name in self.vfs if owners_before.get(name) != owners_after.get(name)}
+        mounts = self.mount_report()
         self.check_disks(acked, lost, writes)
         for name, names in lost.items():
             writes["missing_or_wrong"] += len(names)
             if names:
                 writes["missing_names"][name] = sorted(names)[:20]
-        return {"writes": writes, "arp": arp, "not_serving_at_end": bad_end}
+        return {"writes": writes, "arp": arp, "mounts": mounts, "not_serving_at_end": bad_end}
+
+    def mount_report(self) -> dict[str, Any]:
+        """The dual-mount sampler's summary; a sampler that died early counts as not sampled."""
+        if self.mounts is None:
+            return {"samples": 0, "dual_mount_samples": 0, "error": "no mount sampler"}
+        died = not self.mounts.alive()
+        summary = self.mounts.stop()
+        if died:
+            summary["error"] = "the mount sampler exited before the end of the run"
+        # Which fault each dual-mount sample belongs to: from its injection to its recovery.
+        duals = [r for r in self.mounts.records() if r.get("dual")]
+        by_kind: dict[str, int] = {}
+        for event in self.events:
+            start, end = event.get("t", 0.0), event.get("t_end", 0.0)
+            n = sum(int(r["n"]) for r in duals if start <= r["t0"] <= end)
+            if n:
+                event["dual_mount_samples"] = n
+                by_kind[event["kind"]] = by_kind.get(event["kind"], 0) + n
+        summary["dual_by_kind"] = by_kind
+        return summary
 
     def arp_report(self) -> dict[str, Any]:
         arp: dict[str, Any] = {"samples": 0, "double_mac_samples": 0, "per_vip": {}}
@@ -403,6 +853,27 @@ class Chaos:
         return lines
 
 
+def _cwd_on(pid: int, device: int) -> bool:
+    """True once ``pid``'s working directory lies on the filesystem of ``device`` (st_rdev)."""
+    try:
+        return os.stat(f"/proc/{pid}/cwd").st_dev == device
+    except OSError:
+        return False
+
+
+def _set_sched(pid: int, nice: int, cpus: set[int]) -> None:
+    """Nice value and CPU affinity of every thread of ``pid`` (both are per thread on Linux; new
+    threads inherit them from the thread that creates them). A process already gone is fine."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+            os.sched_setaffinity(tid, cpus)
+
+
 def summarize(values: list[float]) -> dict[str, Any]:
     if not values:
         return {"median": None, "max": None}
@@ -414,14 +885,24 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
     started = time.monotonic()
     logdir = Path(cfg.logdir) if cfg.logdir else Path(f"/tmp/nfsha-chaos-{cfg.seed}-{int(time.time())}")
     logdir.mkdir(parents=True, exist_ok=True)
+    bindir = Path(sys.executable).parent
+    unknown = sorted(set(cfg.kinds) - set(FAULT_KINDS))
+    if unknown:
+        raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}")
+    skipped = unsupported_kinds(bindir, cfg.kinds) if cfg.skip_unsupported else {}
+    kinds = tuple(k for k in cfg.kinds if k not in skipped)
+    if not kinds:
+        raise ValueError(f"no fault kind left to run (skipped: {skipped})")
+    for kind, why in skipped.items():
+        cfg.log(f"[chaos] skipping {kind}: {why}")
     wait_lab_free(cfg.wait_free_timeout, cfg.log)
     lab = Lab(state_dir=cfg.state_dir)
     chaos: Chaos | None = None
     report: dict[str, Any] = {"seed": cfg.seed, "faults_requested": cfg.faults, "vfs": cfg.vfs,
-                              "ttl": cfg.ttl, "logdir": str(logdir)}
+                              "ttl": cfg.ttl, "logdir": str(logdir), "kinds": list(kinds), "kinds_skipped": skipped}
     try:
         lab.up()
-        chaos = Chaos(cfg, lab, logdir)
+        chaos = Chaos(cfg, lab, logdir, kinds)
         chaos.setup()
         report["setup_s"] = round(time.monotonic() - started, 1)
         chaos.run_faults()
@@ -433,9 +914,13 @@ def run(cfg: ChaosConfig) -> dict[str, Any]:
         if chaos is not None:
             report["faults"] = chaos.events
             report["agent_errors"] = chaos.agent_errors()[:200]
+            if chaos.mounts is not None:
+                report["mounts"] = chaos.mounts.summary()
     finally:
         try:
             if chaos is not None:
+                with contextlib.suppress(Exception):
+                    chaos.undo_all()  # a fault interrupted half-way
                 chaos.cluster.cleanup()
         finally:
             lab.down()
@@ -463,15 +948,37 @@ def _report(chaos: Chaos, end: dict[str, Any]) -> dict[str, Any]:
         faults_by_kind[e["kind"]] = faults_by_kind.get(e["kind"], 0) + 1
     agent_errors = chaos.agent_errors()
     serving_at_end = not end["not_serving_at_end"]
+    mounts = end["mounts"]
+    resets = chaos.lab.resets()
+    unexpected = [r for r in chaos.agent_restarts if r["cause"] == "unexpected"]
+    malformed = {
+        "faults": len(chaos.malformed),
+        "junk_written": sum(len(m["junk"]) for m in chaos.malformed),
+        "junk_without_status_error": [n for m in chaos.malformed for n in m["without_status_error"]],
+        "overwritten_without_status_error": [m["overwritten"] for m in chaos.malformed if not m["overwritten_error"]],
+        "stopped_serving": sorted({n for m in chaos.malformed for n in m["stopped_serving"]}),
+    }
+    mounts_ok = mounts.get("samples", 0) > 0 and mounts.get("dual_mount_samples") == 0 and not mounts.get("error")
     ok = (end["arp"]["double_mac_samples"] == 0 and end["writes"]["missing_or_wrong"] == 0 and serving_at_end
-          and not end["writes"].get("disk_check_errors"))
+          and not end["writes"].get("disk_check_errors") and mounts_ok and not unexpected
+          and not malformed["junk_without_status_error"] and not malformed["overwritten_without_status_error"]
+          and not malformed["stopped_serving"])
     return {
         "ok": ok,
         "faults_injected": len(injected),
         "faults_by_kind": faults_by_kind,
         "distinct_kinds": len(faults_by_kind),
         "arp": end["arp"],
+        "dual_mount_samples": mounts.get("dual_mount_samples"),
+        "mounts": mounts,
         "writes": end["writes"],
+        "resets": {"count": len(resets), "by_node": {n: sum(1 for r in resets if r.get("node") == n)
+                                                     for n in NODE_NAMES},
+                   "records": resets[:50]},
+        "agent_restarts": {"after_reset": sum(1 for r in chaos.agent_restarts if r["cause"] == "reset"),
+                           "unexpected": unexpected},
+        "malformed_specs": malformed,
+        "etcd_snapshot_revision": chaos.etcd_snapshot_revision,
         "recovery_by_kind": by_kind,
         "serving_at_end": serving_at_end,
         "not_serving_at_end": end["not_serving_at_end"],
@@ -495,11 +1002,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nfs-read-max", type=int, default=400,
                         help="acknowledged writes per VFS read back through NFS (all are checked on disk)")
     parser.add_argument("--logdir", help="agent, writer and sampler logs (default /tmp/nfsha-chaos-SEED-TIME)")
+    parser.add_argument("--kinds", help=f"comma-separated fault kinds (default all: {','.join(FAULT_KINDS)})")
+    parser.add_argument("--strict-kinds", action="store_true",
+                        help="fail instead of skipping kinds this nfs-ha cannot take yet (see kinds_skipped)")
+    parser.add_argument("--release-bound", type=float, help="the agents' --release-bound (default: theirs)")
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args(argv)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip()) if args.kinds else FAULT_KINDS
+    unknown = sorted(set(kinds) - set(FAULT_KINDS))
+    if unknown:
+        parser.error(f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}")
+    if args.strict_kinds:
+        missing = unsupported_kinds(Path(sys.executable).parent, kinds)
+        if missing:
+            parser.error(f"this nfs-ha cannot take: {missing}")
     cfg = ChaosConfig(faults=args.faults, seed=args.seed, vfs=max(1, args.vfs), ttl=args.ttl,
                       spacing=(args.spacing[0], args.spacing[1]), recovery_timeout=args.recovery_timeout,
-                      nfs_read_max=max(1, args.nfs_read_max), logdir=Path(args.logdir) if args.logdir else None)
+                      nfs_read_max=max(1, args.nfs_read_max), logdir=Path(args.logdir) if args.logdir else None,
+                      kinds=kinds, release_bound=args.release_bound)
     report = run(cfg)
     text = json.dumps(report, indent=2)
     print(text)

@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+import traceback
 
 from .errors import LabError
 from .lab import Lab
-from .topology import MEMBERS, NODES
+from .topology import MEMBERS, NODES, STATE_ENV
 
-USAGE = """usage: lab COMMAND ...
+USAGE = """usage: lab [--state-dir DIR] COMMAND ...
   up [--heartbeat-ms N] [--election-ms N] [--timeout S]
   down | status | leader
   kill-node NODE | revive-node NODE | partition-node NODE | heal [NODE]
+  reset NODE                  power cycle, links up: processes killed, mounts and VIPs gone
+  resets                      every reset so far (JSON lines)
+  freeze NODE PATH | thaw [DEV]
   kill-etcd N | start-etcd N | isolate-etcd N | heal-etcd [N] | restart-etcd
+  etcd-snapshot FILE | etcd-restore FILE
   cut-client NODE | heal-client NODE | ganesha-kill NODE | clock-jump NODE SECONDS
   disk-create NAME [--size-mb N] [--fstype xfs|ext4|none] | disk-destroy NAME [--force] | disks
   mounts NODE | block-device NODE DEV | unblock-device NODE DEV
   exec NAME -- ARGV...        NAME: {names}
   etcdctl ARGS...             (client namespace, all three endpoints)
-State dir: $NFSHA_LAB_DIR (default /run/nfsha-lab).""".format(names="|".join(MEMBERS))
+State dir: --state-dir, else $NFSHA_LAB_DIR, else /run/nfsha-lab.""".format(names="|".join(MEMBERS))
 
 
 def _passthrough(argv: list[str]) -> int:
@@ -103,6 +109,28 @@ def _one_arg(command: str, rest: list[str], allowed: list[str], optional: bool =
     return rest[0]
 
 
+def _reset(lab: Lab, node: str) -> int:
+    """Power-cycle ``node`` in a child in its own session: a fence guard that gives up on its
+    reset command SIGKILLs the command's process group, and a reset stopped half-way (the old
+    mount namespace dropped, the new one not yet pinned) would leave a node no command can use."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            print(json.dumps(lab.reset_node(node)), flush=True)
+            code = 0
+        except LabError as exc:
+            print(f"lab reset: {exc}", file=sys.stderr, flush=True)
+        except BaseException:  # shown, never propagated out of the forked child
+            traceback.print_exc()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
 def _simple(command: str, rest: list[str]) -> int:
     lab = Lab.attach()
     nodes, members = list(NODES), ["1", "2", "3"]
@@ -117,6 +145,27 @@ def _simple(command: str, rest: list[str]) -> int:
     elif command == "kill-node":
         node = str(_one_arg(command, rest, nodes))
         print(f"killed {node}: pids {lab.kill_node(node)}")
+    elif command == "reset":
+        return _reset(lab, str(_one_arg(command, rest, nodes)))
+    elif command == "resets":
+        for record in lab.resets():
+            print(json.dumps(record))
+    elif command == "freeze":
+        if len(rest) != 2 or rest[0] not in nodes:
+            raise LabError(f"freeze needs NODE PATH (NODE one of {' '.join(nodes)})")
+        lab.freeze(rest[0], rest[1], watch=False)
+    elif command == "thaw":
+        if len(rest) > 1:
+            raise LabError("thaw takes at most one device")
+        print(json.dumps(lab.thaw_disk(rest[0] if rest else None)))
+    elif command == "etcd-snapshot":
+        if len(rest) != 1:
+            raise LabError("etcd-snapshot needs FILE")
+        print(f"revision {lab.etcd_snapshot_save(rest[0])}")
+    elif command == "etcd-restore":
+        if len(rest) != 1:
+            raise LabError("etcd-restore needs FILE")
+        print(f"etcd{lab.etcd_snapshot_restore(rest[0])} leads")
     elif command == "revive-node":
         lab.revive_node(str(_one_arg(command, rest, nodes)))
     elif command == "partition-node":
@@ -161,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if args[0] == "--state-dir" or args[0].startswith("--state-dir="):
+        # Lab.attach() reads it from there; a fence guard calls `lab --state-dir DIR reset NODE`.
+        value, args = (args[1], args[2:]) if args[0] == "--state-dir" and len(args) > 1 else \
+            (args[0].partition("=")[2], args[1:])
+        if not value or not args:
+            print(USAGE, file=sys.stderr)
+            return 2
+        os.environ[STATE_ENV] = value
     command, rest = args[0], args[1:]
     try:
         # exec/etcdctl take raw argv (flags included), so they bypass argparse.

@@ -7,9 +7,12 @@ another on one lab without seeing each other's leftovers.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,13 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import nfsclient
+from . import mountsampler, nfsclient, procs
 from .errors import LabError
 from .lab import Lab
 from .topology import NODES
 
 CLIENT_IP = "10.77.0.50"
 COMPOSE_DIR = Path(__file__).resolve().parents[1]  # on PYTHONPATH for `python -m labkit.nfswriter`
+LAB_SCRIPT = COMPOSE_DIR / "lab"
 NODE_NAMES = tuple(NODES)
 _vips = itertools.count(100)
 _prefixes = itertools.count(1)
@@ -76,6 +80,75 @@ class Sampler:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class MountSampler:
+    """The dual-mount sampler (labkit.mountsampler) in the root namespaces: which lab nodes mount
+    or hold each lab disk, every ~20 ms. Our child; stopped by PID."""
+
+    def __init__(self, lab: Lab, bindir: Path, path: Path, duration: float, interval: float = 0.02) -> None:
+        self.path = path
+        argv = [str(bindir / "python"), "-m", "labkit.mountsampler", "--state-dir", str(lab.state_dir),
+                "--out", str(path), "--interval", str(interval), "--duration", str(duration)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(COMPOSE_DIR),
+                                                                         os.environ.get("PYTHONPATH")]))}
+        with open(path.with_suffix(".err"), "ab") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                         env=env, cwd=COMPOSE_DIR)
+
+    def records(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # the last line may be half written
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """samples, dual_mount_samples, blind_samples, first_dual, ... (labkit.mountsampler.summarize)."""
+        return mountsampler.summarize(self.records())
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM (it writes its last run and a stop record), then the summary."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return self.summary()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@functools.cache
+def _help_text(program: str) -> str:
+    try:
+        proc = subprocess.run([program, "--help"], capture_output=True, text=True, timeout=60, check=False)
+    except OSError:
+        return ""
+    return proc.stdout + proc.stderr
+
+
+def agent_supports(bindir: Path, option: str) -> bool:
+    """True if this nfs-ha-agent knows ``option`` (e.g. "--reset-command"); read from --help."""
+    return option in _help_text(str(bindir / "nfs-ha-agent"))
+
+
+def cli_supports(bindir: Path, command: str) -> bool:
+    """True if this nfs-ha CLI has the sub-command ``command`` (e.g. "raise-epoch")."""
+    return command in _help_text(str(bindir / "nfs-ha"))
 
 
 class Writer:
@@ -134,6 +207,12 @@ class LabCluster:
         self.writers: list[Writer] = []
         self.disks: list[str] = []  # devices (from lab.create_disk) that cleanup destroys
         self.faketime = False  # True: every agent starts under libfaketime (see Lab.clock_jump)
+        self.mount_samplers: list[MountSampler] = []
+        # Give every agent `compose/lab reset NODE` as its --reset-command (the guard's last
+        # escalation: power-cycle this node). None: whenever the agent has that option.
+        self.reset_command: bool | None = None
+        self.release_bound: float | None = None  # --release-bound for every agent (None: its default)
+        self.agent_ttl: dict[str, int] = {}  # the TTL each node's agent was last started with
 
     # --- agents ---------------------------------------------------------------------------
 
@@ -151,7 +230,12 @@ class LabCluster:
         libfaketime, so lab.clock_jump(node, s) moves its wall clock."""
         argv = [str(self.bindir / "nfs-ha-agent"), "--name", node, "--etcd", self.lab.etcd_endpoints_arg,
                 "--interface", "eth0", "--lease-ttl", str(ttl), "--prefix", self.prefix,
-                "--state-dir", "/run/nfs-ha", "--rank-delay", "0.3", "--log-level", "DEBUG", *extra]
+                "--state-dir", "/run/nfs-ha", "--rank-delay", "0.3", "--log-level", "DEBUG"]
+        if self.uses_reset_command() and "--reset-command" not in extra:
+            argv += ["--reset-command", json.dumps(self.reset_argv(node))]
+        if self.release_bound is not None and "--release-bound" not in extra:
+            argv += ["--release-bound", str(self.release_bound)]
+        argv += list(extra)
         if self.span_dir is not None:
             argv += ["--span-file", str(self.span_dir / f"spans-{node}.jsonl")]
         env = dict(self.agent_env)
@@ -159,7 +243,47 @@ class LabCluster:
             env.update(self.lab.faketime_env(node))
         pid = self.lab.spawn(node, argv, self.agent_log(node), env=env or None)
         self.agents[node] = pid
+        self.agent_ttl[node] = ttl
         return pid
+
+    def uses_reset_command(self) -> bool:
+        if self.reset_command is None:
+            return agent_supports(self.bindir, "--reset-command")
+        return self.reset_command
+
+    def reset_argv(self, node: str) -> list[str]:
+        """`compose/lab --state-dir STATE reset NODE`, run from the root namespaces: the fence
+        guard runs it inside the node (its network and mount namespace), where neither the
+        lab's namespace pins nor the other nodes are visible, so it first enters the network and
+        mount namespace of this process (which runs the lab, in the root namespaces)."""
+        nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+        return [nsenter, "-t", str(os.getpid()), "-n", "-m", "--", str(self.bindir / "python"), str(LAB_SCRIPT),
+                "--state-dir", str(self.lab.state_dir), "reset", node]
+
+    def agent_alive(self, node: str) -> bool:
+        """True while the agent we started on ``node`` runs (a reset or crash kills it)."""
+        pid = self.agents.get(node)
+        return pid is not None and procs.is_alive(pid)
+
+    def ensure_agents(self, ttl: int | None = None, nodes: tuple[str, ...] = NODE_NAMES) -> list[str]:
+        """Start the agent again on every node whose agent died (e.g. a reset by its fence guard),
+        as a rebooted machine's init would; the nodes restarted. Nodes without an agent we
+        started (never started, or stopped on purpose) are left alone unless listed in ``nodes``
+        and ``ttl`` is given."""
+        restarted = []
+        for node in nodes:
+            pid = self.agents.get(node)
+            if pid is not None and procs.is_alive(pid):
+                continue
+            if pid is None and ttl is None:
+                continue
+            if pid is not None:
+                self.agents.pop(node)
+                with contextlib.suppress(LabError):
+                    self.lab.stop(pid, signal.SIGKILL, timeout=5)  # reaps our child, forgets its record
+            self.start_agent(node, ttl if ttl is not None else self.agent_ttl.get(node, 2))
+            restarted.append(node)
+        return restarted
 
     def agent_log(self, node: str) -> Path:
         return self.logdir / f"agent-{node}.log"
@@ -251,6 +375,13 @@ class LabCluster:
         self.samplers.append(s)
         return s
 
+    def mount_sampler(self, duration: float = 600, interval: float = 0.02) -> MountSampler:
+        """Start the dual-mount sampler (every lab disk, every node, every ~20 ms)."""
+        path = self.logdir / f"mounts-{len(self.mount_samplers)}.jsonl"
+        sampler = MountSampler(self.lab, self.bindir, path, duration, interval)
+        self.mount_samplers.append(sampler)
+        return sampler
+
     # --- NFS as the client sees it (libnfs tools in the client namespace) --------------------
 
     def nfs_write(self, vip: str, pseudo: str, name: str, data: bytes,
@@ -308,6 +439,8 @@ class LabCluster:
         """Stop what this run started (by PID), heal every fault, remove its VIPs and keys."""
         for s in self.samplers:
             s.kill()
+        for m in self.mount_samplers:
+            m.kill()
         for w in self.writers:
             w.kill()
         for node, pid in list(self.agents.items()):

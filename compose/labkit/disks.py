@@ -90,6 +90,31 @@ def _disk_loops(state: StateDir) -> dict[str, Loop]:
     return found
 
 
+def lab_disk_devs(state: StateDir, sys_block: str = "/sys/block") -> dict[int, str]:
+    """{device number (st_rdev): disk name} of the attached lab disks, read from sysfs (no
+    process started: cheap enough for the dual-mount sampler's every sample)."""
+    directory = os.path.join(_real_root(state), "disks")
+    found: dict[int, str] = {}
+    try:
+        names = os.listdir(sys_block)
+    except OSError:
+        return found
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(f"{sys_block}/{name}/loop/backing_file") as fh:
+                backing = fh.read().strip()
+            with open(f"{sys_block}/{name}/dev") as fh:
+                major, minor = fh.read().strip().split(":")
+        except (OSError, ValueError):
+            continue  # not attached (no loop/ dir), or detached meanwhile
+        parent, base = os.path.split(backing)
+        if parent == directory and base.endswith(".img"):
+            found[os.makedev(int(major), int(minor))] = base.removesuffix(".img")
+    return found
+
+
 def lab_disks(state: StateDir) -> dict[str, str]:
     """{name: /dev/loopN} of the attached disks whose image is STATE/disks/<name>.img."""
     return {name: lp.device for name, lp in _disk_loops(state).items()}

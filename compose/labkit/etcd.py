@@ -52,6 +52,19 @@ def start_member(
     return proc
 
 
+def restore_argv(member: Member, snapshot: str, data_dir: str) -> list[str]:
+    """`etcdctl snapshot restore` (offline, API v3) of ``snapshot`` into a new data dir for
+    ``member``, with the lab's cluster layout (a restore makes a new cluster: new IDs)."""
+    return [
+        "etcdctl", "snapshot", "restore", snapshot,
+        f"--name={member.name}",
+        f"--data-dir={data_dir}",
+        f"--initial-cluster={INITIAL_CLUSTER}",
+        f"--initial-cluster-token={ETCD_CLUSTER_TOKEN}",
+        f"--initial-advertise-peer-urls={peer_url(member)}",
+    ]
+
+
 def etcdctl_argv(args: list[str], endpoints: list[str] | None = None) -> list[str]:
     return ["etcdctl", f"--endpoints={','.join(endpoints or ENDPOINTS)}", *args]
 

@@ -1,11 +1,25 @@
-"""Fault injection: node crash/revive, partitions (from etcd, from the client, an isolated
-etcd member), heal, Ganesha processes of a node."""
+"""Fault injection: node crash/revive and reset (power cycle), partitions (from etcd, from the
+client, an isolated etcd member), heal, Ganesha processes of a node.
+
+A crash and a reset replace the node's mount namespace under the node's exclusive lock
+(labkit.nodelock), and thaw any frozen lab disk of the node before the old namespace is
+dropped (labkit.freeze: the superblock is shared by every node of the lab).
+"""
 
 from __future__ import annotations
 
-from . import mntns, netns, procs
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from . import freeze, mntns, netns, nodelock, procs
 from .state import StateDir
 from .topology import CLIENT, ETCD_MEMBERS, MEMBERS, Member
+
+KILL_WAIT = 5.0
 
 
 def crash(member: Member, state: StateDir) -> list[int]:
@@ -16,17 +30,61 @@ def crash(member: Member, state: StateDir) -> list[int]:
     its last process) and a clean one takes its place; node commands keep working meanwhile.
     """
     netns.set_member_links(member, up=False)
+    with nodelock.exclusive(state, member.name):
+        killed, _ = _power_cycle(member, state)
+    return killed
+
+
+def reset(member: Member, state: StateDir) -> dict[str, Any]:
+    """What a power cycle does to a node, links left up (the machine reboots): every process
+    of the node SIGKILLed (found by its namespaces), frozen lab disks it mounts or holds thawed,
+    a fresh mount namespace (its mounts are gone), only its own address (its VIPs are gone).
+    Appends a record to STATE/resets.jsonl and returns it."""
+    started = time.monotonic()
+    with nodelock.exclusive(state, member.name):
+        killed, thawed = _power_cycle(member, state)
+    record = {"node": member.name, "t": round(started, 3), "took_s": round(time.monotonic() - started, 3),
+              "killed": killed, "thawed": thawed, "caller": os.getppid()}
+    path = resets_file(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return record
+
+
+def resets_file(state: StateDir) -> Path:
+    return state.root / "resets.jsonl"
+
+
+def read_resets(state: StateDir) -> list[dict[str, Any]]:
+    """Every reset recorded so far, oldest first ("t" is CLOCK_MONOTONIC)."""
+    try:
+        lines = resets_file(state).read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        try:
+            found.append(json.loads(line))
+        except ValueError:
+            continue  # a record being written right now
+    return found
+
+
+def _power_cycle(member: Member, state: StateDir) -> tuple[list[int], list[str]]:
     pin = state.mntns_file(member.name)
-    net = procs.ns_inode(member.netns_path)
-    mnt = procs.ns_inode(pin) if mntns.is_pinned(pin) else None
-    killed = procs.kill_all(
-        procs.pids_in_namespaces([net] if net is not None else [], [mnt] if mnt is not None else [])
-    )
+    pids = freeze.node_pids(state, member)
+    # SIGKILL first: nothing of the node runs user code again. A process blocked on a frozen
+    # filesystem only dies once it is thawed, and the thaw must come before the namespace goes
+    # (afterwards nothing may reach that superblock any more).
+    hit = [pid for pid in pids if procs.signal_pid(pid, signal.SIGKILL)]
+    thawed = freeze.thaw(state, [member.name], hit)
+    procs.wait_gone(hit, KILL_WAIT)
     mntns.drop(pin)
     mntns.create(member, pin)
-    # A crashed machine comes back without the VIPs it held.
+    # A crashed or reset machine comes back without the VIPs it held.
     netns.reset_addresses(member)
-    return killed
+    return hit, thawed
 
 
 def revive(member: Member) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -14,6 +16,7 @@ from typing import Any
 
 from . import blockdev, build, disks, etcd, faketime, faults, mntns, mountinfo, netns, procs
 from .errors import LabError
+from .freeze import FreezeWatch, freeze_mount, thaw_everywhere
 from .nscmd import netns_exec, node_enter
 from .probe import probe_argv
 from .report import node_report
@@ -274,6 +277,43 @@ class Lab:
         blockdev.reapply(self.state, node)  # a rebooted node still cannot reach a blocked disk
         return killed
 
+    def reset_node(self, node: str) -> dict[str, Any]:
+        """Power-cycle a node, links left up: SIGKILL everything in its namespaces, thaw any
+        frozen lab disk it mounts or holds, fresh mount namespace, only its own address. The
+        record (node, killed pids, thawed disks, monotonic t) is appended to STATE/resets.jsonl
+        (see ``resets``) and returned. What `compose/lab reset NODE` does."""
+        member = _node(node)
+        if not mntns.is_pinned(self.state.mntns_file(node)):
+            # The namespace names are fixed: never power-cycle another lab's node by mistake.
+            raise LabError(f"{node} has no mount namespace under {self.state.root} (is this lab up?)")
+        record = faults.reset(member, self.state)
+        for pid in record["killed"]:
+            self._children.pop(pid, None)
+            forget_proc(self.state, pid)
+        blockdev.reapply(self.state, node)  # a rebooted node still cannot reach a blocked disk
+        return record
+
+    def resets(self) -> list[dict[str, Any]]:
+        """Every reset so far (also those run by `compose/lab reset` from a fence guard)."""
+        return faults.read_resets(self.state)
+
+    def freeze(self, node: str, path: str, watch: bool = True) -> FreezeWatch | None:
+        """`fsfreeze -f PATH` inside the node. With ``watch`` (default), a FreezeWatch keeps the
+        freeze on that node, as on real hardware: once the node neither mounts nor holds the
+        disk any more, its superblock (shared by all lab nodes) is thawed. Stop the watch and
+        ``thaw_disk`` to undo."""
+        member = _node(node)
+        device = next((src for src, point in self.mounts_of(node) if point == path), None)
+        if device is None:
+            raise LabError(f"no lab disk is mounted at {path} on {node}")
+        freeze_mount(self.state, member, path)
+        return FreezeWatch(self.state, member, device).start() if watch else None
+
+    def thaw_disk(self, device: str | None = None) -> list[str]:
+        """Thaw ``device`` (or every lab disk) wherever the lab reaches it: mounts in node
+        namespaces, files held by lab processes, else a private mount. What was thawed."""
+        return thaw_everywhere(self.state, device)
+
     def revive_node(self, node: str) -> None:
         """Both link ends up again; addresses and routes were kept."""
         faults.revive(_node(node))
@@ -424,6 +464,53 @@ class Lab:
         all are healthy and one is leader; returns the leader index."""
         for index in (1, 2, 3):
             self.kill_etcd_member(index)
+        for member in ETCD_MEMBERS.values():
+            self._start_etcd(member, new=False)
+        etcd.wait_healthy(self._etcdctl_nocheck, self.state, timeout, self._all_etcd_alive)
+        return self.wait_etcd_leader(timeout)
+
+    def etcd_snapshot_save(self, path: str | os.PathLike[str], index: int | None = None) -> int:
+        """`etcdctl snapshot save PATH` from member ``index`` (default: the leader); returns the
+        snapshot's revision."""
+        index = index or self.wait_etcd_leader(10)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.etcdctl("snapshot", "save", str(path), endpoints=[client_url(etcd_member(index))], timeout=60)
+        status = run(["etcdctl", "snapshot", "status", str(path), "-w", "json"],
+                     env={**os.environ, "ETCDCTL_API": "3"})
+        return int(json.loads(status.stdout)["revision"])
+
+    def etcd_snapshot_restore(self, path: str | os.PathLike[str], timeout: float = 30.0) -> int:
+        """Restore the whole cluster from a snapshot, as an operator would after losing etcd:
+        stop all three members, replace each data dir with `etcdctl snapshot restore` (own
+        --name and peer URL, the lab's --initial-cluster), start them, wait until healthy and
+        led. Keys, leases and the revision go back to the snapshot's. Returns the leader index.
+        If a restore fails, the old data dirs are put back and started before LabError."""
+        snapshot = str(Path(path).absolute())
+        if not Path(snapshot).is_file():
+            raise LabError(f"no snapshot file {snapshot}")
+        for index in (1, 2, 3):
+            self.kill_etcd_member(index, signal.SIGTERM)
+        moved: list[tuple[Path, Path]] = []
+        env = {**os.environ, "ETCDCTL_API": "3"}
+        try:
+            for member in ETCD_MEMBERS.values():
+                data = self.state.etcd_data(member.name)
+                old = data.with_name(data.name + ".before-restore")
+                shutil.rmtree(old, ignore_errors=True)
+                if data.exists():
+                    data.rename(old)
+                moved.append((data, old))
+                run(etcd.restore_argv(member, snapshot, str(data)), env=env, timeout=60)
+        except Exception:
+            for data, old in moved:
+                shutil.rmtree(data, ignore_errors=True)
+                if old.exists():
+                    old.rename(data)
+            for member in ETCD_MEMBERS.values():
+                self._start_etcd(member, new=False)
+            raise
+        for _, old in moved:
+            shutil.rmtree(old, ignore_errors=True)
         for member in ETCD_MEMBERS.values():
             self._start_etcd(member, new=False)
         etcd.wait_healthy(self._etcdctl_nocheck, self.state, timeout, self._all_etcd_alive)

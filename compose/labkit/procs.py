@@ -29,6 +29,16 @@ def _ns_link_inode(pid: str, kind: str) -> int | None:
     return int(link[link.index("[") + 1 : -1])
 
 
+def mnt_inode(pid: int) -> int | None:
+    """Mount-namespace inode of ``pid`` (None if it is gone)."""
+    return _ns_link_inode(str(pid), "mnt")
+
+
+def net_inode(pid: int) -> int | None:
+    """Network-namespace inode of ``pid`` (None if it is gone)."""
+    return _ns_link_inode(str(pid), "net")
+
+
 def pids_in_namespaces(net_inodes: Iterable[int] = (), mnt_inodes: Iterable[int] = ()) -> list[int]:
     """PIDs whose network or mount namespace is one of the given inodes (never our own pid)."""
     nets, mnts = set(net_inodes), set(mnt_inodes)

@@ -1,5 +1,6 @@
-"""A short chaos run (compose/labkit/chaos.py): ~15 seeded faults against 4 NFS VFS under
-write load; the invariants must hold. Builds its own lab (/run/nfsha-lab-chaos)."""
+"""A short chaos run (compose/labkit/chaos.py): every fault kind this nfs-ha can take, seeded,
+against 4 NFS VFS under write load; the invariants must hold. Builds its own lab
+(/run/nfsha-lab-chaos)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "compose"))
 
-from labkit.chaos import ChaosConfig, run
+from labkit.chaos import FAULT_KINDS, NEEDS_RAISE_EPOCH, NEEDS_RESET, ChaosConfig, run
 
 pytestmark = [
     pytest.mark.lab,
@@ -20,24 +21,41 @@ pytestmark = [
 ]
 
 SEED = 20240607
-FAULTS = 15
+# Kinds left out until the agent side they exercise has landed: slow_unmount needs the agent to
+# hand its --reset-command to the fence guard (a frozen filesystem cannot be released otherwise:
+# the next owner mounts it after T_release while the old node still has it, a dual mount);
+# etcd_snapshot_restore needs the agents to recover from revisions going back (and the storage
+# epoch error naming `nfs-ha raise-epoch N`). Without them these kinds fail, which is their point.
+PENDING_AGENT_WORK: tuple[str, ...] = ("slow_unmount", "etcd_snapshot_restore")
+assert set(PENDING_AGENT_WORK) <= {*NEEDS_RESET, *NEEDS_RAISE_EPOCH}
+KINDS = tuple(k for k in FAULT_KINDS if k not in PENDING_AGENT_WORK)
+FAULTS = max(15, len(KINDS))  # every kind at least once (a shuffled deck)
 
 
 def test_chaos_short(tmp_path: Path) -> None:
     report = run(ChaosConfig(faults=FAULTS, seed=SEED, vfs=4, ttl=2, spacing=(2.0, 4.0),
-                             recovery_timeout=60.0, logdir=tmp_path))
+                             recovery_timeout=60.0, logdir=tmp_path, kinds=KINDS))
     (tmp_path / "report.json").write_text(json.dumps(report, indent=2))
-    summary = {k: report.get(k) for k in ("error", "faults_by_kind", "arp", "writes", "not_serving_at_end",
-                                          "recovery_by_kind", "agent_errors")}
+    summary = {k: report.get(k) for k in ("error", "kinds_skipped", "faults_by_kind", "arp", "mounts", "writes",
+                                          "not_serving_at_end", "recovery_by_kind", "agent_errors", "resets",
+                                          "agent_restarts", "malformed_specs")}
     print(json.dumps(report, indent=2))
     assert "error" not in report, summary
+    assert report["kinds_skipped"] == {}, summary  # the agent lacks what a requested kind needs
     assert report["arp"]["double_mac_samples"] == 0, summary
     assert report["arp"]["samples"] > 0, summary
+    # No disk mounted (or held open) by two nodes at once, sampled every ~20 ms all run long.
+    assert report["dual_mount_samples"] == 0, summary
+    assert report["mounts"]["samples"] > 0 and not report["mounts"].get("error"), summary
     assert report["writes"]["missing_or_wrong"] == 0, summary
     assert report["writes"]["acknowledged"] > 0, summary
     # Every acknowledged write was found on its disk after the run, not only through NFS.
     assert report["writes"]["checked_on_disk"] == report["writes"]["acknowledged"], summary
     assert report["writes"]["read_back_nfs"] > 0, summary
     assert report["serving_at_end"] and report["not_serving_at_end"] == [], summary
-    assert report["distinct_kinds"] >= 5, summary
+    assert report["distinct_kinds"] == len(KINDS), summary
+    assert report["agent_restarts"]["unexpected"] == [], summary
+    malformed = report["malformed_specs"]
+    assert malformed["faults"] >= 1 and malformed["junk_without_status_error"] == [], summary
+    assert malformed["stopped_serving"] == [] and malformed["overwritten_without_status_error"] == [], summary
     assert report["ok"], summary
