@@ -50,8 +50,18 @@ def collect(view: ClusterView) -> dict[str, Any]:
             "node": node, "alive": info is not None, "vfs": sorted(held.get(node, [])),
             "backoff": (info or {}).get("backoff") or {}, "addresses": (info or {}).get("addresses", []),
             "guard": (info or {}).get("guard") or [],
+            "loop_errors": _loop_errors((info or {}).get("loop_errors")),
+            "reset": (info or {}).get("reset"),
         })
     return {"revision": view.revision, "vfs": vfs_rows, "nodes": node_rows}
+
+
+def _loop_errors(value: Any) -> dict[str, int]:
+    """Background-loop error counts a node published (controller/loops.py); junk is dropped."""
+    if not isinstance(value, dict):
+        return {}
+    counts = {k: v.get("count") if isinstance(v, dict) else None for k, v in value.items()}
+    return {str(k)[:40]: v for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -64,12 +74,13 @@ def render(data: dict[str, Any]) -> str:
     for r in data["vfs"]:
         vfs.append([r["vfs"], r["vip"] or "-", r["owner"] or "-", r["phase"], str(r["epoch"] or "-"),
                     r["intent"] or "-", r["error"] or "-"])
-    nodes = [["NODE", "ALIVE", "VFS", "BACKOFF", "LAST GUARD FENCE"]]
+    nodes = [["NODE", "ALIVE", "VFS", "BACKOFF", "LAST GUARD FENCE", "LOOP ERRORS"]]
     for r in data["nodes"]:
         backoff = "; ".join(f"{k}: {v}" for k, v in r["backoff"].items()) or "-"
         last = r["guard"][-1] if r["guard"] else None
         guard = f"{last.get('vfs')} at {last.get('time')} ({last.get('reason')})" if last else "-"
-        nodes.append([r["node"], "yes" if r["alive"] else "no", ",".join(r["vfs"]) or "-", backoff, guard])
+        errors = ",".join(f"{k}:{v}" for k, v in sorted(r.get("loop_errors", {}).items())) or "-"
+        nodes.append([r["node"], "yes" if r["alive"] else "no", ",".join(r["vfs"]) or "-", backoff, guard, errors])
     return _table(vfs) + "\n\n" + _table(nodes)
 
 

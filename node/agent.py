@@ -29,7 +29,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import TypeVar
 
-from controller import tracing
+from controller import loops, tracing
 from controller.keyspace import Keyspace
 from controller.ownership import Holding, LeaseKeeper, guard_deadline
 from controller.reconcile import AgentContext, Backoff, VfsReconciler
@@ -101,7 +101,7 @@ class Agent:
             "addresses": sorted(a.with_prefixlen for a in self.host.iface.addresses()),
             "hostname": socket.gethostname(), "started": self._started, "backoff": self.backoff.published(),
             "guard": self._guard_records[-5:], "watchdog": self.cfg.watchdog or None,
-            "release_bound": self.cfg.release_bound, "reset": self._reset_means(),
+            "release_bound": self.cfg.release_bound, "reset": self._reset_means(), "loop_errors": loops.errors(),
         }, sort_keys=True)
 
     def _reset_means(self) -> str:
@@ -258,21 +258,35 @@ class Agent:
     # --- main loop and stop ----------------------------------------------------------------
 
     def run_until_stopped(self) -> None:
+        published_errors = loops.total()
         while not self._stopping.is_set():
-            if self.guard is not None and self.guard.proc.poll() is not None and not self._stopping.is_set():
-                # Only a guard that has exited is replaced: a full pipe is not a dead guard.
-                log.error("the fence guard exited (%s); starting a new one", self.guard.proc.returncode)
-                self._take_guard_records()
+            try:
+                published_errors = self._registration_round(published_errors)
+            except Exception as exc:  # e.g. a netlink error reading addresses: counted, never the end
+                loops.record("registration", exc, logger=log)
                 self._registration_due.set()
-                self._start_guard()
-            if self._registration_due.wait(1.0):
-                self._registration_due.clear()
-                try:
-                    self.register()
-                except StoreError as exc:
-                    log.warning("registration failed: %s", exc)
-                    self._registration_due.set()
-                    self._stopping.wait(1.0)
+                self._stopping.wait(1.0)
+
+    def _registration_round(self, published_errors: int) -> int:
+        """Replace a dead guard, re-register when due; returns the error count now published."""
+        if loops.total() != published_errors:
+            published_errors = loops.total()
+            self._registration_due.set()  # operators see new background errors in `nfs-ha status`
+        if self.guard is not None and self.guard.proc.poll() is not None and not self._stopping.is_set():
+            # Only a guard that has exited is replaced: a full pipe is not a dead guard.
+            log.error("the fence guard exited (%s); starting a new one", self.guard.proc.returncode)
+            self._take_guard_records()
+            self._registration_due.set()
+            self._start_guard()
+        if self._registration_due.wait(1.0):
+            self._registration_due.clear()
+            try:
+                self.register()
+            except StoreError as exc:
+                log.warning("registration failed: %s", exc)
+                self._registration_due.set()
+                self._stopping.wait(1.0)
+        return published_errors
 
     def stop(self) -> None:
         """Hand everything over: VIPs down, owner keys deleted, leases revoked."""

@@ -50,3 +50,14 @@ def test_bad_numbers_are_refused_and_change_nothing(capsys) -> None:
         assert run(store, bad) == 2
     assert store.rec is not None and store.rec.value == b"7"
     assert "whole number" in capsys.readouterr().err
+
+
+def test_status_shows_loop_errors_and_drops_junk() -> None:
+    from controller.cli import collect, render
+    from controller.view import ClusterView
+
+    reg = KeyRecord(b'{"loop_errors": {"keepalive": {"count": 3, "last": "x"}, "junk": {"count": "many"}, '
+                    b'"bad": 5}, "reset": "none"}', 1, 1, 0)
+    data = collect(ClusterView(KS, 1, {KS.node("node-a"): reg}))
+    assert data["nodes"][0]["loop_errors"] == {"keepalive": 3} and data["nodes"][0]["reset"] == "none"
+    assert "keepalive:3" in render(data)
