@@ -61,7 +61,8 @@ class Agent:
         self.ks = Keyspace(cfg.prefix)
         self.store = EtcdStore(cfg.etcd)
         self.host = Host(cfg.interface, cfg.node_state_dir)
-        self.keeper = LeaseKeeper(self.store, on_deadline=self._guard_hold, on_removed=self._guard_release)
+        self.keeper = LeaseKeeper(self.store, on_deadline=self._guard_hold, on_removed=self._guard_release,
+                                  on_drop_failed=self._vip_drop_failed)
         self.guard: GuardClient | None = None
         self.watchdog = (WatchdogArm(WatchdogDevice(cfg.watchdog), self.keeper.holdings,
                                      release_bound=cfg.release_bound) if cfg.watchdog else None)
@@ -222,7 +223,9 @@ class Agent:
         if not (self.cfg.reset_command or self.cfg.watchdog):
             log.warning("neither reset_command nor watchdog is configured: a disk whose unmount hangs after a "
                         "fence cannot be forced off this node within release_bound (docs/safety.md)")
-        self.guard = GuardClient(self.cfg.node_state_dir, self.cfg.interface)  # TODO-WIRE guard kwargs
+        self.guard = GuardClient(self.cfg.node_state_dir, self.cfg.interface, release_bound=self.cfg.release_bound,
+                                 reset_command=self.cfg.reset_command, watchdog=bool(self.cfg.watchdog),
+                                 nfs_workroot=self.host.nfs_workroot)
         for rec in list(self.reconcilers.values()):
             if rec.holding is not None:
                 self._guard_hold(rec.holding)
@@ -235,8 +238,8 @@ class Agent:
             return
         mountpoint = str(self.host.storage.mountpoint(h.vfs)) if spec.storage is not None else None
         device = spec.storage.device if spec.storage is not None else None
-        self.guard.hold(h.vfs, spec.vip_cidr, guard_deadline(h), mountpoint, self.host.nfs_pid(h.vfs), h.epoch)
-        del device  # TODO-WIRE device=device
+        self.guard.hold(h.vfs, spec.vip_cidr, guard_deadline(h), mountpoint, self.host.nfs_pid(h.vfs), h.epoch,
+                        device=device)
 
     def _guard_hold_vfs(self, vfs: str) -> None:
         with self._lock:
@@ -244,6 +247,13 @@ class Agent:
         h = rec.holding if rec is not None else None
         if h is not None:
             self._guard_hold(h)
+
+    def _vip_drop_failed(self, h: Holding, exc: BaseException) -> None:
+        """The agent could not take a fenced VIP down itself: the guard fences that VFS now (and the
+        keeper keeps retrying); a release of the holding does not cancel the guard's fence."""
+        log.critical("%s: could not remove the VIP after a fence (%s); asking the fence guard", h.vfs, exc)
+        if self.guard is not None:
+            self.guard.fence_now(h.vfs, h.epoch, f"agent could not remove the VIP: {exc}")
 
     def _guard_release(self, h: Holding) -> None:
         if self.guard is not None:

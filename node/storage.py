@@ -95,8 +95,8 @@ class Storage:
     def check_mounted(self, vfs: str, device: str) -> None:
         """StorageError unless ``device`` is what is mounted at the VFS's mount point.
 
-        Checked before every NFS server start: after a lazy unmount (`umount -l`, e.g. by the
-        fence guard) the mount point is an empty directory on the node's own disk, and a server
+        Checked before every NFS server start: after a lazy unmount (`umount -l`, by an operator;
+        the fence guard never does one) the mount point is an empty directory on the node's own disk, and a server
         started on it would acknowledge writes that never reach the shared disk."""
         target = self.mountpoint(vfs)
         if mounted_at(target) is None:
