@@ -16,10 +16,18 @@ Rules kept here (the ownership invariants themselves are in ownership.py):
 - A lost or fenced holding whose disk could not be unmounted is not let go either: it stays
   with the lease keeper (so the hardware watchdog stays armed, docs/safety.md) and the fence
   guard keeps its last hold, and the unmount is retried; only a released disk ends it.
-- The disk bound: a takeover from a *lost* owner (one that left acquiring/serving/releasing
-  behind) mounts nothing before T_release (release_bound) has passed since this node first
-  saw the VFS without an owner key, unless the fencing hook confirmed the old node is off.
-  The old node has unmounted or been reset by then (its guard's and watchdog's rule).
+- The disk bound (deny by default): a takeover mounts nothing before T_release has passed
+  since this node saw the VFS without an owner key, unless the status shows the previous
+  owner let go cleanly. Only the final status an owner writes in the same transaction that
+  deletes its key after its unmount succeeded has `node: null`; any status naming a node,
+  an unreadable status, or one carrying `lost_owner`/`disk_at_risk` means a node may still
+  have the disk. That risk is carried forward by every status written without an owner
+  (unowned status, stale-key cleanup, failed takeovers), so a chain of failures keeps it.
+  T_release is the largest of this node's and the ones the lost owners published. The
+  fencing hook's success skips the wait only when exactly one node is at risk and it is the
+  one fenced. The old node has unmounted or been reset by then (its guard's and watchdog's
+  rule). The gone-time is "now" when the status changed after this node first saw no owner
+  key (an owner came and went between two passes).
 - A dead NFS server of a held VFS is restarted a few times; after that the VFS is
   released with an error, so another candidate can serve it.
 """
@@ -115,6 +123,7 @@ class AgentContext:
     fence_required: bool = False
     min_ttl: int = 1  # shorter spec TTLs are raised to this (a hardware watchdog needs 2 s)
     release_bound: float = 10.0  # T_release, seconds (node/config.py validates it)
+    hold_off: Callable[[], float] = lambda: 0.0  # seconds no takeover may start (after an etcd restore)
 
 
 class VfsReconciler:
@@ -130,6 +139,7 @@ class VfsReconciler:
         self._timings: dict[str, float] = {}
         self._status_doc: dict[str, Any] | None = None
         self._owner_gone_since: float | None = None  # monotonic: first seen without an owner key
+        self._owner_gone_rev = 0  # the view revision at that moment
         self._disk_stuck: str | None = None  # a lost holding's unmount failed; retried every pass
         self.trace = FailoverTracer(vfs, ctx.me)
         self._wake = threading.Event()
@@ -159,9 +169,12 @@ class VfsReconciler:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=timeout)
-        if release and self.holding is not None:
-            self._release(self.holding, "agent stopping")
         ended = not self._thread.is_alive()
+        # Released only here once the loop has ended: a pass still running (a slow mount, a long
+        # release-bound wait) must not race a release from another thread, which could report the
+        # disk free while that pass's mount completes. Still held: the caller leaves it to the guard.
+        if release and ended and self.holding is not None:
+            self._release(self.holding, "agent stopping")
         if release or ended:
             self.trace.close()
         return ended and self.holding is None
@@ -188,7 +201,7 @@ class VfsReconciler:
         owner = view.owner(self.vfs)
         h = self.holding
         self.trace.observe(view)
-        self._note_owner(owner)
+        self._note_owner(owner, view.revision)
         if h is not None and (h.fenced or self._lost(h, view)):
             self._teardown_after_loss(h)
             return 0.0 if self.holding is None else RETRY_SECONDS
@@ -252,19 +265,22 @@ class VfsReconciler:
                 return False
         return True
 
-    def _note_owner(self, owner: object) -> None:
+    def _note_owner(self, owner: object, revision: int) -> None:
         if owner is not None:
             self._owner_gone_since = None
         elif self._owner_gone_since is None:
-            self._owner_gone_since = time.monotonic()
+            self._owner_gone_since, self._owner_gone_rev = time.monotonic(), revision
 
-    def _release_bound_until(self, lost: str | None, fence_note: dict[str, Any]) -> float:
-        """Monotonic time before which nothing may be mounted (0: no wait). Only a lost owner
-        may still have the disk; a confirmed fence (its node is off) needs no wait."""
-        if lost is None or fence_note.get("ok"):
+    def _release_bound_until(self, risk: DiskRisk, fence_note: dict[str, Any], status_rev: int) -> float:
+        """Monotonic time before which nothing may be mounted (0: no wait)."""
+        if not risk.at_risk:
             return 0.0
-        gone = self._owner_gone_since if self._owner_gone_since is not None else time.monotonic()
-        return gone + self.ctx.release_bound
+        if fence_note.get("ok") and not risk.unknown and risk.nodes == (fence_note.get("node"),):
+            return 0.0  # the only node that may have the disk is confirmed off
+        gone = self._owner_gone_since
+        if gone is None or status_rev > self._owner_gone_rev:
+            gone = time.monotonic()  # an owner came and went since we started counting
+        return gone + max(self.ctx.release_bound, risk.release_bound)
 
     def _lost(self, h: Holding, view: ClusterView) -> bool:
         owner = view.owner(self.vfs)
@@ -276,7 +292,7 @@ class VfsReconciler:
 
     def _maybe_acquire(self, config: VfsConfig, rank: int, cause: str) -> float | None:
         assert config.spec is not None
-        wait = self.ctx.backoff.remaining(self.vfs)
+        wait = max(self.ctx.backoff.remaining(self.vfs), self.ctx.hold_off())
         if wait > 0:
             return wait
         now = time.monotonic()
@@ -289,27 +305,22 @@ class VfsReconciler:
         self._acquire(config.spec, cause if rank == 0 else "placement")
         return 0.0
 
-    def _lost_owner(self, status: dict[str, Any]) -> str | None:
-        """The owner this takeover replaces without it having let go (so it may need fencing).
-
-        An owner that released or fenced itself wrote a final status in the same
-        transaction that deleted its key; one that was lost left `acquiring`/`serving`/
-        `releasing` behind. A takeover that failed after such a loss passes the lost node on
-        in `lost_owner`, so the next candidate still fences it.
-        """
-        lost = status.get("lost_owner")
-        if not lost and status.get("phase") in ("acquiring", "serving", "releasing"):
-            lost = status.get("node")
-        return str(lost) if lost and lost != self.ctx.me else None
+    def _risk(self, view: ClusterView) -> DiskRisk:
+        rec = view.keys.get(self.ctx.keyspace.status(self.vfs))
+        return disk_risk(rec is not None, view.status(self.vfs), self.ctx.me)
 
     def _acquire(self, spec: VfsSpec, cause: str) -> None:
-        status_now = self.ctx.view().status(self.vfs) or {}
-        lost = self._lost_owner(status_now)
+        view = self.ctx.view()
+        status_now = view.status(self.vfs) or {}
+        risk = self._risk(view)
+        status_rec = view.keys.get(self.ctx.keyspace.status(self.vfs))
+        lost = risk.nodes[0] if risk.nodes else None
         root, cause = self.trace.start_takeover(spec, status_now, cause, lost)
         previous = lost or status_now.get("node") or status_now.get("previous")
         serving: dict[str, Any] | None = None
         try:
-            serving = self._acquire_traced(spec, cause, previous, root, lost)
+            serving = self._acquire_traced(spec, cause, previous, root, risk,
+                                           status_rec.mod_revision if status_rec else 0)
         except BaseException as exc:
             tracing.fail(root, exc)
             raise
@@ -322,7 +333,7 @@ class VfsReconciler:
             self._put_status(serving["epoch"], {**serving, "takeover_done": True}, quiet=True)
 
     def _acquire_traced(self, spec: VfsSpec, cause: str, previous: str | None,
-                        root: Any, lost: str | None) -> dict[str, Any] | None:
+                        root: Any, risk: DiskRisk, status_rev: int) -> dict[str, Any] | None:
         """Acquire and bring up; returns the serving status written, None if not serving."""
         ks, store, me = self.ctx.keyspace, self.ctx.store, self.ctx.me
         span_attrs = {"nfs_ha.vfs": self.vfs, "nfs_ha.node": me}
@@ -335,30 +346,39 @@ class VfsReconciler:
                     holds_disk=spec.storage is not None)
         owner_doc = {"node": me, "since": wall_clock(), "lease": f"{lease_id:x}", "ttl": granted,
                      "vip": spec.vip_cidr}
-        status = make_status("acquiring", me, 0, "", vip=spec.vip_cidr, cause=cause, previous=previous)
+        lost = risk.nodes[0] if risk.nodes else None
+        status = make_status("acquiring", me, 0, "", vip=spec.vip_cidr, cause=cause, previous=previous,
+                             release_bound=self.ctx.release_bound, **risk.carried())
         try:
             with tracing.child(root, "owner_txn", span_attrs):
-                epoch = store.create_owner(ks.owner(self.vfs), json.dumps(owner_doc), lease_id,
-                                           {ks.status(self.vfs): encode(status)})
+                created = store.create_owner(ks.owner(self.vfs), json.dumps(owner_doc), lease_id,
+                                             {ks.status(self.vfs): encode(status)}, read=ks.epoch_base)
         except StoreError:
             self._revoke_quietly(lease_id)
             raise
-        if epoch is None:
+        if created is None:
             root.set_attribute("nfs_ha.outcome", "another node won the owner transaction")
             self._revoke_quietly(lease_id)  # somebody else won the race; fine
             return None
+        epoch = created.epoch
         root.set_attribute("nfs_ha.epoch", epoch)
         h.epoch = epoch
         self.holding, self.held_spec = h, spec  # before add(): listeners look the spec up
         self.ctx.keeper.add(h)
         self._restarts = []
         log.info("%s: owner with epoch %d (lease %x, cause %s)", self.vfs, epoch, lease_id, cause)
-        tctx = TakeoverContext(spec, h, span=root, node=me, epoch_base=self.ctx.view().epoch_base())
+        # The base as of the owner transaction's own revision: base + revision then only grows.
+        tctx = TakeoverContext(spec, h, span=root, node=me, epoch_base=parse_epoch_base(created.read))
         fence_note: dict[str, Any] = {}
         try:
-            if lost is not None and self.ctx.fence is not None:
-                fence_note = self._fence_lost_owner(lost, root)
-            tctx.not_before = self._release_bound_until(lost, fence_note)
+            try:
+                if lost is not None and self.ctx.fence is not None:
+                    fence_note = self._fence_lost_owner(lost, root)
+                tctx.not_before = self._release_bound_until(risk, fence_note, status_rev)
+            except StepFailed:
+                raise
+            except Exception as exc:  # e.g. a fence command that could not even start
+                raise StepFailed(f"takeover failed before its first step: {exc}") from exc
             if tctx.not_before:
                 root.set_attribute("nfs_ha.release_bound_wait", round(max(0.0, tctx.not_before - time.monotonic()), 3))
             bring_up(self.ctx.steps, tctx)
@@ -371,15 +391,16 @@ class VfsReconciler:
                 self._put_status(epoch, make_status("error", me, epoch, self._must_release,
                                                     vip=spec.vip_cidr), quiet=True)
                 return None
-            still_lost = lost if lost and not fence_note.get("ok") else None
-            self._end_holding(h, make_status("error", me, epoch, str(exc), vip=spec.vip_cidr,
-                                             lost_owner=still_lost, fence=fence_note or None), root)
+            # Nothing of ours is mounted (the undo succeeded), but the lost owner's risk stays on
+            # the status for the next candidate, whether or not our fence of it succeeded.
+            self._end_holding(h, make_status("error", None, epoch, str(exc), vip=spec.vip_cidr,
+                                             fence=fence_note or None, previous=me, **risk.carried()), root)
             return None
         self.ctx.backoff.succeed(self.vfs)
         self._timings = tctx.timings
         log.info("%s: serving (steps %s)", self.vfs, tctx.timings)
         serving = make_status("serving", me, epoch, "", vip=spec.vip_cidr, cause=cause, previous=previous,
-                              steps=tctx.timings)
+                              steps=tctx.timings, release_bound=self.ctx.release_bound)
         if fence_note:
             serving["fence"] = fence_note
         with tracing.child(root, "status_write", span_attrs):
@@ -494,8 +515,9 @@ class VfsReconciler:
         log.info("%s: removing owner key left by an earlier run (epoch %d)", self.vfs, epoch)
         self.trace.restarted = True
         ks = self.ctx.keyspace
+        carried = self._risk(self.ctx.view()).carried(also_me=self.ctx.me)
         self.ctx.store.put_if_epoch(ks.owner(self.vfs), epoch, {ks.status(self.vfs): encode(
-            make_status("unplaced", None, 0, "", previous=self.ctx.me, cause="agent restarted"))},
+            make_status("unplaced", None, 0, "", previous=self.ctx.me, cause="agent restarted", **carried))},
             delete_owner=True)
         if lease_id:
             self._revoke_quietly(lease_id)
@@ -564,8 +586,75 @@ class VfsReconciler:
         current = view.status(self.vfs)
         keep = {k: current[k] for k in ("previous",) if current and k in current}
         wanted.update(keep)
+        wanted.update(self._risk(view).carried())  # a lost owner's risk outlives this status
         if not same(current, wanted):
             self._put_status(0, wanted)
+
+
+@dataclass(frozen=True)
+class DiskRisk:
+    """Who may still have the VFS's disk mounted, as far as its status tells (pure data)."""
+
+    nodes: tuple[str, ...] = ()  # named nodes that may have it, most recent first
+    unknown: bool = False  # a status that cannot be read, or risk recorded without a node name
+    release_bound: float = 0.0  # the largest T_release those nodes published
+
+    @property
+    def at_risk(self) -> bool:
+        return bool(self.nodes) or self.unknown
+
+    def carried(self, also_me: str | None = None) -> dict[str, Any]:
+        """Status fields that pass the risk on (`also_me`: this node's own stale holding counts too)."""
+        nodes = self.nodes + ((also_me,) if also_me and also_me not in self.nodes else ())
+        if not nodes and not self.unknown:
+            return {}
+        out: dict[str, Any] = {"disk_at_risk": True, "lost_release_bound": self.release_bound}
+        if nodes:
+            out["lost_owner"] = nodes[0]
+            out["lost_owners"] = list(nodes[:MAX_LOST_OWNERS])
+        return out
+
+
+MAX_LOST_OWNERS = 8
+MAX_RELEASE_BOUND = 600.0  # node/config.py's limit; a published bound above it is junk
+
+
+def _bound(value: Any) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_RELEASE_BOUND
+    return float(value) if ok else MAX_RELEASE_BOUND if value is not None else 0.0
+
+
+def disk_risk(present: bool, status: dict[str, Any] | None, me: str) -> DiskRisk:
+    """Deny by default: only a status with `node: null` and no carried risk is a clean end.
+
+    `present`: a status key exists (`status` None with a key present = unreadable junk). A VFS
+    that never had a status (new) is clean. This node's own name is not a risk: its own earlier
+    holdings were unmounted at start-up (Host.remove_leftovers) or are still held."""
+    if not present:
+        return DiskRisk()
+    if status is None:
+        return DiskRisk(unknown=True, release_bound=MAX_RELEASE_BOUND)
+    names: list[str] = []
+    bound = _bound(status.get("lost_release_bound"))
+    node = status.get("node")
+    if node is not None:
+        if isinstance(node, str) and node != me:
+            names.append(node)
+            bound = max(bound, _bound(status.get("release_bound")) if "release_bound" in status else 0.0)
+        elif not isinstance(node, str):
+            return DiskRisk(unknown=True, release_bound=MAX_RELEASE_BOUND)
+    lost = status.get("lost_owners")
+    for name in ([status.get("lost_owner")] + (lost if isinstance(lost, list) else [])):
+        if isinstance(name, str) and name and name != me and name not in names:
+            names.append(name)
+    unknown = bool(status.get("disk_at_risk")) and not names
+    return DiskRisk(tuple(names[:MAX_LOST_OWNERS]), unknown, bound)
+
+
+def parse_epoch_base(value: bytes | None) -> int:
+    """The epoch base as read in the owner transaction (0 when unset or junk, see view.epoch_base)."""
+    text = value.decode(errors="replace").strip() if value else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else 0
 
 
 def _join(*parts: str) -> str:

@@ -46,6 +46,12 @@ class WatchBatch:
     events: list[tuple[str, KeyRecord | None, int]]
 
 
+@dataclass(frozen=True)
+class OwnerCreated:
+    epoch: int  # the owner key's create_revision
+    read: bytes | None = None  # the value of the key create_owner was asked to read, None if absent
+
+
 def parse_endpoints(spec: str | Iterable[str]) -> list[tuple[str, int]]:
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     result = []
@@ -163,21 +169,27 @@ class EtcdStore:
         self._call("delete", lambda: self._client.delete(key))
 
     def create_owner(self, owner_key: str, owner_value: str, lease_id: int,
-                     also: dict[str, str]) -> int | None:
+                     also: dict[str, str], read: str | None = None) -> OwnerCreated | None:
         """Create the owner key bound to a lease, iff it does not exist; also put `also`.
 
-        Returns the owner key's create_revision (the new epoch), or None if it existed.
+        Returns the owner key's create_revision (the new epoch) and the value of `read` as of that
+        same revision (so it is consistent with the epoch), or None if the owner key existed.
         """
         c = self._client
         success = [c.transactions.put(owner_key, owner_value, lease=lease_id)]
         success += [c.transactions.put(k, v) for k, v in also.items()]
+        if read is not None:
+            success.append(c.transactions.get(read))
         success.append(c.transactions.get(owner_key))
         ok, responses = self._call("owner create", lambda: c.transaction(
             compare=[c.transactions.create(owner_key) == 0], success=success, failure=[]))
         if not ok:
             return None
         _value, meta = responses[-1][0]
-        return int(meta.create_revision)
+        value = None
+        if read is not None and responses[-2]:
+            value = bytes(responses[-2][0][0])
+        return OwnerCreated(int(meta.create_revision), value)
 
     def delete_if_no_owner(self, owner_key: str, keys: Iterable[str], absent: Iterable[str] = ()) -> bool:
         """Delete `keys` iff the owner key does not exist, nor any key in `absent`.

@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 
 class ViewKeeper:
     def __init__(self, store: EtcdStore, keyspace: Keyspace, on_change: Callable[[ClusterView], None],
-                 resync_seconds: float = 10.0) -> None:
+                 resync_seconds: float = 10.0,
+                 on_went_back: Callable[[ClusterView], None] | None = None) -> None:
         self._store = store
         self._ks = keyspace
         self._on_change = on_change
+        self._on_went_back = on_went_back or (lambda _view: None)  # told before the view is published
         self._resync = resync_seconds
         self._events: queue.Queue[WatchBatch | Exception] = queue.Queue()
         self._view = ClusterView(keyspace)
@@ -137,6 +139,10 @@ class ViewKeeper:
                         self._view.revision, revision)
             self._watching = False
             self._drain()
+            view = ClusterView(self._ks, revision, keys)
+            self._on_went_back(view)
+            self._publish(view)
+            return True
         self._publish(ClusterView(self._ks, revision, keys))
         return True
 

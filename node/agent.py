@@ -68,7 +68,8 @@ class Agent:
                                      release_bound=cfg.release_bound) if cfg.watchdog else None)
         self._guard_records: list[dict[str, object]] = []
         self.backoff = Backoff(on_change=self._register_soon)
-        self.views = ViewKeeper(self.store, self.ks, self._on_view)
+        self.views = ViewKeeper(self.store, self.ks, self._on_view, on_went_back=self._etcd_went_back)
+        self._quiet_until = 0.0  # monotonic; no takeover before (etcd restored from a snapshot)
         self.host.on_nfs_exit(self._wake_vfs)
         self.host.on_nfs_started(self._guard_hold_vfs)  # the guard learns a new server pid at once
         self.reconcilers: dict[str, VfsReconciler] = {}
@@ -86,7 +87,8 @@ class Agent:
                                 fence=FenceCommand(cfg.fence_command, cfg.fence_timeout) if cfg.fence_command else None,
                                 fence_required=cfg.fence_required,
                                 min_ttl=WATCHDOG_MIN_TTL if cfg.watchdog else 1,
-                                release_bound=cfg.release_bound)
+                                release_bound=cfg.release_bound,
+                                hold_off=lambda: max(0.0, self._quiet_until - time.monotonic()))
 
     def _steps(self) -> list[Step]:
         steps = takeover_steps(self.host)
@@ -248,6 +250,19 @@ class Agent:
         if h is not None:
             self._guard_hold(h)
 
+    def _etcd_went_back(self, view: ClusterView) -> None:
+        """etcd was restored from a snapshot: its owner keys no longer say who has which disk. Every
+        holder whose lease is not in the snapshot fences itself within a TTL and releases its disk
+        within T_release (its guard's bound); until then nobody here takes anything over."""
+        ttls = [self.cfg.lease_ttl]
+        for name in view.vfs_names():  # rare: once per restore, so parsing every spec is fine
+            spec = view.config(name).spec
+            if spec is not None and spec.lease_ttl:
+                ttls.append(spec.lease_ttl)
+        quiet = max(ttls) + self.cfg.release_bound
+        self._quiet_until = time.monotonic() + quiet
+        log.warning("etcd's revisions went back (restored from a snapshot?): no takeover for %.0fs", quiet)
+
     def _vip_drop_failed(self, h: Holding, exc: BaseException) -> None:
         """The agent could not take a fenced VIP down itself: the guard fences that VFS now (and the
         keeper keeps retrying); a release of the holding does not cancel the guard's fence."""
@@ -309,10 +324,16 @@ class Agent:
             t.start()
         for t in threads:
             t.join()
+        still_held = sorted(r.vfs for r in reconcilers if r.holding is not None)
         if self.watchdog is not None:
-            self.watchdog.stop()  # disarms: every VFS is released
+            self.watchdog.stop()  # disarms only if nothing is held any more (else the reset is due)
         self.keeper.stop()
-        if self.guard is not None:
+        if still_held:
+            # Not handed over (a release stuck on its unmount, or a pass that did not end): the guard
+            # must not be told all is clear. It sees EOF when this process exits and fences these
+            # (VIP, server, holders, unmount, reset) within the disk bound.
+            log.critical("stopping while still holding %s: leaving them to the fence guard", still_held)
+        elif self.guard is not None:
             self.guard.close_clean()  # everything is released: nothing for it to fence
         if self._node_lease:
             try:

@@ -16,7 +16,7 @@ import itertools
 import threading
 from collections.abc import Callable, Iterable
 
-from controller.store import StoreError, WatchBatch
+from controller.store import OwnerCreated, StoreError, WatchBatch
 from controller.view import KeyRecord
 
 Event = tuple[str, KeyRecord | None, int]
@@ -74,12 +74,15 @@ class FakeEtcd:
     def _absent(self, key: str) -> bool:
         return key not in self.keys
 
-    def create_owner(self, owner_key: str, owner_value: str, lease_id: int, also: dict[str, str]) -> int | None:
+    def create_owner(self, owner_key: str, owner_value: str, lease_id: int, also: dict[str, str],
+                     read: str | None = None) -> OwnerCreated | None:
         with self._lock:
             if not self._absent(owner_key):
                 return None
-            return self._commit([(owner_key, owner_value.encode(), lease_id),
-                                 *((k, v.encode(), 0) for k, v in also.items())])
+            epoch = self._commit([(owner_key, owner_value.encode(), lease_id),
+                                  *((k, v.encode(), 0) for k, v in also.items())])
+            rec = self.keys.get(read) if read is not None else None
+            return OwnerCreated(epoch, rec.value if rec else None)
 
     def put_if_epoch(self, owner_key: str, epoch: int, puts: dict[str, str], delete_owner: bool = False) -> bool:
         with self._lock:

@@ -21,6 +21,7 @@ from controller.keyspace import Keyspace
 from controller.ownership import Holding, LeaseKeeper
 from controller.reconcile import AgentContext, Backoff, VfsReconciler
 from controller.spec import parse_spec
+from controller.store import OwnerCreated
 from controller.takeover import (
     EpochStep,
     MountStep,
@@ -61,13 +62,15 @@ class MemStore:
     def revoke(self, lease_id: int) -> None:
         pass
 
-    def create_owner(self, owner_key: str, value: str, lease_id: int, also: dict[str, str]) -> int | None:
+    def create_owner(self, owner_key: str, value: str, lease_id: int, also: dict[str, str],
+                     read: str | None = None) -> OwnerCreated | None:
         if owner_key in self.keys:
             return None
         self._put(owner_key, value, lease_id)
         for k, v in also.items():
             self._put(k, v)
-        return self.keys[owner_key].create_revision
+        rec = self.keys.get(read) if read else None
+        return OwnerCreated(self.keys[owner_key].create_revision, rec.value if rec else None)
 
     def put_if_epoch(self, owner_key: str, epoch: int, puts: dict[str, str], delete_owner: bool = False) -> bool:
         rec = self.keys.get(owner_key)
@@ -134,8 +137,8 @@ def test_takeover_from_a_lost_owner_waits_the_release_bound_before_mounting() ->
     assert json.loads(store.keys[KS.status("home")].value)["phase"] == "serving"
 
 
-@pytest.mark.parametrize("status", [None, {"phase": "unplaced", "previous": "node-b"},
-                                    {"phase": "fenced", "previous": "node-b"}])
+@pytest.mark.parametrize("status", [None, {"phase": "unplaced", "node": None, "previous": "node-b"},
+                                    {"phase": "fenced", "node": None, "previous": "node-b"}])
 def test_no_wait_after_a_clean_release_or_fence(status: dict[str, Any] | None) -> None:
     _, rec, mount = setup(status, release_bound=30.0)
     started = time.monotonic()
@@ -165,7 +168,7 @@ def test_the_wait_counts_from_when_the_owner_key_was_first_seen_gone() -> None:
     rec.reconcile()  # owner present: nothing to do
     assert rec._owner_gone_since is None
     del store.keys[KS.owner("home")]
-    rec._note_owner(None)
+    rec._note_owner(None, store.rev)
     gone = rec._owner_gone_since
     assert gone is not None
     time.sleep(0.3)
@@ -279,3 +282,99 @@ def test_epoch_base_of_the_view() -> None:
 
     assert view(None) == 0 and view(b"1234\n") == 1234
     assert view(b"-5") == 0 and view(b"1e9") == 0 and view("²".encode()) == 0 and view(b"9" * 40) == 0
+
+
+# --- deny by default (review findings): what counts as "the disk may still be mounted" ------------
+
+
+@pytest.mark.parametrize("status", [
+    {"phase": "error", "node": "node-b", "error": "release stuck, VFS kept owned"},
+    {"phase": "error", "node": "node-b", "error": "self-fenced but the disk is still mounted here"},
+    {"phase": "unplaced", "node": None, "lost_owner": "node-b"},
+    {"phase": "unplaced", "node": None, "disk_at_risk": True},
+])
+def test_any_status_naming_a_node_or_carrying_risk_waits(status: dict[str, Any]) -> None:
+    _, rec, mount = setup(status, release_bound=0.4)
+    started = time.monotonic()
+    rec.reconcile()
+    assert len(mount.up_at) == 1 and mount.up_at[0] - started >= 0.4
+
+
+@pytest.mark.parametrize("junk", ["[" * 5000, "not json", json.dumps({"phase": "serving", "node": 7})])
+def test_an_unreadable_status_waits_the_longest_bound(junk: str) -> None:
+    store, rec, _ = setup(None, release_bound=0.4)
+    store._put(KS.status("home"), junk)
+    assert rec._release_bound_until(rec._risk(store.view()), {}, 0) - time.monotonic() > 599
+
+
+def test_the_wait_is_the_larger_of_ours_and_the_lost_owners_published_bound() -> None:
+    _, rec, mount = setup({"phase": "serving", "node": "node-b", "release_bound": 0.8}, release_bound=0.3)
+    started = time.monotonic()
+    rec.reconcile()
+    assert mount.up_at[0] - started >= 0.8
+
+
+def test_an_owner_that_came_and_went_between_two_passes_restarts_the_count() -> None:
+    store, rec, mount = setup(None, release_bound=0.5)
+    store._put(KS.spec("home"), json.dumps({**SPEC, "candidates": ["node-b"]}))  # not ours for now
+    rec.reconcile()
+    assert rec._owner_gone_since is not None
+    time.sleep(0.6)
+    # node-b acquired and was lost while this node did not look: only its status shows it
+    store._put(KS.status("home"), json.dumps({"phase": "serving", "node": "node-b"}))
+    store._put(KS.spec("home"), json.dumps(SPEC))
+    started = time.monotonic()
+    rec.reconcile()
+    assert mount.up_at and mount.up_at[0] - started >= 0.5
+
+
+def test_a_confirmed_fence_skips_the_wait_only_when_it_is_the_only_node_at_risk() -> None:
+    _, rec, mount = setup({"phase": "acquiring", "node": "node-b", "lost_owner": "node-c",
+                           "lost_owners": ["node-c"]}, release_bound=0.4, fence=lambda _n: FenceOk(True))
+    started = time.monotonic()
+    rec.reconcile()
+    assert mount.up_at[0] - started >= 0.4
+
+
+def test_the_risk_is_carried_by_a_failed_takeover_and_by_status_written_without_an_owner() -> None:
+    store, rec, mount = setup({"phase": "serving", "node": "node-b"}, release_bound=0.0)
+
+    def broken(_ctx: TakeoverContext) -> None:
+        raise RuntimeError("mount: wrong fs type")
+
+    mount.up = broken  # type: ignore[method-assign]
+    rec.reconcile()
+    status = json.loads(store.keys[KS.status("home")].value)
+    assert status["phase"] == "error" and status["node"] is None and status["lost_owner"] == "node-b"
+    assert status["disk_at_risk"] is True
+    # an unowned status rewrite (no live candidate) keeps it too
+    store._put(KS.spec("home"), json.dumps({**SPEC, "candidates": ["node-c"]}))
+    rec._write_unowned_status(store.view().config("home"), store.view())
+    status = json.loads(store.keys[KS.status("home")].value)
+    assert status["phase"] == "unplaced" and status["lost_owner"] == "node-b"
+
+
+def test_the_epoch_base_comes_from_the_owner_transaction_not_the_view() -> None:
+    store, rec, _ = setup(None)
+    seen: list[int] = []
+
+    class Capture(NothingToUndo):
+        name = "capture"
+
+        def up(self, ctx: TakeoverContext) -> None:
+            seen.append(ctx.storage_epoch)
+
+    rec.ctx.steps = [Capture()]
+    store._put(KS.epoch_base, "5000")
+    rec.ctx.view = lambda: ClusterView(KS, store.rev, {k: v for k, v in store.keys.items() if k != KS.epoch_base})
+    rec.reconcile()
+    assert rec.holding is not None and seen == [5000 + rec.holding.epoch]
+
+
+def test_no_takeover_while_the_agent_holds_off_after_an_etcd_restore() -> None:
+    _, rec, mount = setup(None)
+    rec.ctx.hold_off = lambda: 12.5
+    assert rec.reconcile() == 12.5 and rec.holding is None and mount.up_at == []
+    rec.ctx.hold_off = lambda: 0.0
+    rec.reconcile()
+    assert rec.holding is not None and len(mount.up_at) == 1

@@ -136,7 +136,9 @@ def test_etcd_restored_from_a_snapshot_is_followed_after_the_next_resync():
     and watches again from there, so new writes reach the view."""
     store = FakeEtcd()
     views = Views()
-    vk = ViewKeeper(store, KS, views, resync_seconds=0.2)
+    went_back: list[tuple[int, int | None]] = []  # (revision told, revision published before it)
+    vk = ViewKeeper(store, KS, views, resync_seconds=0.2,
+                    on_went_back=lambda v: went_back.append((v.revision, views.last.revision if views.last else None)))
     try:
         store.put(KS.spec("home"), "{}")
         snapshot_rev, snapshot_keys = store.revision, dict(store.keys)
@@ -155,5 +157,7 @@ def test_etcd_restored_from_a_snapshot_is_followed_after_the_next_resync():
         store.put(KS.intent("home"), "node-b")  # numbered anew: snapshot_rev + 1
         view = views.wait_for(lambda v: KS.intent("home") in v.keys)
         assert view.raw_intent("home") == "node-b" and store.watch_starts[-1] == snapshot_rev + 1
+        # told once, before the restored view was published (the agent holds takeovers off first)
+        assert went_back == [(snapshot_rev, snapshot_rev + 40)]
     finally:
         vk.stop()
