@@ -42,7 +42,7 @@ bench: deps
 	$(PY) bench/failover
 
 chaos: deps
-	$(PY) compose/chaos --faults 100 --seed 1
+	$(PY) compose/chaos --faults 200 --seed 1
 
 lab-down: deps
 	$(PY) compose/lab down
