@@ -81,7 +81,10 @@ class StorageHost(Protocol):
 
     def mount(self, vfs: str, device: str, fstype: str, options: tuple[str, ...]) -> Path: ...
 
-    def unmount(self, vfs: str) -> None: ...
+    def unmount(self, vfs: str, device: str | None = None) -> None:
+        """Unmount the VFS's mount point; with `device`, also confirm the kernel no longer uses
+        that block device (another mount namespace, a lazily detached superblock): only then is
+        the disk released. Raises if it is not."""
 
     def read_epoch(self, vfs: str) -> int: ...
 
@@ -149,6 +152,9 @@ class ReleaseBoundWait(NothingToUndo):
     confirmation is decided by the caller (it then leaves not_before at 0)."""
 
     name: str = "release_bound_wait"
+
+    def needed(self, ctx: TakeoverContext) -> bool:
+        return ctx.not_before > 0  # no span, no timing for a takeover that has nothing to wait for
 
     def up(self, ctx: TakeoverContext) -> None:
         while True:
@@ -227,7 +233,7 @@ class MountStep:
             # A mount that timed out may still have completed in the kernel: undo it here (the
             # step is not "done", so bring_up would not), and keep the VFS owned if that fails.
             try:
-                self.host.unmount(ctx.spec.name)
+                self.host.unmount(ctx.spec.name, st.device)
             except Exception as undo:
                 raise StepFailed(f"mount failed ({exc}) and the disk may be mounted: unmount failed: {undo}",
                                  critical=True) from exc
@@ -235,7 +241,8 @@ class MountStep:
 
     def down(self, ctx: TakeoverContext) -> None:
         if ctx.spec.storage is not None:
-            self.host.unmount(ctx.spec.name)
+            # With the device: the disk is released only once no superblock of it is left on this node.
+            self.host.unmount(ctx.spec.name, ctx.spec.storage.device)
 
 
 @dataclass
@@ -293,6 +300,9 @@ def bring_up(steps: Sequence[Step], ctx: TakeoverContext) -> None:
     """Run the steps in order; on failure undo the ones done, in reverse, and raise StepFailed."""
     done: list[Step] = []
     for step in steps:
+        needed = getattr(step, "needed", None)
+        if needed is not None and not needed(ctx):
+            continue
         started = time.monotonic()
         try:
             if getattr(step, "touches_shared", False) and not ctx.holding.valid():

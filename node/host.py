@@ -105,8 +105,8 @@ class Host:
     def mount(self, vfs: str, device: str, fstype: str, options: tuple[str, ...]) -> Path:
         return self.storage.mount(vfs, device, fstype, options)
 
-    def unmount(self, vfs: str) -> None:
-        self.storage.unmount(vfs)
+    def unmount(self, vfs: str, device: str | None = None) -> None:
+        self.storage.unmount(vfs, device)
 
     def read_epoch(self, vfs: str) -> int:
         return self.storage.read_epoch(vfs)

@@ -238,7 +238,9 @@ class LabCluster:
         argv += list(extra)
         if self.span_dir is not None:
             argv += ["--span-file", str(self.span_dir / f"spans-{node}.jsonl")]
-        env = dict(self.agent_env)
+        # All lab nodes share one kernel: a disk another node has taken over is "in use" to this node's
+        # O_EXCL release check too (node/storage.py); never set on a real node.
+        env = {"NFS_HA_LAB_SHARED_KERNEL": "1", **self.agent_env}
         if self.faketime if faketime is None else faketime:
             env.update(self.lab.faketime_env(node))
         pid = self.lab.spawn(node, argv, self.agent_log(node), env=env or None)

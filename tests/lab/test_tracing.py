@@ -154,9 +154,13 @@ def test_node_kill_trace_shows_detection_and_steps(traced: Any) -> None:
     assert root["attrs"]["nfs_ha.cause"] == "node_lost"
     assert root["attrs"]["nfs_ha.previous_owner"] == "node-a"
     steps = children(spans, root)
-    assert [s["name"] for s in steps] == ["detect_loss", "placement_wait", *TAKEOVER_STEPS]
+    # a lost owner: nothing is mounted before its disk release bound has passed (docs/safety.md 3a)
+    lost_steps = [*TAKEOVER_STEPS[:2], "release_bound_wait", *TAKEOVER_STEPS[2:]]
+    assert [s["name"] for s in steps] == ["detect_loss", "placement_wait", *lost_steps]
     detect = steps[0]
     assert 0.5e9 < detect["end"] - detect["start"] < 10e9  # about one lease TTL (2 s)
+    wait = steps[4]
+    assert wait["name"] == "release_bound_wait" and wait["end"] - wait["start"] > 8e9  # T_release 10 s
     assert_inside(root, steps)
 
 

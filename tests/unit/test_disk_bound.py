@@ -238,7 +238,7 @@ class Disk:
         if self.mount_error:
             raise RuntimeError(self.mount_error)
 
-    def unmount(self, vfs: str) -> None:
+    def unmount(self, vfs: str, device: str | None = None) -> None:
         self.calls.append("unmount")
         if self.unmount_error:
             raise RuntimeError(self.unmount_error)

@@ -18,6 +18,7 @@ SPEC = {"vip": "10.77.0.100/24", "candidates": ["node-a"],
 class FakeHost:
     def __init__(self, fail: str = "", disk_epoch: int = 0, foreign: set[str] | None = None):
         self.calls: list[str] = []
+        self.unmounted: list[str | None] = []  # the device passed to each unmount
         self.fail = fail
         self.disk_epoch = disk_epoch
         self.foreign = foreign or set()
@@ -38,7 +39,8 @@ class FakeHost:
     def mount(self, vfs, device, fstype, options):
         self._do("mount")
 
-    def unmount(self, vfs):
+    def unmount(self, vfs, device=None):
+        self.unmounted.append(device)
         self._do("unmount")
 
     def read_epoch(self, vfs):
@@ -105,7 +107,7 @@ def test_nfs_failure_unwinds_in_reverse():
 
 
 class StuckUnmountHost(FakeHost):
-    def unmount(self, vfs):
+    def unmount(self, vfs, device=None):
         self.calls.append("unmount")
         raise RuntimeError("target is busy")
 
