@@ -23,6 +23,7 @@ from typing import Any
 
 from . import mountsampler, nfsclient, procs
 from .errors import LabError
+from .jsonl import read_json_lines
 from .lab import Lab
 from .topology import NODES
 
@@ -97,17 +98,7 @@ class MountSampler:
                                          env=env, cwd=COMPOSE_DIR)
 
     def records(self) -> list[dict[str, Any]]:
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # the last line may be half written
-        return out
+        return read_json_lines(self.path)
 
     def summary(self) -> dict[str, Any]:
         """samples, dual_mount_samples, blind_samples, first_dual, ... (labkit.mountsampler.summarize)."""
@@ -162,17 +153,7 @@ class Writer:
 
     def records(self) -> list[dict[str, Any]]:
         """Log so far: acknowledged writes have "name", failed attempts "failed" (see nfswriter)."""
-        try:
-            lines = self.log.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # the last line may be half written
-        return out
+        return read_json_lines(self.log)
 
     def acked(self) -> list[dict[str, Any]]:
         return [r for r in self.records() if "name" in r]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import freeze, mntns, netns, nodelock, procs
+from .jsonl import read_json_lines
 from .state import StateDir
 from .topology import CLIENT, ETCD_MEMBERS, MEMBERS, Member
 
@@ -58,17 +59,7 @@ def resets_file(state: StateDir) -> Path:
 
 def read_resets(state: StateDir) -> list[dict[str, Any]]:
     """Every reset recorded so far, oldest first ("t" is CLOCK_MONOTONIC)."""
-    try:
-        lines = resets_file(state).read_text().splitlines()
-    except OSError:
-        return []
-    found = []
-    for line in lines:
-        try:
-            found.append(json.loads(line))
-        except ValueError:
-            continue  # a record being written right now
-    return found
+    return read_json_lines(resets_file(state))
 
 
 def _power_cycle(member: Member, state: StateDir) -> tuple[list[int], list[str]]:
