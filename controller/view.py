@@ -13,6 +13,7 @@ watch would be re-created past them).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,30 @@ from typing import Any
 
 from controller.keyspace import Keyspace
 from controller.spec import SpecError, VfsSpec, parse_intent, parse_spec
+
+
+def parsed_spec(name: str, raw: bytes) -> VfsSpec:
+    """parse_spec, parsed once per distinct (name, value): every reconciler's config() checks its spec
+    against every other spec (VIP and device clashes), so without this one event costs O(VFS^2)
+    parses, and a large valid spec made that enough to starve the keepalive thread (chaos run)."""
+    if len(raw) > MAX_SPEC_MEMO:
+        return parse_spec(name, raw)  # refused at once by its size; not worth keeping in memory
+    result = _parse_memo(name, raw)
+    if isinstance(result, SpecError):
+        raise SpecError(str(result))  # a fresh one: re-raising one object would grow its traceback
+    return result
+
+
+MAX_SPEC_MEMO = 64 * 1024  # controller/spec.py refuses larger specs before parsing them
+
+
+@functools.lru_cache(maxsize=1024)  # VfsSpec is frozen; raw is capped at 64 KiB before parsing
+def _parse_memo(name: str, raw: bytes) -> VfsSpec | SpecError:
+    try:
+        return parse_spec(name, raw)
+    except SpecError as exc:
+        return exc
+
 
 MAX_JSON_VALUE = 64 * 1024  # far above any status or registration nfs-ha writes
 
@@ -149,7 +174,7 @@ class ClusterView:
             if spec_rec is None:
                 return VfsConfig(vfs, None, None, ("no spec",))
             try:
-                spec = parse_spec(vfs, spec_rec.value)
+                spec = parsed_spec(vfs, spec_rec.value)
             except Exception as exc:
                 return VfsConfig(vfs, None, None, (f"invalid spec: {exc}",))
             clash = self._vip_clash(spec, spec_rec)
@@ -178,7 +203,7 @@ class ClusterView:
             if other == spec.name or other_rec is None:
                 continue
             try:
-                other_spec = parse_spec(other, other_rec.value)
+                other_spec = parsed_spec(other, other_rec.value)
             except SpecError:
                 continue
             same_disk = spec.storage and other_spec.storage and spec.storage.device == other_spec.storage.device

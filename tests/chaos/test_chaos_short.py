@@ -21,12 +21,9 @@ pytestmark = [
 ]
 
 SEED = 20240607
-# Kinds left out until the agent side they exercise has landed: slow_unmount needs the agent to
-# hand its --reset-command to the fence guard (a frozen filesystem cannot be released otherwise:
-# the next owner mounts it after T_release while the old node still has it, a dual mount);
-# etcd_snapshot_restore needs the agents to recover from revisions going back (and the storage
-# epoch error naming `nfs-ha raise-epoch N`). Without them these kinds fail, which is their point.
-PENDING_AGENT_WORK: tuple[str, ...] = ("slow_unmount", "etcd_snapshot_restore")
+# Every kind runs: slow_unmount needs the guard's reset command (a frozen filesystem cannot be released
+# otherwise), etcd_snapshot_restore the agents' recovery from revisions going back and raise-epoch.
+PENDING_AGENT_WORK: tuple[str, ...] = ()
 assert set(PENDING_AGENT_WORK) <= {*NEEDS_RESET, *NEEDS_RAISE_EPOCH}
 KINDS = tuple(k for k in FAULT_KINDS if k not in PENDING_AGENT_WORK)
 FAULTS = max(15, len(KINDS))  # every kind at least once (a shuffled deck)

@@ -141,6 +141,7 @@ def test_view_config_contains_any_exception(monkeypatch):
         raise RecursionError("maximum recursion depth exceeded")
 
     monkeypatch.setattr(view_module, "parse_spec", boom)
+    view_module._parse_memo.cache_clear()  # an earlier test's parse of the same spec must not answer
     config = ClusterView(KS, 100, {KS.spec("home"): _rec(GOOD.encode(), 5)}).config("home")
     assert config.spec is None and "recursion" in config.error
 

@@ -132,3 +132,19 @@ def test_junk_agent_written_keys_do_not_break_the_view():
                              KS.status("home"): rec("x" * 70000)})
     assert v.owner("home") is not None and v.owner("home").node == ""
     assert v.live_nodes() == {"node-a": {}} and v.status("home") is None
+
+
+def test_each_distinct_spec_is_parsed_once_however_many_reconcilers_ask(monkeypatch):
+    import controller.view as view_module
+
+    calls = []
+    real = view_module.parse_spec
+    monkeypatch.setattr(view_module, "parse_spec", lambda name, raw: calls.append(name) or real(name, raw))
+    view_module._parse_memo.cache_clear()
+    keys = {KS.spec(f"v{i}"): rec({"vip": f"10.77.0.{100 + i}/24", "candidates": ["node-a"]}, create=i + 1)
+            for i in range(20)}
+    v = ClusterView(KS, 30, keys)
+    for _ in range(3):
+        for name in v.vfs_names():
+            assert v.config(name).spec is not None
+    assert sorted(calls) == sorted(f"v{i}" for i in range(20))  # 20 parses, not 3 x 20 x 20
