@@ -140,6 +140,7 @@ class VfsReconciler:
         self._status_doc: dict[str, Any] | None = None
         self._owner_gone_since: float | None = None  # monotonic: first seen without an owner key
         self._owner_gone_rev = 0  # the view revision at that moment
+        self._risk_seen: tuple[int, float] | None = None  # (status revision, monotonic) for _risk_pending
         self._disk_stuck: str | None = None  # a lost holding's unmount failed; retried every pass
         self.trace = FailoverTracer(vfs, ctx.me)
         self._wake = threading.Event()
@@ -282,6 +283,18 @@ class VfsReconciler:
             gone = time.monotonic()  # an owner came and went since we started counting
         return gone + max(self.ctx.release_bound, risk.release_bound)
 
+    def _risk_pending(self, view: ClusterView) -> bool:
+        """The status says a node may still have the disk and its release bound has not run out yet
+        (counted like a takeover's wait, from when this node first saw no owner key)."""
+        risk = self._risk(view)
+        if not risk.at_risk:
+            return False
+        rec = view.keys.get(self.ctx.keyspace.status(self.vfs))
+        rev = rec.mod_revision if rec else 0
+        if self._risk_seen is None or self._risk_seen[0] != rev:
+            self._risk_seen = (rev, time.monotonic())  # counted from when we first saw this status
+        return time.monotonic() < self._risk_seen[1] + max(self.ctx.release_bound, risk.release_bound)
+
     def _lost(self, h: Holding, view: ClusterView) -> bool:
         owner = view.owner(self.vfs)
         if owner is not None:
@@ -368,7 +381,8 @@ class VfsReconciler:
         self._restarts = []
         log.info("%s: owner with epoch %d (lease %x, cause %s)", self.vfs, epoch, lease_id, cause)
         # The base as of the owner transaction's own revision: base + revision then only grows.
-        tctx = TakeoverContext(spec, h, span=root, node=me, epoch_base=parse_epoch_base(created.read))
+        tctx = TakeoverContext(spec, h, span=root, node=me, epoch_base=parse_epoch_base(created.read),
+                               cancelled=self._stop.is_set)
         fence_note: dict[str, Any] = {}
         try:
             try:
@@ -515,7 +529,7 @@ class VfsReconciler:
         log.info("%s: removing owner key left by an earlier run (epoch %d)", self.vfs, epoch)
         self.trace.restarted = True
         ks = self.ctx.keyspace
-        carried = self._risk(self.ctx.view()).carried(also_me=self.ctx.me)
+        carried = self._risk(self.ctx.view()).carried(also_me=self.ctx.me, my_bound=self.ctx.release_bound)
         self.ctx.store.put_if_epoch(ks.owner(self.vfs), epoch, {ks.status(self.vfs): encode(
             make_status("unplaced", None, 0, "", previous=self.ctx.me, cause="agent restarted", **carried))},
             delete_owner=True)
@@ -572,6 +586,8 @@ class VfsReconciler:
             return
         ks = self.ctx.keyspace
         if ks.spec(self.vfs) not in view.keys:
+            if self._risk_pending(view):
+                return  # the status is the only record that a node may still have the disk: keep it
             if ks.status(self.vfs) in view.keys and self.ctx.store.delete_if_no_owner(
                     ks.owner(self.vfs), [ks.status(self.vfs)], absent=[ks.spec(self.vfs)]):
                 log.info("%s: spec deleted and nobody owns it: status removed", self.vfs)
@@ -603,12 +619,14 @@ class DiskRisk:
     def at_risk(self) -> bool:
         return bool(self.nodes) or self.unknown
 
-    def carried(self, also_me: str | None = None) -> dict[str, Any]:
-        """Status fields that pass the risk on (`also_me`: this node's own stale holding counts too)."""
+    def carried(self, also_me: str | None = None, my_bound: float = 0.0) -> dict[str, Any]:
+        """Status fields that pass the risk on (`also_me`: this node's own stale holding counts too,
+        with its own T_release `my_bound`)."""
         nodes = self.nodes + ((also_me,) if also_me and also_me not in self.nodes else ())
         if not nodes and not self.unknown:
             return {}
-        out: dict[str, Any] = {"disk_at_risk": True, "lost_release_bound": self.release_bound}
+        bound = max(self.release_bound, my_bound if also_me else 0.0)
+        out: dict[str, Any] = {"disk_at_risk": True, "lost_release_bound": bound}
         if nodes:
             out["lost_owner"] = nodes[0]
             out["lost_owners"] = list(nodes[:MAX_LOST_OWNERS])

@@ -111,6 +111,7 @@ class TakeoverContext:
     epoch_base: int = 0  # added to the holding's epoch for the storage epoch (see the docstring)
     not_before: float = 0.0  # monotonic time before which nothing is mounted (0: no wait)
     sleep: Callable[[float], None] = time.sleep  # injectable for tests
+    cancelled: Callable[[], bool] = lambda: False  # the agent is stopping: give up waiting
 
     @property
     def storage_epoch(self) -> int:
@@ -164,6 +165,9 @@ class ReleaseBoundWait(NothingToUndo):
             if not ctx.holding.valid():
                 raise StepFailed(f"{ctx.spec.name}: the holding ended while waiting for the lost owner's "
                                  "disk release bound")
+            if ctx.cancelled():
+                raise StepFailed(f"{ctx.spec.name}: the agent is stopping; gave up waiting for the lost "
+                                 "owner's disk release bound (nothing was mounted)")
             ctx.sleep(min(left, 0.1))
 
 
@@ -230,6 +234,8 @@ class MountStep:
         try:
             self.host.mount(ctx.spec.name, st.device, st.fstype, st.options)
         except Exception as exc:
+            if getattr(exc, "mounted_nothing", False):
+                raise  # refused before mounting (e.g. the device is busy): nothing to undo
             # A mount that timed out may still have completed in the kernel: undo it here (the
             # step is not "done", so bring_up would not), and keep the VFS owned if that fails.
             try:

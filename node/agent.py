@@ -319,12 +319,15 @@ class Agent:
         self.views.stop()
         with self._lock:
             reconcilers = list(self.reconcilers.values())
-        threads = [threading.Thread(target=r.stop, args=(True,)) for r in reconcilers]
+        done: dict[str, bool] = {}
+        threads = [threading.Thread(target=lambda r=r: done.__setitem__(r.vfs, r.stop(True))) for r in reconcilers]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        still_held = sorted(r.vfs for r in reconcilers if r.holding is not None)
+        # stop() is True only once the loop has ended holding nothing: a pass still running may yet
+        # create an owner key and mount, so it counts as held.
+        still_held = sorted(r.vfs for r in reconcilers if not done.get(r.vfs))
         if self.watchdog is not None:
             self.watchdog.stop()  # disarms only if nothing is held any more (else the reset is due)
         self.keeper.stop()

@@ -119,6 +119,12 @@ def mounted_at(path: Path) -> str | None:
     return source  # the last one wins: it is the one on top
 
 
+class DeviceBusy(StorageError):
+    """The device was busy before the mount: nothing was mounted (controller.takeover.MountStep)."""
+
+    mounted_nothing = True
+
+
 def device_in_use(device: str) -> bool:
     """Whether the kernel still holds block device `device` exclusively: a superblock of it in any
     mount namespace, lazily detached or not (or another exclusive user). False if the device does
@@ -186,6 +192,10 @@ class Storage:
             if os.path.realpath(current) == os.path.realpath(device):
                 return target  # already ours (idempotent)
             raise StorageError(f"{target} already has {current} mounted, not {device}")
+        if device_in_use(device):
+            # Mounted elsewhere (another node in the lab's shared kernel, a stray mount here) or held by
+            # another exclusive user: never join it. Nothing was mounted, so nothing needs undoing.
+            raise DeviceBusy(f"{device} is in use by the kernel (mounted elsewhere or held): not mounting it")
         argv = ["mount", "-t", fstype]
         if options:
             argv += ["-o", ",".join(options)]

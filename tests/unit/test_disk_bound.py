@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -378,3 +379,41 @@ def test_no_takeover_while_the_agent_holds_off_after_an_etcd_restore() -> None:
     rec.ctx.hold_off = lambda: 0.0
     rec.reconcile()
     assert rec.holding is not None and len(mount.up_at) == 1
+
+
+def test_a_deleted_vfs_keeps_its_status_while_a_node_may_still_have_the_disk() -> None:
+    store, rec, _ = setup({"phase": "serving", "node": "node-b"}, release_bound=0.3)
+    del store.keys[KS.spec("home")]
+    deleted: list[list[str]] = []
+    store.delete_if_no_owner = lambda owner, keys, absent=(): deleted.append(list(keys)) or True  # type: ignore
+    rec._write_unowned_status(store.view().config("home"), store.view())
+    assert deleted == []  # kept: it is the only record of the risk
+    time.sleep(0.35)
+    rec._write_unowned_status(store.view().config("home"), store.view())
+    assert deleted == [[KS.status("home")]]
+
+
+def test_a_stop_gives_up_a_release_bound_wait_without_mounting() -> None:
+    store, rec, mount = setup({"phase": "serving", "node": "node-b"}, release_bound=30.0)
+    threading.Timer(0.3, rec._stop.set).start()
+    started = time.monotonic()
+    rec.reconcile()
+    assert time.monotonic() - started < 5 and mount.up_at == [] and rec.holding is None
+    status = json.loads(store.keys[KS.status("home")].value)
+    assert "agent is stopping" in status["error"] and status["lost_owner"] == "node-b"
+
+
+def test_a_busy_device_is_refused_before_mounting_and_is_not_critical() -> None:
+    class Busy(Exception):
+        mounted_nothing = True
+
+    disk = Disk()
+
+    def mount(*_a: Any) -> None:
+        disk.calls.append("mount")
+        raise Busy("/dev/loop3 is in use by the kernel")
+
+    disk.mount = mount  # type: ignore[method-assign]
+    with pytest.raises(StepFailed) as err:
+        bring_up([MountStep(disk)], make_ctx())  # type: ignore[arg-type]
+    assert disk.calls == ["mount"] and not err.value.critical
