@@ -119,10 +119,14 @@ def mounted_at(path: Path) -> str | None:
     return source  # the last one wins: it is the one on top
 
 
-class DeviceBusy(StorageError):
-    """The device was busy before the mount: nothing was mounted (controller.takeover.MountStep)."""
+class MountRefused(StorageError):
+    """Refused before mounting anything, so there is nothing to undo (controller.takeover.MountStep)."""
 
     mounted_nothing = True
+
+
+class DeviceBusy(MountRefused):
+    """The device was busy before the mount."""
 
 
 def device_in_use(device: str) -> bool:
@@ -192,7 +196,11 @@ class Storage:
             if os.path.realpath(current) == os.path.realpath(device):
                 return target  # already ours (idempotent)
             raise StorageError(f"{target} already has {current} mounted, not {device}")
-        if device_in_use(device):
+        try:
+            busy = device_in_use(device)
+        except StorageError as exc:  # e.g. not a block device here: this node has no path to the disk
+            raise MountRefused(f"not mounting {device}: {exc}") from exc
+        if busy:
             # Mounted elsewhere (another node in the lab's shared kernel, a stray mount here) or held by
             # another exclusive user: never join it. Nothing was mounted, so nothing needs undoing.
             raise DeviceBusy(f"{device} is in use by the kernel (mounted elsewhere or held): not mounting it")

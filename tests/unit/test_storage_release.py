@@ -396,3 +396,15 @@ def test_lab_mode_still_refuses_what_this_node_holds_while_another_mounts(tmp_pa
     finally:
         held.close()
     st.unmount("home", loop)
+
+
+def test_a_device_that_is_not_a_block_device_is_refused_before_mounting(tmp_path):
+    """The lab's "no path to the disk" (/dev/null bound over the device node): refused without
+    running mount, so the takeover fails without anything to undo (not critical)."""
+    from node.storage import MountRefused, Storage
+
+    st = Storage(tmp_path)
+    with pytest.raises(MountRefused, match="not mounting /dev/null") as err:
+        st.mount("home", "/dev/null", "xfs", ())
+    assert err.value.mounted_nothing
+    assert not (tmp_path / "mnt" / "home").is_mount()
