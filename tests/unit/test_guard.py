@@ -772,11 +772,17 @@ def test_bad_options_are_refused(args: list[str], tmp_path: Path, capsys: pytest
         GuardClient(tmp_path, "eth-test", dry_run=True, release_bound=-1)
 
 
+def argv_text(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+
+
 def test_client_passes_its_options_on(tmp_path: Path) -> None:
     client = GuardClient(tmp_path, "eth-test", dry_run=True, release_bound=6.0, reset_command=["/x/reset", "a b"],
                          watchdog=True, nfs_workroot=tmp_path / "work")
     try:
-        argv = Path(f"/proc/{client.proc.pid}/cmdline").read_bytes().decode().split("\0")
+        # right after Popen the child may not have exec'd yet: its cmdline is still this process's
+        assert wait_for(lambda: "node.guard" in argv_text(client.proc.pid), 3.0)
+        argv = argv_text(client.proc.pid).split("\0")
         assert argv[argv.index("--release-bound") + 1] == "6.0"
         assert json.loads(argv[argv.index("--reset-command") + 1]) == ["/x/reset", "a b"]
         assert argv[argv.index("--nfs-workroot") + 1] == str(tmp_path / "work")
