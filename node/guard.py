@@ -77,8 +77,15 @@ INVARIANTS (the guard's rules)
    The guard never kills itself. It does kill the agent if the agent holds the filesystem: by then
    the holding is past its deadline (or the agent asked for the fence), the disk bound outranks the
    agent, and the guard then sees EOF and fences everything else too (with a watchdog, the agent's
-   death resets the node anyway). Kills go through a pidfd opened before the holder is re-checked,
-   so a pid reused in between is never signalled.
+   death resets the node anyway). But not in the first T_release/4 of the fence: the agent's own
+   holds are momentary by construction (its release check opens the block device O_EXCL for an
+   instant, its takeover writes the epoch file), and a fence that runs while the agent is releasing
+   the same disk itself (the guard's deadline is only margin/2 after the agent's) would otherwise
+   kill a healthy agent for an fd it closes a moment later, and with it every other holding of the
+   node. The round counts the disk as not released and looks again; the escalation at T_release/2
+   is unchanged, so the bound holds. "The agent" is the guard's parent at start-up.
+   Kills go through a pidfd opened before the holder is re-checked, so a pid reused in between is
+   never signalled.
    DONE ("released") only when nothing is mounted at the mount point, no mount of the filesystem is
    left in this mount namespace AND no process of this node holds it (a detached superblock that
    something still uses is NOT released). Every action and every failure is recorded; a failure never
@@ -193,6 +200,7 @@ MAX_RELEASE_BOUND = 3600.0
 KILL_WAIT = 1.0  # how long a server kill waits for the process to go before the unmount rounds start
 UMOUNT_CMD_TIMEOUT = 5.0
 ROUND_PAUSE = 0.1  # between kill/unmount rounds before the escalation
+AGENT_SPARE_SHARE = 0.25  # of T_release: how long a fence lets the agent close a momentary hold (rule 3)
 SLOW_ROUND_PAUSE = 1.0  # after it, rounds back off to this
 STILL_FAILING_LOG = 30.0  # how often a fence that outlived its escalation says so again
 RESET_OUTPUT_TAIL = 2000
@@ -532,8 +540,10 @@ class Fencer:
     def __init__(self, actions: Actions, state_dir: Path, dry_run: bool = False,
                  release_bound: float = DEFAULT_RELEASE_BOUND, reset_command: Sequence[str] = (),
                  watchdog: bool = False, nfs_workroot: Path | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 agent_pid: int | None = None) -> None:
         self.actions = actions
+        self.agent_pid = agent_pid
         self.path = Path(state_dir) / ACTIONS_FILE
         self.dry_run = dry_run
         self.release_bound = check_release_bound(release_bound)
@@ -650,6 +660,8 @@ class Fencer:
             return True
         known = {k["pid"] for k in job.killed}
         for pid, comm in holders:
+            if self._spare(job, pid):
+                continue
             try:
                 signalled = self.actions.kill_holder(pid, devs)
             except Exception as exc:
@@ -659,6 +671,16 @@ class Fencer:
                 job.killed.append({"pid": pid, "comm": comm})
                 job.actions.append(f"{'would SIGKILL' if self.dry_run else 'SIGKILLed'} holder {pid} ({comm})")
         return False
+
+    def _spare(self, job: FenceJob, pid: int) -> bool:
+        """Rule 3: the agent is given T_release/4 to close a momentary hold before it is killed."""
+        window = self.release_bound * AGENT_SPARE_SHARE
+        if pid != self.agent_pid or self.clock() - job.started >= window:
+            return False
+        note = f"the agent ({pid}) holds the filesystem: not killed in the first {window:g}s"
+        if note not in job.actions:
+            job.actions.append(note)
+        return True
 
     def escalate(self, job: FenceJob) -> bool:
         """Rule 4: the disk is not released by t0 + T_release/2. Idempotent; called by the worker
@@ -1278,7 +1300,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.stack_size(THREAD_STACK)
     realtime = make_realtime()  # after the imports, before any thread
     fencer = Fencer(actions, args.state_dir, args.dry_run, args.release_bound, args.reset_command, args.watchdog,
-                    args.nfs_workroot)
+                    args.nfs_workroot, agent_pid=os.getppid())
     guard = Guard(GuardState(), fencer, sys.stdin.fileno(), terminated=terminated)
     log.info("guarding (state dir %s, interface %s, release bound %gs, reset command %s%s%s); %s",
              args.state_dir, args.interface, args.release_bound, list(args.reset_command) or "none",

@@ -343,6 +343,39 @@ def test_escalation_order_kill_server_then_unmount_then_holders(tmp_path: Path) 
     assert read_actions(tmp_path) == [rec]
 
 
+def test_the_agent_gets_a_quarter_of_the_bound_to_close_a_momentary_hold(tmp_path: Path) -> None:
+    # The agent's own release check holds the device for an instant while the guard's fence of the
+    # same disk runs: killing the agent for it would fence every other holding of the node too.
+    host = FakeHost(holders={321: "nfs-ha-agent"})
+    f = fencer(host, tmp_path, release_bound=4.0, agent_pid=321)
+    (job,) = f.start([held()], lambda _h: "deadline passed")
+    host.die_at[321] = job.started + 0.35  # closes its fd
+    rec = f.complete(job)
+    assert ("kill-holder", 321) not in host.calls and rec["killed"] == []
+    assert "the agent (321) holds the filesystem: not killed in the first 1s" in rec["actions"]
+    assert 0.35 <= rec["released_after"] < 0.5 and rec["reset"] is None
+
+
+def test_an_agent_that_keeps_holding_is_killed_after_a_quarter_of_the_bound(tmp_path: Path) -> None:
+    host = FakeHost(holders={321: "nfs-ha-agent", 500: "sleep"})
+    f = fencer(host, tmp_path, release_bound=4.0, reset_command=["/sbin/reset-node"], agent_pid=321)
+    (job,) = f.start([held()], lambda _h: "deadline passed")
+    kill_times: dict[int, float] = {}
+    real_kill = host.kill_holder
+
+    def kill(pid: int, devs: frozenset[int]) -> bool:
+        kill_times.setdefault(pid, host.clock() - job.started)
+        return real_kill(pid, devs)
+
+    host.kill_holder = kill  # type: ignore[method-assign]
+    f.actions = host.actions()
+    rec = f.complete(job)
+    assert kill_times[500] < 0.01  # any other holder: at once
+    assert 1.0 <= kill_times[321] < 1.0 + guard.ROUND_PAUSE + 0.01  # the agent: at T_release/4
+    assert rec["killed"] == [{"pid": 500, "comm": "sleep"}, {"pid": 321, "comm": "nfs-ha-agent"}]
+    assert rec["reset"] is None and rec["released_after"] < 2.0  # released before the escalation
+
+
 def test_server_without_a_disk_needs_no_unmount(tmp_path: Path) -> None:
     host = FakeHost()
     f = fencer(host, tmp_path)
