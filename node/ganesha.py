@@ -159,22 +159,67 @@ def _export_block(export_id: int, export: ExportSpec, path: Path) -> list[str]:
     return lines
 
 
-def listening(address: str, port: int) -> bool:
-    """Whether something in this network namespace listens on address:port (TCP)."""
-    want_v4 = "".join(f"{int(p):02X}" for p in reversed(address.split(".")))
-    for table, suffixes in (("/proc/net/tcp", (want_v4,)),
-                            ("/proc/net/tcp6", ("0000000000000000FFFF0000" + want_v4, "0" * 32))):
+TCP_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
+WILDCARD_HINT = ("Ganesha 4.3 binds the wildcard [::] instead of its Bind_addr when the network namespace has no "
+                 "IPv6 address outside lo: enable IPv6 on the interface (net.ipv6.conf.IFACE.disable_ipv6=0, "
+                 "a link-local address is enough)")
+
+
+def _hex_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as /proc/net/tcp{,6} writes it: 32-bit words in host (little-endian) byte order."""
+    raw = b"".join(bytes.fromhex(text[i:i + 8])[::-1] for i in range(0, len(text), 8))
+    addr = ipaddress.ip_address(raw)
+    mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    return mapped or addr
+
+
+def listeners(port: int, tables: tuple[Path, ...] = TCP_TABLES) -> list[tuple[str, int]]:
+    """(address, socket inode) of every TCP listener on `port` in this network namespace; an
+    IPv4-mapped IPv6 address as its IPv4 address, the wildcards as 0.0.0.0 and ::."""
+    out = []
+    for table in tables:
         try:
-            rows = Path(table).read_text().splitlines()[1:]
+            rows = table.read_text().splitlines()[1:]
         except OSError:
             continue
         for row in rows:
             fields = row.split()
-            local, state = fields[1], fields[3]
-            addr, _, hexport = local.partition(":")
-            if state == "0A" and int(hexport, 16) == port and (addr in suffixes or addr == "0" * len(addr)):
-                return True
-    return False
+            if len(fields) < 10 or fields[3] != "0A":
+                continue
+            addr, _, hexport = fields[1].partition(":")
+            if int(hexport, 16) == port:
+                out.append((str(_hex_address(addr)), int(fields[9])))
+    return out
+
+
+def listening(address: str, port: int) -> bool:
+    """Whether something in this network namespace listens on address:port (TCP), a wildcard included."""
+    wanted = {address, *map(str, WILDCARDS)}
+    return any(addr in wanted for addr, _inode in listeners(port))
+
+
+def socket_inodes(pid: int, proc_root: Path = Path("/proc")) -> set[int]:
+    """The inodes of the sockets process `pid` has open."""
+    found = set()
+    try:
+        fds = os.listdir(proc_root / str(pid) / "fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            target = os.readlink(proc_root / str(pid) / "fd" / fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target.endswith("]"):
+            found.add(int(target[8:-1]))
+    return found
+
+
+def own_listeners(pid: int, port: int) -> list[str]:
+    """The addresses process `pid` itself listens on at `port`."""
+    mine = socket_inodes(pid)
+    return [addr for addr, inode in listeners(port) if inode in mine]
 
 
 def _ensure_nonlocal_bind() -> None:
@@ -242,6 +287,12 @@ class GaneshaServer:
                 self.stop(inst.vfs, 5.0)
                 raise NfsServerError(f"ganesha.nfsd for {inst.vfs} not listening after {timeout:.0f}s")
             time.sleep(0.01)
+        bound = own_listeners(proc.pid, NFS_PORT)
+        if any(addr in map(str, WILDCARDS) for addr in bound):
+            # It would answer on every VIP of this node, and keep the next VFS's server from starting.
+            self.stop(inst.vfs, 5.0)
+            raise NfsServerError(f"ganesha.nfsd for {inst.vfs} listens on {', '.join(bound)}, not {inst.vip}: "
+                                 + WILDCARD_HINT)
         threading.Thread(target=self._supervise, args=(inst.vfs, proc), daemon=True,
                          name=f"ganesha-{inst.vfs}").start()
 

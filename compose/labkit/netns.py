@@ -48,8 +48,10 @@ def plug(member: Member) -> None:
 
 
 def reset_addresses(member: Member) -> None:
-    """Only the member's own address on eth0, as after a reboot (VIPs it held are gone)."""
-    run(["ip", "-n", member.ns, "addr", "flush", "dev", IFACE])
+    """Only the member's own address on eth0, as after a reboot (VIPs it held are gone). IPv4 only:
+    a rebooted machine gets its IPv6 link-local address back, and without one Ganesha 4.3 binds the
+    wildcard [::]:2049 instead of its Bind_addr, so a second VFS's server on that node cannot start."""
+    run(["ip", "-4", "-n", member.ns, "addr", "flush", "dev", IFACE])
     run(["ip", "-n", member.ns, "addr", "add", member.cidr, "dev", IFACE])
 
 
