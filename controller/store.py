@@ -111,11 +111,16 @@ class EtcdStore:
         The caller re-creates the watch from its last revision + 1 after an error.
         """
         with self._lock:
-            if self._watch_client is not None:
-                self._watch_client.close()
-            self._watch_client = client = self.new_client(self.timeout)
+            old, self._watch_client = self._watch_client, self.new_client(self.timeout)
+            client = self._watch_client
+        if old is not None:
+            old.close()  # after the swap: the error this ends the old stream with is dropped below
 
         def callback(resp: Any) -> None:
+            if self._watch_client is not client:  # a plain read: never wait for a lock close() may hold
+                # Closing the old client (just above, on the next re-creation) ends its stream with an
+                # error: passed on, it would make the caller re-create the current watch too, forever.
+                return
             if isinstance(resp, Exception):
                 on_batch(resp)
                 return
@@ -134,8 +139,9 @@ class EtcdStore:
 
     def close(self) -> None:
         with self._lock:
-            if self._watch_client is not None:
-                self._watch_client.close()
+            old, self._watch_client = self._watch_client, None
+        if old is not None:
+            old.close()
         self._client.close()
 
     # --- leases --------------------------------------------------------------------------
