@@ -364,13 +364,16 @@ class VfsReconciler:
                              release_bound=self.ctx.release_bound, **risk.carried())
         try:
             with tracing.child(root, "owner_txn", span_attrs):
+                # Only if the status is still the one the risk and the wait were read from: a lost
+                # owner that wrote its risk meanwhile must not be overwritten unseen.
                 created = store.create_owner(ks.owner(self.vfs), json.dumps(owner_doc), lease_id,
-                                             {ks.status(self.vfs): encode(status)}, read=ks.epoch_base)
+                                             {ks.status(self.vfs): encode(status)}, read=ks.epoch_base,
+                                             unchanged={ks.status(self.vfs): status_rev})
         except StoreError:
             self._revoke_quietly(lease_id)
             raise
         if created is None:
-            root.set_attribute("nfs_ha.outcome", "another node won the owner transaction")
+            root.set_attribute("nfs_ha.outcome", "another node won the owner transaction, or the status changed")
             self._revoke_quietly(lease_id)  # somebody else won the race; fine
             return None
         epoch = created.epoch

@@ -175,11 +175,13 @@ class EtcdStore:
         self._call("delete", lambda: self._client.delete(key))
 
     def create_owner(self, owner_key: str, owner_value: str, lease_id: int,
-                     also: dict[str, str], read: str | None = None) -> OwnerCreated | None:
-        """Create the owner key bound to a lease, iff it does not exist; also put `also`.
+                     also: dict[str, str], read: str | None = None,
+                     unchanged: dict[str, int] | None = None) -> OwnerCreated | None:
+        """Create the owner key bound to a lease, iff it does not exist and every key in `unchanged`
+        still has the mod_revision given (0: absent); also put `also`.
 
         Returns the owner key's create_revision (the new epoch) and the value of `read` as of that
-        same revision (so it is consistent with the epoch), or None if the owner key existed.
+        same revision (so it is consistent with the epoch), or None if a condition failed.
         """
         c = self._client
         success = [c.transactions.put(owner_key, owner_value, lease=lease_id)]
@@ -187,8 +189,10 @@ class EtcdStore:
         if read is not None:
             success.append(c.transactions.get(read))
         success.append(c.transactions.get(owner_key))
+        compare = [c.transactions.create(owner_key) == 0]
+        compare += [c.transactions.mod(k) == rev for k, rev in (unchanged or {}).items()]
         ok, responses = self._call("owner create", lambda: c.transaction(
-            compare=[c.transactions.create(owner_key) == 0], success=success, failure=[]))
+            compare=compare, success=success, failure=[]))
         if not ok:
             return None
         _value, meta = responses[-1][0]

@@ -75,9 +75,11 @@ class FakeEtcd:
         return key not in self.keys
 
     def create_owner(self, owner_key: str, owner_value: str, lease_id: int, also: dict[str, str],
-                     read: str | None = None) -> OwnerCreated | None:
+                     read: str | None = None, unchanged: dict[str, int] | None = None) -> OwnerCreated | None:
         with self._lock:
             if not self._absent(owner_key):
+                return None
+            if any((self.keys[k].mod_revision if k in self.keys else 0) != rev for k, rev in (unchanged or {}).items()):
                 return None
             epoch = self._commit([(owner_key, owner_value.encode(), lease_id),
                                   *((k, v.encode(), 0) for k, v in also.items())])

@@ -64,8 +64,10 @@ class MemStore:
         pass
 
     def create_owner(self, owner_key: str, value: str, lease_id: int, also: dict[str, str],
-                     read: str | None = None) -> OwnerCreated | None:
+                     read: str | None = None, unchanged: dict[str, int] | None = None) -> OwnerCreated | None:
         if owner_key in self.keys:
+            return None
+        if any((self.keys[k].mod_revision if k in self.keys else 0) != rev for k, rev in (unchanged or {}).items()):
             return None
         self._put(owner_key, value, lease_id)
         for k, v in also.items():

@@ -80,3 +80,26 @@ def test_a_recreated_watch_gets_no_error_from_the_one_it_replaced(etcd: str) -> 
         assert [(key, rec.value) for key, rec, _rev in events] == [("/t/a", b"1")]  # once: from the live watch
     finally:
         store.close()
+
+
+def test_owner_creation_fails_when_the_status_it_was_decided_on_changed(etcd: str) -> None:
+    store = EtcdStore(etcd)
+    try:
+        store.put("/t/vfs/home/status", '{"state": "error", "disk_at_risk": true}')
+        seen = store.get("/t/vfs/home/status")
+        assert seen is not None
+        store.put("/t/vfs/home/status", '{"state": "error", "disk_at_risk": true, "lost_release_bound": 60}')
+        lease, _ttl = store.grant(5)
+        stale = store.create_owner("/t/vfs/home/owner", "{}", lease, {"/t/vfs/home/status": "{}"},
+                                   unchanged={"/t/vfs/home/status": seen.mod_revision})
+        assert stale is None and store.get("/t/vfs/home/owner") is None
+        now = store.get("/t/vfs/home/status")
+        assert now is not None and b"lost_release_bound" in now.value  # not overwritten unseen
+        created = store.create_owner("/t/vfs/home/owner", "{}", lease, {"/t/vfs/home/status": "{}"},
+                                     unchanged={"/t/vfs/home/status": now.mod_revision})
+        assert created is not None and store.get("/t/vfs/home/owner") is not None
+        absent = store.create_owner("/t/vfs/other/owner", "{}", lease, {},
+                                    unchanged={"/t/vfs/other/status": 0})  # 0: the status must be absent
+        assert absent is not None
+    finally:
+        store.close()
