@@ -51,6 +51,7 @@ def teardown(state: StateDir, leftovers: bool = False) -> list[int]:
         freeze.thaw(state, [n for n in NODES if mntns.is_pinned(state.mntns_file(n))], killed)
     except LabError as exc:  # keep tearing down; a disk left frozen shows up below
         print(f"lab teardown: thawing failed: {exc}", file=sys.stderr)
+    killed += [pid for pid in procs.kill_until_none_left(lambda: lab_pids(state), 5.0) if pid not in killed]
     procs.wait_gone(killed, 5.0)
     for mount in mntns.lab_mounts(state.root):
         mntns.unmount(mount.point)

@@ -70,6 +70,8 @@ def _power_cycle(member: Member, state: StateDir) -> tuple[list[int], list[str]]
     # (afterwards nothing may reach that superblock any more).
     hit = [pid for pid in pids if procs.signal_pid(pid, signal.SIGKILL)]
     thawed = freeze.thaw(state, [member.name], hit)
+    hit += [pid for pid in procs.kill_until_none_left(lambda: freeze.node_pids(state, member), KILL_WAIT)
+            if pid not in hit]  # forked meanwhile
     procs.wait_gone(hit, KILL_WAIT)
     mntns.drop(pin)
     mntns.create(member, pin)

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -121,6 +121,22 @@ def kill_all(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
     hit = [pid for pid in pids if signal_pid(pid, signal.SIGKILL)]
     wait_gone(hit, timeout)
     return hit
+
+
+def kill_until_none_left(find: Callable[[], Iterable[int]], timeout: float = 5.0) -> list[int]:
+    """SIGKILL what ``find`` returns, again and again, until it finds nothing alive (or the timeout
+    passed): a process forked between a scan and the kill (an agent starting a umount, say) is only
+    caught by the next scan. Returns every pid signalled, in order."""
+    hit: list[int] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in find() if is_alive(pid)]
+        if not alive or time.monotonic() >= deadline:
+            return hit
+        for pid in alive:
+            if signal_pid(pid, signal.SIGKILL) and pid not in hit:
+                hit.append(pid)
+        wait_gone(alive, min(0.2, max(0.0, deadline - time.monotonic())))
 
 
 def stop(
