@@ -640,7 +640,8 @@ MAX_LOST_OWNERS = 8
 MAX_RELEASE_BOUND = 600.0  # node/config.py's limit; a published bound above it is junk
 
 
-def _bound(value: Any) -> float:
+def published_bound(value: Any) -> float:
+    """A release bound another node published: junk counts as the maximum (deny by default)."""
     ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_RELEASE_BOUND
     return float(value) if ok else MAX_RELEASE_BOUND if value is not None else 0.0
 
@@ -656,12 +657,12 @@ def disk_risk(present: bool, status: dict[str, Any] | None, me: str) -> DiskRisk
     if status is None:
         return DiskRisk(unknown=True, release_bound=MAX_RELEASE_BOUND)
     names: list[str] = []
-    bound = _bound(status.get("lost_release_bound"))
+    bound = published_bound(status.get("lost_release_bound"))
     node = status.get("node")
     if node is not None:
         if isinstance(node, str) and node != me:
             names.append(node)
-            bound = max(bound, _bound(status.get("release_bound")) if "release_bound" in status else 0.0)
+            bound = max(bound, published_bound(status.get("release_bound")) if "release_bound" in status else 0.0)
         elif not isinstance(node, str):
             return DiskRisk(unknown=True, release_bound=MAX_RELEASE_BOUND)
     lost = status.get("lost_owners")

@@ -32,8 +32,8 @@ from typing import TypeVar
 from controller import loops, tracing
 from controller.keyspace import Keyspace
 from controller.ownership import Holding, LeaseKeeper, guard_deadline
-from controller.reconcile import AgentContext, Backoff, VfsReconciler
-from controller.spec import SpecError, parse_spec
+from controller.reconcile import AgentContext, Backoff, VfsReconciler, published_bound
+from controller.spec import MAX_LEASE_TTL, SpecError, parse_spec
 from controller.status import wall_clock
 from controller.store import EtcdStore, StoreError
 from controller.takeover import Step, takeover_steps
@@ -254,13 +254,9 @@ class Agent:
         """etcd was restored from a snapshot: its owner keys no longer say who has which disk. Every
         holder whose lease is not in the snapshot fences itself within a TTL and releases its disk
         within T_release (its guard's bound); until then nobody here takes anything over."""
-        ttls = [self.cfg.lease_ttl]
-        for name in view.vfs_names():  # rare: once per restore, so parsing every spec is fine
-            spec = view.config(name).spec
-            if spec is not None and spec.lease_ttl:
-                ttls.append(spec.lease_ttl)
-        quiet = max(ttls) + self.cfg.release_bound
-        self._quiet_until = time.monotonic() + quiet
+        quiet = restore_hold(view, self.cfg.lease_ttl, self.cfg.release_bound)
+        # max(): a second restore seen meanwhile never shortens the first one's hold.
+        self._quiet_until = max(self._quiet_until, time.monotonic() + quiet)
         log.warning("etcd's revisions went back (restored from a snapshot?): no takeover for %.0fs", quiet)
 
     def _vip_drop_failed(self, h: Holding, exc: BaseException) -> None:
@@ -462,6 +458,28 @@ def main(argv: list[str] | None = None) -> int:
     _flush(provider)
     log.info("stopped")
     return 0
+
+
+def restore_hold(view: ClusterView, my_ttl: int, my_bound: float) -> float:
+    """Seconds without takeovers after etcd went back: the longest lease any holder may still be
+    running on (TTLs of specs and owner keys) plus the longest release bound any node published
+    (registrations, statuses), never less than this node's own. Junk values count as the maximum
+    (deny by default); rare (once per restore), so parsing every spec here is fine."""
+    ttls = [float(my_ttl)]
+    bounds = [my_bound]
+    for name in view.vfs_names():
+        spec = view.config(name).spec
+        if spec is not None and spec.lease_ttl:
+            ttls.append(float(spec.lease_ttl))
+        owner = view.owner(name)
+        ttl = owner.value.get("ttl") if owner is not None else None
+        if ttl is not None:
+            ok = isinstance(ttl, int) and not isinstance(ttl, bool) and 0 < ttl <= MAX_LEASE_TTL
+            ttls.append(float(ttl) if ok else float(MAX_LEASE_TTL))
+        status = view.status(name) or {}
+        bounds += [published_bound(status[k]) for k in ("release_bound", "lost_release_bound") if k in status]
+    bounds += [published_bound(n["release_bound"]) for n in view.live_nodes().values() if "release_bound" in n]
+    return max(ttls) + max(bounds)
 
 
 def _start_failed(exc: BaseException) -> int:

@@ -26,7 +26,7 @@ import node.agent as agent_mod
 from controller.keyspace import Keyspace
 from controller.ownership import LeaseKeeper
 from controller.reconcile import AgentContext, Backoff, VfsReconciler
-from controller.view import ClusterView
+from controller.view import ClusterView, KeyRecord
 from node.config import AgentConfig
 from tests.unit.fake_etcd import FakeEtcd
 
@@ -272,3 +272,20 @@ def test_sigint_stops_the_agent_during_start_up(tmp_path):
     wait_log(proc, log_file, "initial load failed, retrying")
     assert stop_within(proc, signal.SIGINT, 5.0) == 0, log_file.read_text()
     assert "Traceback" not in log_file.read_text()
+
+
+def test_the_hold_after_a_restore_covers_every_published_ttl_and_release_bound() -> None:
+    def rec(value: object, rev: int = 5, lease: int = 0) -> KeyRecord:
+        return KeyRecord(json.dumps(value).encode(), rev, rev, lease)
+
+    base = {KS.spec("home"): rec({"vip": "10.77.0.100/24", "candidates": ["node-a", "node-b"]})}
+    assert agent_mod.restore_hold(ClusterView(KS, 9, base), 2, 5.0) == 7.0  # only this node's own
+
+    keys = {**base,
+            KS.spec("big"): rec({"vip": "10.77.0.101/24", "candidates": ["node-a"], "lease_ttl": 9}),
+            KS.owner("home"): rec({"node": "node-b", "ttl": 12}, lease=7),  # granted more than asked
+            KS.status("home"): rec({"state": "error", "node": None, "lost_release_bound": 30}),
+            KS.node("node-b"): rec({"release_bound": 20})}
+    assert agent_mod.restore_hold(ClusterView(KS, 9, keys), 2, 5.0) == 12.0 + 30.0
+    junk = {**keys, KS.node("node-c"): rec({"release_bound": "soon"}), KS.owner("big"): rec({"ttl": -1}, lease=8)}
+    assert agent_mod.restore_hold(ClusterView(KS, 9, junk), 2, 5.0) == 300.0 + 600.0  # junk: the maximum
