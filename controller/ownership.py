@@ -47,6 +47,7 @@ from controller.store import EtcdStore, StoreError
 log = logging.getLogger(__name__)
 
 FENCE_CHECK_SECONDS = 0.02
+KEEPALIVE_RETRY = 0.05  # after a keepalive got no answer (at most the interval, TTL/4)
 
 
 class Fenced(RuntimeError):
@@ -350,23 +351,28 @@ class LeaseKeeper:
             what = owner.vfs if isinstance(owner, Holding) else f"lease {lease_id:x}"
             # Any failure of one lease (etcd client, guard, a bug) is that lease's alone: it is
             # retried at its next interval, and its holding self-fences if none succeeds in time.
+            answered = False
             with loops.guarded("keepalive", what, log):
                 client = clients.get(interval)
                 if client is None:
                     client = clients[interval] = self._store.new_client(timeout=interval)
-                self._keepalive_one(lease_id, owner, client)
-            next_due[lease_id] = time.monotonic() + interval
+                answered = self._keepalive_one(lease_id, owner, client)
+            # A keepalive that got no answer (a timeout: an etcd leader election, a slow fsync) is
+            # retried at once, not an interval later: waiting timeout + interval would leave a single
+            # lost keepalive no second chance before the self-fence deadline (TTL - margin).
+            next_due[lease_id] = time.monotonic() + (interval if answered else min(interval, KEEPALIVE_RETRY))
         for lease_id in list(next_due):
             if lease_id not in leases:
                 del next_due[lease_id]
 
-    def _keepalive_one(self, lease_id: int, owner: Holding | Callable[[int], None], client: object) -> None:
+    def _keepalive_one(self, lease_id: int, owner: Holding | Callable[[int], None], client: object) -> bool:
+        """One keepalive and what its answer means; False if etcd gave none."""
         sent_at = time.monotonic()
         try:
             ttl = self._store.keepalive(lease_id, client)  # type: ignore[arg-type]
         except StoreError as exc:
             log.debug("keepalive of lease %x failed: %s", lease_id, exc)
-            return
+            return False
         if isinstance(owner, Holding):
             if ttl > 0:
                 owner.acked(sent_at, ttl)
@@ -377,6 +383,7 @@ class LeaseKeeper:
             with self._lock:
                 self._extra.pop(lease_id, None)
             owner(lease_id)
+        return True
 
 
 def _drop_failed_critical(h: Holding, exc: BaseException) -> None:

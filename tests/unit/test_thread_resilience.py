@@ -371,3 +371,25 @@ def test_guarded_loop_goes_on_after_an_exception_and_ends_on_stop() -> None:
     before = loops.ERRORS.count("test-loop")
     loops.guarded_loop("test-loop", body, stop, interval=0.001)
     assert len(passes) == 3 and loops.ERRORS.count("test-loop") - before == 1
+
+
+def test_a_keepalive_without_an_answer_is_retried_before_the_next_interval(keepers: list[LeaseKeeper]) -> None:
+    class OnceDown(FakeStore):
+        def keepalive(self, lease_id: int, client: object = None) -> int:
+            with self._lock:
+                self.calls[lease_id] += 1
+                first = self.calls[lease_id] == 1
+            if first:
+                raise StoreError("etcd keepalive timed out")  # e.g. during a leader election
+            return self.ttl
+
+    store = OnceDown(ttl=40)  # interval TTL/4 = 10 s: only a retry can come within the test
+    keeper = LeaseKeeper(store)
+    h = Holding(vfs="a", lease_id=9, ttl=40, granted_at=time.monotonic(), drop=lambda: None)
+    first_deadline = h.deadline
+    keeper.add(h)
+    keeper.start()
+    keepers.append(keeper)
+    assert wait_for(lambda: store.calls[9] >= 2, timeout=5.0)  # not 10 s later
+    assert wait_for(lambda: h.deadline > first_deadline, timeout=5.0)  # the retry's ack counted
+    assert not h.fenced
