@@ -573,8 +573,9 @@ class Chaos:
 
     def _put_raw(self, key: str, value: bytes) -> None:
         # The value goes through stdin: argv cannot carry NUL-free binary of this size (128 KB
-        # per argument) and etcdctl reads a missing value from stdin.
-        argv = self.lab.client_cmd(etcd.etcdctl_argv(["put", key]))
+        # per argument) and etcdctl reads a missing value from stdin. Except the empty value:
+        # etcdctl refuses an empty stdin ("needs 1 argument and input from stdin"), not an empty argument.
+        argv = self.lab.client_cmd(etcd.etcdctl_argv(["put", key] + ([""] if not value else [])))
         proc = subprocess.run(argv, input=value, capture_output=True, timeout=60, check=False,
                               env={**os.environ, "ETCDCTL_API": "3"})
         if proc.returncode != 0:
