@@ -133,6 +133,7 @@ class VfsReconciler:
         self.holding: Holding | None = None
         self.held_spec: VfsSpec | None = None
         self._pending_since: float | None = None
+        self._lost_owner_txn = False  # the last acquire's owner transaction failed its compare
         self._last_decision: object = None
         self._must_release: str | None = None  # a held VFS that has to be let go (unhealthy, stuck)
         self._restarts: list[float] = []
@@ -315,14 +316,17 @@ class VfsReconciler:
         if wait > 0:
             return wait  # lower-ranked: give the better candidates their chance first
         self._pending_since = None
-        self._acquire(config.spec, cause if rank == 0 else "placement")
-        return 0.0
+        if self._acquire(config.spec, cause if rank == 0 else "placement"):
+            return 0.0
+        return None  # the owner transaction's compare failed: what changed wakes us (never a tight loop)
 
     def _risk(self, view: ClusterView) -> DiskRisk:
         rec = view.keys.get(self.ctx.keyspace.status(self.vfs))
         return disk_risk(rec is not None, view.status(self.vfs), self.ctx.me)
 
-    def _acquire(self, spec: VfsSpec, cause: str) -> None:
+    def _acquire(self, spec: VfsSpec, cause: str) -> bool:
+        """One takeover attempt; False if the owner transaction's compare failed (nothing was done)."""
+        self._lost_owner_txn = False
         view = self.ctx.view()
         status_now = view.status(self.vfs) or {}
         risk = self._risk(view)
@@ -344,6 +348,7 @@ class VfsReconciler:
             # Tell the releasing node that this part of its move trace has ended, so its
             # `vfs.move` span ends after it (it learns that only through etcd).
             self._put_status(serving["epoch"], {**serving, "takeover_done": True}, quiet=True)
+        return serving is not None or not self._lost_owner_txn
 
     def _acquire_traced(self, spec: VfsSpec, cause: str, previous: str | None,
                         root: Any, risk: DiskRisk, status_rev: int) -> dict[str, Any] | None:
@@ -372,6 +377,7 @@ class VfsReconciler:
         except StoreError:
             self._revoke_quietly(lease_id)
             raise
+        self._lost_owner_txn = created is None
         if created is None:
             root.set_attribute("nfs_ha.outcome", "another node won the owner transaction, or the status changed")
             self._revoke_quietly(lease_id)  # somebody else won the race; fine

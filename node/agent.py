@@ -70,6 +70,7 @@ class Agent:
         self.backoff = Backoff(on_change=self._register_soon)
         self.views = ViewKeeper(self.store, self.ks, self._on_view, on_went_back=self._etcd_went_back)
         self._quiet_until = 0.0  # monotonic; no takeover before (etcd restored from a snapshot)
+        self._went_back_at: float | None = None  # monotonic; when etcd was last seen going back
         self.host.on_nfs_exit(self._wake_vfs)
         self.host.on_nfs_started(self._guard_hold_vfs)  # the guard learns a new server pid at once
         self.reconcilers: dict[str, VfsReconciler] = {}
@@ -105,6 +106,9 @@ class Agent:
             "hostname": socket.gethostname(), "started": self._started, "backoff": self.backoff.published(),
             "guard": self._guard_records[-5:], "watchdog": self.cfg.watchdog or None,
             "release_bound": self.cfg.release_bound, "reset": self._reset_means(), "loop_errors": loops.errors(),
+            # The TTLs this node holds leases with, for the hold after an etcd restore (restore_hold).
+            "lease_ttl": self.cfg.lease_ttl, "min_ttl": self.ctx.min_ttl,
+            "max_held_ttl": max((h.ttl for h in self.keeper.holdings()), default=0),
         }, sort_keys=True)
 
     def _reset_means(self) -> str:
@@ -174,6 +178,11 @@ class Agent:
         with self._lock:
             if self._stopping.is_set() or not self._ready:
                 return
+            if self._went_back_at is not None and time.monotonic() < self._quiet_until:
+                # Nodes re-register after a restore (their node lease is not in the snapshot): what
+                # they publish now may lengthen the hold. Only during the hold: it parses every spec.
+                self._quiet_until = max(self._quiet_until, self._went_back_at + restore_hold(
+                    view, self.cfg.lease_ttl, self.cfg.release_bound))
             junk = set(view.junk_keys())
             for key in sorted(junk - self._junk_seen):
                 log.warning("ignoring key %r: not an nfs-ha key (invalid name or unknown field)", key[:200])
@@ -254,9 +263,10 @@ class Agent:
         """etcd was restored from a snapshot: its owner keys no longer say who has which disk. Every
         holder whose lease is not in the snapshot fences itself within a TTL and releases its disk
         within T_release (its guard's bound); until then nobody here takes anything over."""
+        self._went_back_at = time.monotonic()
         quiet = restore_hold(view, self.cfg.lease_ttl, self.cfg.release_bound)
         # max(): a second restore seen meanwhile never shortens the first one's hold.
-        self._quiet_until = max(self._quiet_until, time.monotonic() + quiet)
+        self._quiet_until = max(self._quiet_until, self._went_back_at + quiet)
         log.warning("etcd's revisions went back (restored from a snapshot?): no takeover for %.0fs", quiet)
 
     def _vip_drop_failed(self, h: Holding, exc: BaseException) -> None:
@@ -462,8 +472,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def restore_hold(view: ClusterView, my_ttl: int, my_bound: float) -> float:
     """Seconds without takeovers after etcd went back: the longest lease any holder may still be
-    running on (TTLs of specs and owner keys) plus the longest release bound any node published
-    (registrations, statuses), never less than this node's own. Junk values count as the maximum
+    running on (TTLs of specs, owner keys, and the lease_ttl, min_ttl and max_held_ttl nodes publish
+    in their registrations) plus the longest release bound any node published (registrations,
+    statuses), never less than this node's own. Junk values count as the maximum
     (deny by default); rare (once per restore), so parsing every spec here is fine."""
     ttls = [float(my_ttl)]
     bounds = [my_bound]
@@ -472,14 +483,20 @@ def restore_hold(view: ClusterView, my_ttl: int, my_bound: float) -> float:
         if spec is not None and spec.lease_ttl:
             ttls.append(float(spec.lease_ttl))
         owner = view.owner(name)
-        ttl = owner.value.get("ttl") if owner is not None else None
-        if ttl is not None:
-            ok = isinstance(ttl, int) and not isinstance(ttl, bool) and 0 < ttl <= MAX_LEASE_TTL
-            ttls.append(float(ttl) if ok else float(MAX_LEASE_TTL))
+        if owner is not None and "ttl" in owner.value:
+            ttls.append(_published_ttl(owner.value["ttl"]))
         status = view.status(name) or {}
         bounds += [published_bound(status[k]) for k in ("release_bound", "lost_release_bound") if k in status]
-    bounds += [published_bound(n["release_bound"]) for n in view.live_nodes().values() if "release_bound" in n]
+    for reg in view.live_nodes().values():
+        if "release_bound" in reg:
+            bounds.append(published_bound(reg["release_bound"]))
+        ttls += [_published_ttl(reg[k]) for k in ("lease_ttl", "min_ttl", "max_held_ttl") if k in reg]
     return max(ttls) + max(bounds)
+
+
+def _published_ttl(value: object) -> float:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LEASE_TTL
+    return float(value) if ok else float(MAX_LEASE_TTL)  # type: ignore[arg-type]
 
 
 def _start_failed(exc: BaseException) -> int:

@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -167,8 +168,9 @@ WILDCARD_HINT = ("Ganesha 4.3 binds the wildcard [::] instead of its Bind_addr w
 
 
 def _hex_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """An address as /proc/net/tcp{,6} writes it: 32-bit words in host (little-endian) byte order."""
-    raw = b"".join(bytes.fromhex(text[i:i + 8])[::-1] for i in range(0, len(text), 8))
+    """An address as /proc/net/tcp{,6} writes it: 32-bit words in host byte order."""
+    step = -1 if sys.byteorder == "little" else 1
+    raw = b"".join(bytes.fromhex(text[i:i + 8])[::step] for i in range(0, len(text), 8))
     addr = ipaddress.ip_address(raw)
     mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
     return mapped or addr
@@ -279,7 +281,9 @@ class GaneshaServer:
             self._stopping.discard(inst.vfs)
         (workdir / "server.pid").write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + timeout
-        while not listening(inst.vip, NFS_PORT):
+        # Ready once this very process listens (another server's wildcard socket would also make
+        # the VIP "listening"), and only on the VIP.
+        while not (bound := own_listeners(proc.pid, NFS_PORT)):
             if proc.poll() is not None:
                 raise NfsServerError(f"ganesha.nfsd for {inst.vfs} exited with {proc.returncode}: "
                                      f"{_tail(workdir / 'ganesha.log')}")
@@ -287,12 +291,12 @@ class GaneshaServer:
                 self.stop(inst.vfs, 5.0)
                 raise NfsServerError(f"ganesha.nfsd for {inst.vfs} not listening after {timeout:.0f}s")
             time.sleep(0.01)
-        bound = own_listeners(proc.pid, NFS_PORT)
-        if any(addr in map(str, WILDCARDS) for addr in bound):
-            # It would answer on every VIP of this node, and keep the next VFS's server from starting.
+        if set(bound) != {inst.vip}:
+            # A wildcard would answer on every VIP of this node, and keep the next VFS's server from starting.
             self.stop(inst.vfs, 5.0)
+            hint = WILDCARD_HINT if any(addr in map(str, WILDCARDS) for addr in bound) else "not its Bind_addr"
             raise NfsServerError(f"ganesha.nfsd for {inst.vfs} listens on {', '.join(bound)}, not {inst.vip}: "
-                                 + WILDCARD_HINT)
+                                 + hint)
         threading.Thread(target=self._supervise, args=(inst.vfs, proc), daemon=True,
                          name=f"ganesha-{inst.vfs}").start()
 

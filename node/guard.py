@@ -83,7 +83,8 @@ INVARIANTS (the guard's rules)
    the same disk itself (the guard's deadline is only margin/2 after the agent's) would otherwise
    kill a healthy agent for an fd it closes a moment later, and with it every other holding of the
    node. The round counts the disk as not released and looks again; the escalation at T_release/2
-   is unchanged, so the bound holds. "The agent" is the guard's parent at start-up.
+   is unchanged, so the bound holds. "The agent" is the guard's parent at start-up, and only while it
+   still is (once the agent died the guard is reparented, and the pid may be reused).
    Kills go through a pidfd opened before the holder is re-checked, so a pid reused in between is
    never signalled.
    DONE ("released") only when nothing is mounted at the mount point, no mount of the filesystem is
@@ -544,6 +545,8 @@ class Fencer:
                  agent_pid: int | None = None) -> None:
         self.actions = actions
         self.agent_pid = agent_pid
+        # The agent is our parent: once it died we are reparented, and its pid may be anyone's.
+        self.agent_alive: Callable[[], bool] = lambda: agent_pid is not None and os.getppid() == agent_pid
         self.path = Path(state_dir) / ACTIONS_FILE
         self.dry_run = dry_run
         self.release_bound = check_release_bound(release_bound)
@@ -675,7 +678,7 @@ class Fencer:
     def _spare(self, job: FenceJob, pid: int) -> bool:
         """Rule 3: the agent is given T_release/4 to close a momentary hold before it is killed."""
         window = self.release_bound * AGENT_SPARE_SHARE
-        if pid != self.agent_pid or self.clock() - job.started >= window:
+        if pid != self.agent_pid or self.clock() - job.started >= window or not self.agent_alive():
             return False
         note = f"the agent ({pid}) holds the filesystem: not killed in the first {window:g}s"
         if note not in job.actions:

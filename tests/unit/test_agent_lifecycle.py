@@ -287,5 +287,20 @@ def test_the_hold_after_a_restore_covers_every_published_ttl_and_release_bound()
             KS.status("home"): rec({"state": "error", "node": None, "lost_release_bound": 30}),
             KS.node("node-b"): rec({"release_bound": 20})}
     assert agent_mod.restore_hold(ClusterView(KS, 9, keys), 2, 5.0) == 12.0 + 30.0
+    # A node holding leases longer than any spec or owner key shows (set after the snapshot) says so.
+    later = {**keys, KS.node("node-c"): rec({"release_bound": 5, "lease_ttl": 20, "min_ttl": 2, "max_held_ttl": 45})}
+    assert agent_mod.restore_hold(ClusterView(KS, 9, later), 2, 5.0) == 45.0 + 30.0
     junk = {**keys, KS.node("node-c"): rec({"release_bound": "soon"}), KS.owner("big"): rec({"ttl": -1}, lease=8)}
     assert agent_mod.restore_hold(ClusterView(KS, 9, junk), 2, 5.0) == 300.0 + 600.0  # junk: the maximum
+
+
+def test_the_hold_after_a_restore_grows_with_what_nodes_publish_while_it_lasts(running) -> None:
+    store, agent = running
+    assert json.loads(store.keys[KS.node("node-a")].value)["lease_ttl"] == agent.cfg.lease_ttl
+    agent._etcd_went_back(agent.views.view)
+    first = agent._quiet_until
+    assert first - time.monotonic() <= agent.cfg.lease_ttl + agent.cfg.release_bound
+    # node-b re-registers after the restore: it holds a lease of 40 s
+    store.put(KS.node("node-b"), json.dumps({"release_bound": 10, "max_held_ttl": 40}))
+    wait_until(lambda: agent._quiet_until > first, "the hold to grow")
+    assert agent._quiet_until == pytest.approx(agent._went_back_at + 40 + max(10, agent.cfg.release_bound))

@@ -419,3 +419,26 @@ def test_a_busy_device_is_refused_before_mounting_and_is_not_critical() -> None:
     with pytest.raises(StepFailed) as err:
         bring_up([MountStep(disk)], make_ctx())  # type: ignore[arg-type]
     assert disk.calls == ["mount"] and not err.value.critical
+
+
+def test_a_risk_written_between_the_view_and_the_owner_transaction_is_not_overwritten() -> None:
+    # The view shows a clean end (no wait); before our owner transaction a lost owner writes that it may
+    # still have the disk, with a long bound. Overwriting that unseen would mount at once.
+    store, rec, mount = setup({"phase": "fenced", "node": None, "previous": "node-b"}, release_bound=0.1)
+    create = store.create_owner
+    risky = {"phase": "error", "node": None, "previous": "node-b", "disk_at_risk": True, "lost_release_bound": 0.6}
+
+    def create_after_the_lost_owner_wrote(*args: Any, **kw: Any) -> OwnerCreated | None:
+        store._put(KS.status("home"), json.dumps(risky))
+        store.create_owner = create  # type: ignore[method-assign]
+        return create(*args, **kw)
+
+    store.create_owner = create_after_the_lost_owner_wrote  # type: ignore[method-assign]
+    assert rec.reconcile() is None  # wait for the event, not a tight retry
+    assert rec.holding is None and mount.up_at == [] and KS.owner("home") not in store.keys
+    assert json.loads(store.keys[KS.status("home")].value) == risky
+    started = time.monotonic()
+    rec.reconcile()  # the next pass reads the risk and waits the lost owner's bound
+    assert rec.holding is not None and len(mount.up_at) == 1
+    assert json.loads(store.keys[KS.status("home")].value)["phase"] == "serving"
+    assert mount.up_at[0] - started >= 0.5  # the lost owner's bound (0.6 s), not ours (0.1 s)

@@ -348,6 +348,7 @@ def test_the_agent_gets_a_quarter_of_the_bound_to_close_a_momentary_hold(tmp_pat
     # same disk runs: killing the agent for it would fence every other holding of the node too.
     host = FakeHost(holders={321: "nfs-ha-agent"})
     f = fencer(host, tmp_path, release_bound=4.0, agent_pid=321)
+    f.agent_alive = lambda: True  # 321 stands for our parent
     (job,) = f.start([held()], lambda _h: "deadline passed")
     host.die_at[321] = job.started + 0.35  # closes its fd
     rec = f.complete(job)
@@ -359,6 +360,7 @@ def test_the_agent_gets_a_quarter_of_the_bound_to_close_a_momentary_hold(tmp_pat
 def test_an_agent_that_keeps_holding_is_killed_after_a_quarter_of_the_bound(tmp_path: Path) -> None:
     host = FakeHost(holders={321: "nfs-ha-agent", 500: "sleep"})
     f = fencer(host, tmp_path, release_bound=4.0, reset_command=["/sbin/reset-node"], agent_pid=321)
+    f.agent_alive = lambda: True
     (job,) = f.start([held()], lambda _h: "deadline passed")
     kill_times: dict[int, float] = {}
     real_kill = host.kill_holder
@@ -374,6 +376,14 @@ def test_an_agent_that_keeps_holding_is_killed_after_a_quarter_of_the_bound(tmp_
     assert 1.0 <= kill_times[321] < 1.0 + guard.ROUND_PAUSE + 0.01  # the agent: at T_release/4
     assert rec["killed"] == [{"pid": 500, "comm": "sleep"}, {"pid": 321, "comm": "nfs-ha-agent"}]
     assert rec["reset"] is None and rec["released_after"] < 2.0  # released before the escalation
+
+
+def test_the_agents_pid_is_not_spared_once_the_agent_is_gone(tmp_path: Path) -> None:
+    host = FakeHost(holders={321: "reused"})
+    f = fencer(host, tmp_path, release_bound=4.0, agent_pid=321)
+    assert not f.agent_alive()  # 321 is not our parent: the agent died (or this is not its guard)
+    rec = f.fence([held()], lambda _h: "agent exited")[0]
+    assert rec["killed"] == [{"pid": 321, "comm": "reused"}] and rec["released_after"] < 0.5  # not T_release/4 = 1 s
 
 
 def test_server_without_a_disk_needs_no_unmount(tmp_path: Path) -> None:
