@@ -40,6 +40,9 @@ class ViewKeeper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="watch", daemon=True)
         self._watching = False
+        # The keys the batch behind the current view touched (read by on_change, on this thread);
+        # None after a full load: anything may have changed.
+        self.changed: frozenset[str] | None = None
 
     @property
     def view(self) -> ClusterView:
@@ -60,7 +63,8 @@ class ViewKeeper:
         if self._thread.ident is not None:  # an agent stopped during start-up never started it
             self._thread.join(timeout=5)
 
-    def _publish(self, view: ClusterView) -> None:
+    def _publish(self, view: ClusterView, changed: frozenset[str] | None = None) -> None:
+        self.changed = changed
         self._view = view
         self._on_change(view)
 
@@ -117,12 +121,14 @@ class ViewKeeper:
 
     def _apply(self, items: list[WatchBatch | Exception]) -> None:
         view = self._view
+        keys: set[str] = set()
         for item in items:
             if isinstance(item, Exception):
                 self._watching = False
                 continue
             view = view.applied(item.revision, item.events)
-        self._publish(view)
+            keys.update(key for key, _record, _rev in item.events)
+        self._publish(view, frozenset(keys))
 
     def _reload_quietly(self) -> bool:
         try:

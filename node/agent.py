@@ -68,7 +68,8 @@ class Agent:
                                      release_bound=cfg.release_bound) if cfg.watchdog else None)
         self._guard_records: list[dict[str, object]] = []
         self.backoff = Backoff(on_change=self._register_soon)
-        self.views = ViewKeeper(self.store, self.ks, self._on_view, on_went_back=self._etcd_went_back)
+        self.views = ViewKeeper(self.store, self.ks, lambda view: self._on_view(view, self.views.changed),
+                                on_went_back=self._etcd_went_back)
         self._quiet_until = 0.0  # monotonic; no takeover before (etcd restored from a snapshot)
         self._went_back_at: float | None = None  # monotonic; when etcd was last seen going back
         self.host.on_nfs_exit(self._wake_vfs)
@@ -174,7 +175,10 @@ class Agent:
                 self._stopping.wait(1.0)
         raise StopRequested(what)
 
-    def _on_view(self, view: ClusterView) -> None:
+    def _on_view(self, view: ClusterView, changed: frozenset[str] | None = None) -> None:
+        """A new view: start reconcilers of new VFS, retire those of deleted ones, and wake the ones
+        the change may concern (all of them unless `changed` holds only status and intent keys)."""
+        touched = vfs_touched(self.ks, changed)
         with self._lock:
             if self._stopping.is_set() or not self._ready:
                 return
@@ -198,7 +202,8 @@ class Agent:
                     t = threading.Thread(target=self._retire, args=(name, rec), name=f"retire-{name}", daemon=True)
                     self._retiring[name] = t
                     t.start()
-                rec.wake()
+                if touched is None or name in touched:
+                    rec.wake()
 
     def _retire(self, name: str, rec: VfsReconciler) -> None:
         """Stop the reconciler of a deleted VFS once it holds nothing, then drop it.
@@ -468,6 +473,23 @@ def main(argv: list[str] | None = None) -> int:
     _flush(provider)
     log.info("stopped")
     return 0
+
+
+def vfs_touched(ks: Keyspace, changed: frozenset[str] | None) -> set[str] | None:
+    """The VFS whose reconcilers a change concerns; None: all of them. A status or intent key is
+    read by its own VFS's reconciler only; a spec or owner key feeds every VFS's clash check, a
+    node key every placement, and anything else (the epoch base, junk) is not worth telling apart.
+    Status writes are most events (every agent writes them), so waking only their VFS is what keeps
+    a burst of them (junk specs written in a loop, say) from running every reconciler per event."""
+    if changed is None:
+        return None
+    names = set()
+    for key in changed:
+        parsed = ks.parse(key)
+        if parsed is None or parsed[0] != "vfs" or parsed[2] not in ("status", "intent"):
+            return None
+        names.add(parsed[1])
+    return names
 
 
 def restore_hold(view: ClusterView, my_ttl: int, my_bound: float) -> float:

@@ -304,3 +304,41 @@ def test_the_hold_after_a_restore_grows_with_what_nodes_publish_while_it_lasts(r
     store.put(KS.node("node-b"), json.dumps({"release_bound": 10, "max_held_ttl": 40}))
     wait_until(lambda: agent._quiet_until > first, "the hold to grow")
     assert agent._quiet_until == pytest.approx(agent._went_back_at + 40 + max(10, agent.cfg.release_bound))
+
+
+def test_which_reconcilers_a_change_wakes() -> None:
+    def touched(*keys: str) -> set[str] | None:
+        return agent_mod.vfs_touched(KS, frozenset(keys))
+
+    assert agent_mod.vfs_touched(KS, None) is None  # a full load: everything
+    assert touched(KS.status("home"), KS.intent("web"), KS.status("web")) == {"home", "web"}
+    assert touched(KS.status("home"), KS.spec("web")) is None  # specs feed every clash check
+    assert touched(KS.owner("home")) is None  # owners' VIPs too
+    assert touched(KS.node("node-b")) is None and touched(KS.epoch_base) is None
+    assert touched("/t/vfs/bad name!/status") is None  # junk: not worth telling apart
+    assert touched() == set()
+
+
+def test_a_status_write_wakes_only_its_own_vfs(running) -> None:
+    store, agent = running
+    for name in ("home", "web"):
+        spec = json.loads(SPEC)
+        spec["vip"] = "10.77.0.101/24" if name == "web" else spec["vip"]
+        store.put(KS.spec(name), json.dumps(spec))
+    wait_until(lambda: {"home", "web"} <= set(agent.reconcilers), "both reconcilers")
+    wait_until(lambda: owner_node(store, "web") == "node-a" and owner_node(store, "home") == "node-a", "both owned")
+    settled_at = (store.revision, time.monotonic())
+    while time.monotonic() - settled_at[1] < 0.5:  # no more writes of their own (serving statuses)
+        if store.revision != settled_at[0]:
+            settled_at = (store.revision, time.monotonic())
+        time.sleep(0.02)
+    woken: list[str] = []
+    for name, rec in agent.reconcilers.items():
+        real = rec.wake
+        rec.wake = lambda name=name, real=real: (woken.append(name), real())[1]  # type: ignore[method-assign]
+    store.put(KS.status("web"), json.dumps({"phase": "serving", "node": "node-a"}))
+    wait_until(lambda: "web" in woken, "web's reconciler to be woken")
+    time.sleep(0.3)
+    assert "home" not in woken, store.revision - settled_at[0]
+    store.put(KS.spec("home"), SPEC)  # a spec: every reconciler
+    wait_until(lambda: "home" in woken, "home's reconciler to be woken")
