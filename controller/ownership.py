@@ -327,9 +327,10 @@ class LeaseKeeper:
     def _keepalive_loop(self) -> None:
         next_due: dict[int, float] = {}
         clients: dict[float, object] = {}
+        failures: dict[int, int] = {}
         while not self._stop.is_set():
             try:
-                self._keepalive_pass(next_due, clients)
+                self._keepalive_pass(next_due, clients, failures)
             except Exception as exc:  # only a bug gets here: the loop must go on all the same
                 loops.record("keepalive", exc, logger=log)
                 self._stop.wait(0.1)
@@ -338,7 +339,10 @@ class LeaseKeeper:
             self._wake.wait(max(0.01, wait))
             self._wake.clear()
 
-    def _keepalive_pass(self, next_due: dict[int, float], clients: dict[float, object]) -> None:
+    def _keepalive_pass(self, next_due: dict[int, float], clients: dict[float, object],
+                        failures: dict[int, int]) -> None:
+        """One keepalive of every lease that is due; `failures`: lease -> keepalives without an answer
+        in a row."""
         with self._lock:
             leases: dict[int, tuple[int, Holding | Callable[[int], None]]] = {
                 h.lease_id: (h.ttl, h) for h in self._holdings.values() if not h.fenced}
@@ -359,11 +363,15 @@ class LeaseKeeper:
                 answered = self._keepalive_one(lease_id, owner, client)
             # A keepalive that got no answer (a timeout: an etcd leader election, a slow fsync) is
             # retried at once, not an interval later: waiting timeout + interval would leave a single
-            # lost keepalive no second chance before the self-fence deadline (TTL - margin).
-            next_due[lease_id] = time.monotonic() + (interval if answered else min(interval, KEEPALIVE_RETRY))
+            # lost keepalive no second chance before the self-fence deadline (TTL - margin). Further
+            # failures in a row back off (doubling up to the interval): etcd is down, not slow.
+            failures[lease_id] = 0 if answered else failures.get(lease_id, 0) + 1
+            retry = min(interval, KEEPALIVE_RETRY * 2 ** min(failures[lease_id] - 1, 16))
+            next_due[lease_id] = time.monotonic() + (interval if answered else retry)
         for lease_id in list(next_due):
             if lease_id not in leases:
                 del next_due[lease_id]
+                failures.pop(lease_id, None)
 
     def _keepalive_one(self, lease_id: int, owner: Holding | Callable[[int], None], client: object) -> bool:
         """One keepalive and what its answer means; False if etcd gave none."""

@@ -393,3 +393,14 @@ def test_a_keepalive_without_an_answer_is_retried_before_the_next_interval(keepe
     assert wait_for(lambda: store.calls[9] >= 2, timeout=5.0)  # not 10 s later
     assert wait_for(lambda: h.deadline > first_deadline, timeout=5.0)  # the retry's ack counted
     assert not h.fenced
+
+
+def test_keepalives_without_an_answer_in_a_row_back_off(keepers: list[LeaseKeeper]) -> None:
+    store = FakeStore(ttl=40, down=True)  # etcd down: every keepalive fails at once
+    keeper = LeaseKeeper(store)
+    keeper.add_plain(5, 40, lambda _lease: None)  # like the node lease, kept alive forever
+    keeper.start()
+    keepers.append(keeper)
+    time.sleep(1.0)
+    # 0.05, 0.1, 0.2, 0.4, 0.8 s apart: about 5 in the first second, not one every 0.05 s (20)
+    assert 2 <= store.calls[5] <= 7, store.calls[5]
