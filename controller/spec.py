@@ -36,6 +36,7 @@ MAX_LEASE_TTL = 300
 SPEC_FIELDS = {"vip", "candidates", "lease_ttl", "storage", "exports", "nfs"}
 MAX_SPEC_BYTES = 64 * 1024
 MAX_INTENT_BYTES = 256
+MAX_CANDIDATES = 64  # far more nodes than one VFS fails over between; a longer list is a mistake
 MIN_VIP_PREFIX = 8  # shorter prefixes install a route over a large part of the address space
 NAME_RULE = "must match [a-z0-9][a-z0-9-]{0,62}"
 
@@ -137,6 +138,8 @@ def vip_fits(vip: ipaddress.IPv4Interface | str,
 def parse_candidates(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise SpecError("candidates must be a non-empty list of node names")
+    if len(value) > MAX_CANDIDATES:
+        raise SpecError(f"candidates lists {len(value)} nodes; at most {MAX_CANDIDATES} are allowed")
     names = [_check_name(item, "candidate node name") for item in value]
     if len(set(names)) != len(names):
         raise SpecError(f"candidates list a node twice: {short(names)}")

@@ -1,4 +1,5 @@
 import ipaddress
+import json
 
 import pytest
 
@@ -168,3 +169,12 @@ def test_vip_fits(vip, networks, fits):
 
 def test_vip_fits_names_what_the_interface_has():
     assert "10.77.0.0/24" in vip_fits("10.77.0.100/16", ["10.77.0.5/24"])
+
+
+def test_a_candidate_list_longer_than_64_is_refused():
+    def spec(count: int) -> str:
+        return json.dumps({"vip": "10.77.0.100/24", "candidates": [f"node-{i}" for i in range(count)]})
+
+    with pytest.raises(SpecError, match="candidates lists 65 nodes; at most 64"):
+        parse_spec("home", spec(65))
+    assert len(parse_spec("home", spec(64)).candidates) == 64
