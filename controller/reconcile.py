@@ -48,7 +48,7 @@ from controller.failover_trace import FailoverTracer
 from controller.keyspace import Keyspace
 from controller.ownership import Holding, LeaseKeeper
 from controller.placement import Action, decide, preference
-from controller.spec import VfsSpec
+from controller.spec import MAX_LEASE_TTL, VfsSpec
 from controller.status import encode, make_status, same, wall_clock
 from controller.store import EtcdStore, StoreError
 from controller.takeover import Step, StepFailed, TakeoverContext, bring_down, bring_up
@@ -646,10 +646,39 @@ MAX_LOST_OWNERS = 8
 MAX_RELEASE_BOUND = 600.0  # node/config.py's limit; a published bound above it is junk
 
 
+def _published(value: Any, limit: float) -> float:
+    """A number another node published (a TTL, a release bound): junk counts as `limit` (deny by default)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= limit
+    return float(value) if ok else float(limit)
+
+
 def published_bound(value: Any) -> float:
-    """A release bound another node published: junk counts as the maximum (deny by default)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_RELEASE_BOUND
-    return float(value) if ok else MAX_RELEASE_BOUND if value is not None else 0.0
+    """A release bound another node published; absent: 0."""
+    return 0.0 if value is None else _published(value, MAX_RELEASE_BOUND)
+
+
+def restore_hold(view: ClusterView, my_ttl: int, my_bound: float) -> float:
+    """Seconds without takeovers after etcd went back: the longest lease any holder may still be
+    running on (TTLs of specs, owner keys, and the lease_ttl, min_ttl and max_held_ttl nodes publish
+    in their registrations) plus the longest release bound any node published (registrations,
+    statuses), never less than this node's own. Junk values count as the maximum
+    (deny by default); rare (once per restore), so parsing every spec here is fine."""
+    ttls = [float(my_ttl)]
+    bounds = [my_bound]
+    for name in view.vfs_names():
+        spec = view.config(name).spec
+        if spec is not None and spec.lease_ttl:
+            ttls.append(float(spec.lease_ttl))
+        owner = view.owner(name)
+        if owner is not None and "ttl" in owner.value:
+            ttls.append(_published(owner.value["ttl"], MAX_LEASE_TTL))
+        status = view.status(name) or {}
+        bounds += [published_bound(status[k]) for k in ("release_bound", "lost_release_bound") if k in status]
+    for reg in view.live_nodes().values():
+        if "release_bound" in reg:
+            bounds.append(published_bound(reg["release_bound"]))
+        ttls += [_published(reg[k], MAX_LEASE_TTL) for k in ("lease_ttl", "min_ttl", "max_held_ttl") if k in reg]
+    return max(ttls) + max(bounds)
 
 
 def disk_risk(present: bool, status: dict[str, Any] | None, me: str) -> DiskRisk:

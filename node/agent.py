@@ -32,8 +32,8 @@ from typing import TypeVar
 from controller import loops, tracing
 from controller.keyspace import Keyspace
 from controller.ownership import Holding, LeaseKeeper, guard_deadline
-from controller.reconcile import AgentContext, Backoff, VfsReconciler, published_bound
-from controller.spec import MAX_LEASE_TTL, SpecError, parse_spec
+from controller.reconcile import AgentContext, Backoff, VfsReconciler, restore_hold
+from controller.spec import SpecError, parse_spec
 from controller.status import wall_clock
 from controller.store import EtcdStore, StoreError
 from controller.takeover import Step, takeover_steps
@@ -178,7 +178,7 @@ class Agent:
     def _on_view(self, view: ClusterView, changed: frozenset[str] | None = None) -> None:
         """A new view: start reconcilers of new VFS, retire those of deleted ones, and wake the ones
         the change may concern (all of them unless `changed` holds only status and intent keys)."""
-        touched = vfs_touched(self.ks, changed)
+        touched = self.ks.touched_vfs(changed)
         with self._lock:
             if self._stopping.is_set() or not self._ready:
                 return
@@ -473,52 +473,6 @@ def main(argv: list[str] | None = None) -> int:
     _flush(provider)
     log.info("stopped")
     return 0
-
-
-def vfs_touched(ks: Keyspace, changed: frozenset[str] | None) -> set[str] | None:
-    """The VFS whose reconcilers a change concerns; None: all of them. A status or intent key is
-    read by its own VFS's reconciler only; a spec or owner key feeds every VFS's clash check, a
-    node key every placement, and anything else (the epoch base, junk) is not worth telling apart.
-    Status writes are most events (every agent writes them), so waking only their VFS is what keeps
-    a burst of them (junk specs written in a loop, say) from running every reconciler per event."""
-    if changed is None:
-        return None
-    names = set()
-    for key in changed:
-        parsed = ks.parse(key)
-        if parsed is None or parsed[0] != "vfs" or parsed[2] not in ("status", "intent"):
-            return None
-        names.add(parsed[1])
-    return names
-
-
-def restore_hold(view: ClusterView, my_ttl: int, my_bound: float) -> float:
-    """Seconds without takeovers after etcd went back: the longest lease any holder may still be
-    running on (TTLs of specs, owner keys, and the lease_ttl, min_ttl and max_held_ttl nodes publish
-    in their registrations) plus the longest release bound any node published (registrations,
-    statuses), never less than this node's own. Junk values count as the maximum
-    (deny by default); rare (once per restore), so parsing every spec here is fine."""
-    ttls = [float(my_ttl)]
-    bounds = [my_bound]
-    for name in view.vfs_names():
-        spec = view.config(name).spec
-        if spec is not None and spec.lease_ttl:
-            ttls.append(float(spec.lease_ttl))
-        owner = view.owner(name)
-        if owner is not None and "ttl" in owner.value:
-            ttls.append(_published_ttl(owner.value["ttl"]))
-        status = view.status(name) or {}
-        bounds += [published_bound(status[k]) for k in ("release_bound", "lost_release_bound") if k in status]
-    for reg in view.live_nodes().values():
-        if "release_bound" in reg:
-            bounds.append(published_bound(reg["release_bound"]))
-        ttls += [_published_ttl(reg[k]) for k in ("lease_ttl", "min_ttl", "max_held_ttl") if k in reg]
-    return max(ttls) + max(bounds)
-
-
-def _published_ttl(value: object) -> float:
-    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LEASE_TTL
-    return float(value) if ok else float(MAX_LEASE_TTL)  # type: ignore[arg-type]
 
 
 def _start_failed(exc: BaseException) -> int:

@@ -25,7 +25,7 @@ import pytest
 import node.agent as agent_mod
 from controller.keyspace import Keyspace
 from controller.ownership import LeaseKeeper
-from controller.reconcile import AgentContext, Backoff, VfsReconciler
+from controller.reconcile import AgentContext, Backoff, VfsReconciler, restore_hold
 from controller.view import ClusterView, KeyRecord
 from node.config import AgentConfig
 from tests.unit.fake_etcd import FakeEtcd
@@ -279,19 +279,19 @@ def test_the_hold_after_a_restore_covers_every_published_ttl_and_release_bound()
         return KeyRecord(json.dumps(value).encode(), rev, rev, lease)
 
     base = {KS.spec("home"): rec({"vip": "10.77.0.100/24", "candidates": ["node-a", "node-b"]})}
-    assert agent_mod.restore_hold(ClusterView(KS, 9, base), 2, 5.0) == 7.0  # only this node's own
+    assert restore_hold(ClusterView(KS, 9, base), 2, 5.0) == 7.0  # only this node's own
 
     keys = {**base,
             KS.spec("big"): rec({"vip": "10.77.0.101/24", "candidates": ["node-a"], "lease_ttl": 9}),
             KS.owner("home"): rec({"node": "node-b", "ttl": 12}, lease=7),  # granted more than asked
             KS.status("home"): rec({"state": "error", "node": None, "lost_release_bound": 30}),
             KS.node("node-b"): rec({"release_bound": 20})}
-    assert agent_mod.restore_hold(ClusterView(KS, 9, keys), 2, 5.0) == 12.0 + 30.0
+    assert restore_hold(ClusterView(KS, 9, keys), 2, 5.0) == 12.0 + 30.0
     # A node holding leases longer than any spec or owner key shows (set after the snapshot) says so.
     later = {**keys, KS.node("node-c"): rec({"release_bound": 5, "lease_ttl": 20, "min_ttl": 2, "max_held_ttl": 45})}
-    assert agent_mod.restore_hold(ClusterView(KS, 9, later), 2, 5.0) == 45.0 + 30.0
+    assert restore_hold(ClusterView(KS, 9, later), 2, 5.0) == 45.0 + 30.0
     junk = {**keys, KS.node("node-c"): rec({"release_bound": "soon"}), KS.owner("big"): rec({"ttl": -1}, lease=8)}
-    assert agent_mod.restore_hold(ClusterView(KS, 9, junk), 2, 5.0) == 300.0 + 600.0  # junk: the maximum
+    assert restore_hold(ClusterView(KS, 9, junk), 2, 5.0) == 300.0 + 600.0  # junk: the maximum
 
 
 def test_the_hold_after_a_restore_grows_with_what_nodes_publish_while_it_lasts(running) -> None:
@@ -308,9 +308,9 @@ def test_the_hold_after_a_restore_grows_with_what_nodes_publish_while_it_lasts(r
 
 def test_which_reconcilers_a_change_wakes() -> None:
     def touched(*keys: str) -> set[str] | None:
-        return agent_mod.vfs_touched(KS, frozenset(keys))
+        return KS.touched_vfs(frozenset(keys))
 
-    assert agent_mod.vfs_touched(KS, None) is None  # a full load: everything
+    assert KS.touched_vfs(None) is None  # a full load: everything
     assert touched(KS.status("home"), KS.intent("web"), KS.status("web")) == {"home", "web"}
     assert touched(KS.status("home"), KS.spec("web")) is None  # specs feed every clash check
     assert touched(KS.owner("home")) is None  # owners' VIPs too
