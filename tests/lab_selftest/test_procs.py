@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from labkit import procs
@@ -28,6 +29,12 @@ def test_a_process_that_keeps_forking_leaves_nothing_behind() -> None:
     forker = subprocess.Popen(["sh", "-c", "while :; do sleep 60 & done"], start_new_session=True)
     try:
         assert procs.is_alive(forker.pid)
+        # The shell needs a moment to exec and fork its first child; kill only once it has one,
+        # so the test is about what was forked, not about scheduling.
+        deadline = time.monotonic() + 10.0
+        while len(group(forker.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(group(forker.pid)) >= 2, "the forker never forked"
         hit = procs.kill_until_none_left(lambda: group(forker.pid), timeout=10.0)
         assert forker.pid in hit and len(hit) > 1  # the shell and children it forked
         assert [pid for pid in group(forker.pid) if procs.is_alive(pid)] == []
