@@ -94,22 +94,6 @@ class Keyspace:
             return ("node", parts[1], "")
         return None
 
-    def touched_vfs(self, changed: frozenset[str] | None) -> set[str] | None:
-        """The VFS whose reconcilers a change to `changed` keys concerns; None: all of them. A status or
-        intent key is read by its own VFS's reconciler only; a spec or owner key feeds every VFS's clash
-        check, a node key every placement, and anything else (the epoch base, junk) is not worth telling
-        apart. Status writes are most events (every agent writes them), so waking only their VFS keeps a
-        burst of them (junk specs written in a loop, say) from running every reconciler per event."""
-        if changed is None:
-            return None
-        names = set()
-        for key in changed:
-            parsed = self.parse(key)
-            if parsed is None or parsed[0] != "vfs" or parsed[2] not in ("status", "intent"):
-                return None
-            names.add(parsed[1])
-        return names
-
     def is_junk(self, key: str) -> bool:
         """A key below the prefix that nfs-ha does not understand (reported, never acted on)."""
         return key.startswith(self.root) and key != self.epoch_base and self.parse(key) is None

@@ -40,9 +40,9 @@ class ViewKeeper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="watch", daemon=True)
         self._watching = False
-        # The keys the batch behind the current view touched (read by on_change, on this thread);
-        # None after a full load: anything may have changed.
-        self.changed: frozenset[str] | None = None
+        # The VFS whose reconcilers the change behind the current view concerns (read by on_change,
+        # on this thread; ClusterView.affected); None after a full load: anything may have changed.
+        self.affected: set[str] | None = None
 
     @property
     def view(self) -> ClusterView:
@@ -51,7 +51,7 @@ class ViewKeeper:
     def load(self) -> ClusterView:
         """Load the whole prefix synchronously (used at start-up and on resync)."""
         revision, keys = self._store.load(self._ks.root)
-        self._publish(ClusterView(self._ks, revision, keys))
+        self._publish(ClusterView.loaded(self._ks, revision, keys, previous=self._view))
         return self._view
 
     def start(self) -> None:
@@ -64,7 +64,7 @@ class ViewKeeper:
             self._thread.join(timeout=5)
 
     def _publish(self, view: ClusterView, changed: frozenset[str] | None = None) -> None:
-        self.changed = changed
+        self.affected = view.affected(self._view, changed)
         self._view = view
         self._on_change(view)
 
@@ -149,7 +149,7 @@ class ViewKeeper:
             self._on_went_back(view)
             self._publish(view)
             return True
-        self._publish(ClusterView(self._ks, revision, keys))
+        self._publish(ClusterView.loaded(self._ks, revision, keys, previous=self._view))
         return True
 
     def _reload_later(self) -> None:

@@ -68,7 +68,7 @@ class Agent:
                                      release_bound=cfg.release_bound) if cfg.watchdog else None)
         self._guard_records: list[dict[str, object]] = []
         self.backoff = Backoff(on_change=self._register_soon)
-        self.views = ViewKeeper(self.store, self.ks, lambda view: self._on_view(view, self.views.changed),
+        self.views = ViewKeeper(self.store, self.ks, lambda view: self._on_view(view, self.views.affected),
                                 on_went_back=self._etcd_went_back)
         self._quiet_until = 0.0  # monotonic; no takeover before (etcd restored from a snapshot)
         self._went_back_at: float | None = None  # monotonic; when etcd was last seen going back
@@ -175,10 +175,10 @@ class Agent:
                 self._stopping.wait(1.0)
         raise StopRequested(what)
 
-    def _on_view(self, view: ClusterView, changed: frozenset[str] | None = None) -> None:
+    def _on_view(self, view: ClusterView, affected: set[str] | None = None) -> None:
         """A new view: start reconcilers of new VFS, retire those of deleted ones, and wake the ones
-        the change may concern (all of them unless `changed` holds only status and intent keys)."""
-        touched = self.ks.touched_vfs(changed)
+        the change concerns (`affected`, ClusterView.affected; None: all of them). With `affected`
+        given this costs O(VFS it names), so a status write is not paid for by every VFS."""
         with self._lock:
             if self._stopping.is_set() or not self._ready:
                 return
@@ -187,22 +187,23 @@ class Agent:
                 # they publish now may lengthen the hold. Only during the hold: it parses every spec.
                 self._quiet_until = max(self._quiet_until, self._went_back_at + restore_hold(
                     view, self.cfg.lease_ttl, self.cfg.release_bound))
-            junk = set(view.junk_keys())
-            for key in sorted(junk - self._junk_seen):
-                log.warning("ignoring key %r: not an nfs-ha key (invalid name or unknown field)", key[:200])
-            self._junk_seen = junk
-            wanted = _wanted_vfs(view)
-            for name in sorted(wanted):
-                if name not in self.reconcilers:
-                    rec = VfsReconciler(name, self.ctx)
-                    self.reconcilers[name] = rec
+            junk = view.index.junk
+            if len(junk) != len(self._junk_seen) or any(key not in self._junk_seen for key in junk):
+                for key in sorted(set(junk) - self._junk_seen):
+                    log.warning("ignoring key %r: not an nfs-ha key (invalid name or unknown field)", key[:200])
+                self._junk_seen = set(junk)
+            names = sorted(view.index.fields) + sorted(self.reconcilers) if affected is None else sorted(affected)
+            for name in dict.fromkeys(names):
+                rec = self.reconcilers.get(name)
+                wanted = view.has_reconcilable_keys(name)
+                if rec is None and wanted:
+                    rec = self.reconcilers[name] = VfsReconciler(name, self.ctx)
                     rec.start()
-            for name, rec in self.reconcilers.items():
-                if name not in wanted and name not in self._retiring:
+                elif rec is not None and not wanted and name not in self._retiring:
                     t = threading.Thread(target=self._retire, args=(name, rec), name=f"retire-{name}", daemon=True)
                     self._retiring[name] = t
                     t.start()
-                if touched is None or name in touched:
+                if rec is not None:
                     rec.wake()
 
     def _retire(self, name: str, rec: VfsReconciler) -> None:
@@ -355,16 +356,6 @@ class Agent:
             except StoreError as exc:
                 log.warning("could not revoke node lease: %s", exc)
         self.store.close()
-
-
-def _wanted_vfs(view: ClusterView) -> set[str]:
-    """VFS that need a reconciler: a spec, an owner or a status key (an intent alone is not enough)."""
-    names = set()
-    for key in view.keys:
-        parsed = view.keyspace.parse(key)
-        if parsed and parsed[0] == "vfs" and parsed[2] != "intent":
-            names.add(parsed[1])
-    return names
 
 
 def _managed_vips(view: ClusterView) -> list[ipaddress.IPv4Interface]:

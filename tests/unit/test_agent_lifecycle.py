@@ -307,16 +307,46 @@ def test_the_hold_after_a_restore_grows_with_what_nodes_publish_while_it_lasts(r
 
 
 def test_which_reconcilers_a_change_wakes() -> None:
-    def touched(*keys: str) -> set[str] | None:
-        return KS.touched_vfs(frozenset(keys))
+    def spec(vip: str, device: str | None = None) -> bytes:
+        doc: dict[str, Any] = {"vip": vip, "candidates": ["node-a"]}
+        if device:
+            doc["storage"] = {"device": device, "fstype": "xfs"}
+            doc["exports"] = [{"pseudo": f"/{device[5:]}", "clients": ["10.77.0.0/24"]}]
+        return json.dumps(doc).encode()
 
-    assert KS.touched_vfs(None) is None  # a full load: everything
-    assert touched(KS.status("home"), KS.intent("web"), KS.status("web")) == {"home", "web"}
-    assert touched(KS.status("home"), KS.spec("web")) is None  # specs feed every clash check
-    assert touched(KS.owner("home")) is None  # owners' VIPs too
-    assert touched(KS.node("node-b")) is None and touched(KS.epoch_base) is None
-    assert touched("/t/vfs/bad name!/status") is None  # junk: not worth telling apart
-    assert touched() == set()
+    def put(key: str, value: bytes, rev: int) -> tuple[str, KeyRecord, int]:
+        return (key, KeyRecord(value, rev, rev, 0), rev)
+
+    before = ClusterView(KS, 10, {
+        KS.spec("home"): KeyRecord(spec("10.77.0.100/24", "/dev/loop7"), 2, 2, 0),
+        KS.spec("web"): KeyRecord(spec("10.77.0.101/24"), 3, 3, 0),
+        KS.spec("db"): KeyRecord(spec("10.77.0.102/24", "/dev/loop8"), 4, 4, 0),
+        KS.spec("logs"): KeyRecord(spec("10.77.0.103/24"), 5, 5, 0),
+    })
+
+    def affected(*events: tuple[str, KeyRecord | None, int]) -> set[str] | None:
+        after = before.applied(0, list(events))
+        return after.affected(before, [key for key, _rec, _rev in events])
+
+    assert before.affected(before, None) is None  # a full load: everything
+    assert affected(put(KS.status("home"), b"{}", 11), put(KS.intent("web"), b"node-a", 11)) == {"home", "web"}
+    # web takes db's device and logs's VIP: those two are woken (their clash checks change), home is not
+    assert affected(put(KS.spec("web"), spec("10.77.0.103/24", "/dev/loop8"), 11)) == {"web", "db", "logs"}
+    # ...and a spec leaving a VIP wakes who had it before: web moves off its VIP, nobody else had it
+    assert affected(put(KS.spec("logs"), spec("10.77.0.101/24"), 11)) == {"logs", "web"}
+    owner = json.dumps({"node": "node-b", "vip": "10.77.0.101/24"}).encode()
+    assert affected(put(KS.owner("new"), owner, 11)) == {"new", "web"}  # an owner of web's VIP
+    assert affected(put(KS.owner("new"), b'{"vip": 5}', 11)) == {"new"}  # junk VIP: no clash with anyone
+    assert affected(put(KS.node("node-b"), b"{}", 11)) is None  # placement of every VFS
+    assert affected(put(KS.epoch_base, b"7", 11)) == set()  # read in the owner transaction, not from the view
+    assert affected(put("/t/vfs/bad name!/status", b"{}", 11)) == set()  # junk: logged, never acted on
+    assert affected((KS.spec("db"), None, 11)) == {"db"}  # a deletion concerns its own VFS
+
+
+def test_a_junk_owner_vip_makes_no_spec_clash() -> None:
+    view = ClusterView(KS, 10, {KS.spec("home"): KeyRecord(SPEC.encode(), 2, 2, 0),
+                                KS.owner("x"): KeyRecord(b'{"node": "node-b", "vip": 7}', 3, 3, 0)})
+    assert view.config("home").spec is not None, view.config("home").errors
 
 
 def test_a_status_write_wakes_only_its_own_vfs(running) -> None:
