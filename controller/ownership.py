@@ -35,19 +35,31 @@ Invariants (the safety argument is in docs/protocol.md):
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from controller import loops
-from controller.store import EtcdStore, StoreError
+from controller.store import CallingLeaseStream, EtcdStore, StoreError
 
 log = logging.getLogger(__name__)
 
 FENCE_CHECK_SECONDS = 0.02
 KEEPALIVE_RETRY = 0.05  # after a keepalive got no answer (at most the interval, TTL/4)
+
+
+class LeaseStreamLike(Protocol):
+    """What the keeper needs of store.LeaseStream (store.CallingLeaseStream for stores without one)."""
+
+    def send(self, lease_id: int, sending: Callable[[int], None]) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Fenced(RuntimeError):
@@ -211,9 +223,14 @@ class Holding:
 class LeaseKeeper:
     """Keeps every lease of this agent alive and fences holdings whose deadline passes.
 
-    Two threads: the keepalive loop (which may block on a slow etcd) and the fence
-    monitor (which never touches the network, so a hung etcd cannot delay a fence).
-    Neither ends before stop(), whatever one holding raises (invariant 8).
+    Threads: the keepalive loop queues the keepalives that are due on one stream for all leases
+    (store.LeaseStream; it never waits for an answer, so one lease's slow answer delays no other
+    lease's request, and 100 leases cost what one does); the stream's reader applies answers, each
+    matched to the oldest unanswered request of its lease on the same stream generation (invariant 2:
+    the deadline comes from that request's send time); and the fence monitor, which never touches the
+    network, so a hung etcd cannot delay a fence. A request unanswered for its interval (TTL/4) resets
+    the stream (to another endpoint when there is one); answers of a reset stream never count. None of
+    them ends before stop(), whatever one holding raises (invariant 8).
     """
 
     def __init__(self, store: EtcdStore, on_deadline: Callable[[Holding], None] | None = None,
@@ -236,6 +253,12 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Keepalives: one stream for all leases (created on the keepalive thread), the requests it has
+        # not answered yet per lease (generation, send time, owner) and failures in a row per lease.
+        self._stream: LeaseStreamLike | None = None
+        self._ka_lock = threading.Lock()  # never held while calling the stream (it calls back)
+        self._inflight: dict[int, collections.deque[tuple[int, float, Holding | Callable[[int], None]]]] = {}
+        self._failures: dict[int, int] = {}
 
     def start(self) -> None:
         for target, name in ((self._keepalive_loop, "keepalive"), (self._fence_loop, "fence-monitor")):
@@ -326,11 +349,9 @@ class LeaseKeeper:
 
     def _keepalive_loop(self) -> None:
         next_due: dict[int, float] = {}
-        clients: dict[float, object] = {}
-        failures: dict[int, int] = {}
         while not self._stop.is_set():
             try:
-                self._keepalive_pass(next_due, clients, failures)
+                self._keepalive_pass(next_due)
             except Exception as exc:  # only a bug gets here: the loop must go on all the same
                 loops.record("keepalive", exc, logger=log)
                 self._stop.wait(0.1)
@@ -338,60 +359,115 @@ class LeaseKeeper:
             wait = min(next_due.values(), default=time.monotonic() + 1.0) - time.monotonic()
             self._wake.wait(max(0.01, wait))
             self._wake.clear()
+        if self._stream is not None:
+            self._stream.close()
 
-    def _keepalive_pass(self, next_due: dict[int, float], clients: dict[float, object],
-                        failures: dict[int, int]) -> None:
-        """One keepalive of every lease that is due; `failures`: lease -> keepalives without an answer
-        in a row."""
+    def _keepalive_pass(self, next_due: dict[int, float]) -> None:
+        """Send a keepalive for every lease that is due, over the one stream (store.LeaseStream).
+
+        A request unanswered for its lease's interval (TTL/4) means the stream is stuck: it is reset
+        and every request left on it counts as lost. A lost or failed keepalive is retried soon, not
+        an interval later (waiting timeout + interval would leave a single lost keepalive no second
+        chance before the self-fence deadline, TTL - margin); further failures in a row back off,
+        doubling up to the interval: etcd is down, not slow."""
         with self._lock:
             leases: dict[int, tuple[int, Holding | Callable[[int], None]]] = {
                 h.lease_id: (h.ttl, h) for h in self._holdings.values() if not h.fenced}
             leases.update({lid: (ttl, cb) for lid, (ttl, cb) in self._extra.items()})
         now = time.monotonic()
+        if self._stream is None:
+            self._stream = self._new_stream()
         for lease_id, (ttl, owner) in leases.items():
             if next_due.get(lease_id, 0.0) > now:
                 continue
             interval = max(0.1, ttl / 4)
+            if self._oldest_unanswered(lease_id, now) > interval:
+                self._give_up_stream(now, next_due)
+                continue
             what = owner.vfs if isinstance(owner, Holding) else f"lease {lease_id:x}"
+            sent = False
             # Any failure of one lease (etcd client, guard, a bug) is that lease's alone: it is
-            # retried at its next interval, and its holding self-fences if none succeeds in time.
-            answered = False
+            # retried, and its holding self-fences if no keepalive is answered in time.
             with loops.guarded("keepalive", what, log):
-                client = clients.get(interval)
-                if client is None:
-                    client = clients[interval] = self._store.new_client(timeout=interval)
-                answered = self._keepalive_one(lease_id, owner, client)
-            # A keepalive that got no answer (a timeout: an etcd leader election, a slow fsync) is
-            # retried at once, not an interval later: waiting timeout + interval would leave a single
-            # lost keepalive no second chance before the self-fence deadline (TTL - margin). Further
-            # failures in a row back off (doubling up to the interval): etcd is down, not slow.
-            failures[lease_id] = 0 if answered else failures.get(lease_id, 0) + 1
-            retry = min(interval, KEEPALIVE_RETRY * 2 ** min(failures[lease_id] - 1, 16))
-            next_due[lease_id] = time.monotonic() + (interval if answered else retry)
-        for lease_id in list(next_due):
-            if lease_id not in leases:
-                del next_due[lease_id]
-                failures.pop(lease_id, None)
+                try:
+                    self._stream.send(lease_id, lambda gen, o=owner, i=lease_id, t=now: self._sending(i, gen, t, o))
+                    sent = True
+                except StoreError as exc:
+                    log.debug("keepalive of lease %x failed: %s", lease_id, exc)
+            if not sent:
+                self._forget_request(lease_id, now)
+            next_due[lease_id] = now + (interval if sent else self._retry_after(lease_id, interval))
+        with self._ka_lock:
+            for lease_id in list(next_due):
+                if lease_id not in leases:
+                    del next_due[lease_id]
+                    self._failures.pop(lease_id, None)
+                    self._inflight.pop(lease_id, None)
 
-    def _keepalive_one(self, lease_id: int, owner: Holding | Callable[[int], None], client: object) -> bool:
-        """One keepalive and what its answer means; False if etcd gave none."""
-        sent_at = time.monotonic()
-        try:
-            ttl = self._store.keepalive(lease_id, client)  # type: ignore[arg-type]
-        except StoreError as exc:
-            log.debug("keepalive of lease %x failed: %s", lease_id, exc)
-            return False
-        if isinstance(owner, Holding):
-            if ttl > 0:
-                owner.acked(sent_at, ttl)
-                self._on_deadline(owner)
-            else:
-                owner.fence("lease is gone in etcd (expired or revoked)")
-        elif ttl <= 0:
-            with self._lock:
-                self._extra.pop(lease_id, None)
-            owner(lease_id)
-        return True
+    def _new_stream(self) -> LeaseStreamLike:
+        """The store's keepalive stream; a store without one gets a keepalive() call per request."""
+        make = getattr(self._store, "lease_stream", None)
+        if make is not None:
+            return make(self._answered)  # type: ignore[no-any-return]
+        return CallingLeaseStream(self._store.keepalive, self._answered)
+
+    def _sending(self, lease_id: int, generation: int, sent_at: float,
+                 owner: Holding | Callable[[int], None]) -> None:
+        with self._ka_lock:
+            self._inflight.setdefault(lease_id, collections.deque()).append((generation, sent_at, owner))
+
+    def _forget_request(self, lease_id: int, sent_at: float) -> None:
+        """A send that failed: its request (if recorded) went nowhere and counts as a failure."""
+        with self._ka_lock:
+            pending = self._inflight.get(lease_id)
+            if pending and pending[-1][1] == sent_at:
+                pending.pop()
+            self._failures[lease_id] = self._failures.get(lease_id, 0) + 1
+
+    def _oldest_unanswered(self, lease_id: int, now: float) -> float:
+        """Seconds the oldest unanswered keepalive of a lease has waited (0: none)."""
+        with self._ka_lock:
+            pending = self._inflight.get(lease_id)
+            return now - pending[0][1] if pending else 0.0
+
+    def _retry_after(self, lease_id: int, interval: float) -> float:
+        with self._ka_lock:
+            failures = self._failures.get(lease_id, 1)
+        return min(interval, KEEPALIVE_RETRY * 2 ** min(failures - 1, 16))
+
+    def _give_up_stream(self, now: float, next_due: dict[int, float]) -> None:
+        """No answer in time: reset the stream; every request on it is lost and retried soon."""
+        assert self._stream is not None
+        self._stream.reset()
+        with self._ka_lock:
+            lost = [lid for lid, pending in self._inflight.items() if pending]
+            self._inflight.clear()
+            for lease_id in lost:
+                self._failures[lease_id] = self._failures.get(lease_id, 0) + 1
+        log.debug("keepalive stream reset: no answer in time for %d lease(s)", len(lost))
+        for lease_id in lost:
+            next_due[lease_id] = now + KEEPALIVE_RETRY * 2 ** min(self._failures.get(lease_id, 1) - 1, 16)
+
+    def _answered(self, lease_id: int, ttl: int, generation: int) -> None:
+        """etcd answered a keepalive (on the stream's thread): match it to its request, then act."""
+        with self._ka_lock:
+            pending = self._inflight.get(lease_id)
+            if not pending or pending[0][0] != generation:
+                return  # a request given up on (stream reset): its send time is not known for sure
+            _gen, sent_at, owner = pending.popleft()
+            self._failures[lease_id] = 0
+        what = owner.vfs if isinstance(owner, Holding) else f"lease {lease_id:x}"
+        with loops.guarded("keepalive", what, log):
+            if isinstance(owner, Holding):
+                if ttl > 0:
+                    owner.acked(sent_at, ttl)
+                    self._on_deadline(owner)
+                else:
+                    owner.fence("lease is gone in etcd (expired or revoked)")
+            elif ttl <= 0:
+                with self._lock:
+                    self._extra.pop(lease_id, None)
+                owner(lease_id)
 
 
 def _drop_failed_critical(h: Holding, exc: BaseException) -> None:

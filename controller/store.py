@@ -4,22 +4,31 @@ All etcd traffic of nfs-ha goes through here, so the client's pitfalls are handl
 - each endpoint's `time_retry` is lowered (the default shuns an endpoint for 300 s after
   one error, which turns a brief etcd hiccup into a five-minute outage);
 - every call has a timeout, and every failure becomes a StoreError;
-- gRPC keepalive pings (no more often than etcd allows) detect a dead connection.
+- gRPC keepalive pings (no more often than etcd allows) detect a dead connection;
+- lease keepalives of all of a node's leases share one LeaseKeepAlive stream (LeaseStream),
+  as etcd's own client does: a request never waits for another lease's answer, and one
+  keepalive costs ~0.1 ms of CPU instead of ~1 ms for a stream per call (measured here).
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 import pyetcd
+from pyetcd import etcdrpc
 from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
 
+from controller import loops
 from controller.view import KeyRecord
+
+log = logging.getLogger(__name__)
 
 ENDPOINT_RETRY_SECONDS = 1.0
 GRPC_OPTIONS = [
@@ -77,16 +86,25 @@ class EtcdStore:
     def __init__(self, endpoints: str | Iterable[str], timeout: float = 2.0) -> None:
         self._endpoints = parse_endpoints(endpoints)
         self.timeout = timeout
+        # Set by close(): grpc 1.85 segfaults when pyetcd makes its first stub of a kind on a closed
+        # channel, so every later call must fail here, as a StoreError, before reaching it.
+        self._closed = False
         self._client = self.new_client(timeout)
         self._watch_client: MultiEndpointEtcd3Client | None = None
         self._lock = threading.Lock()
 
     def new_client(self, timeout: float) -> MultiEndpointEtcd3Client:
+        self._check_open()
         eps = [Endpoint(host, port, secure=False, time_retry=ENDPOINT_RETRY_SECONDS, opts=GRPC_OPTIONS)
                for host, port in self._endpoints]
         return MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout, failover=True)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("etcd store is closed")
+
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        self._check_open()
         try:
             return fn()
         except (grpc.RpcError, pyetcd.exceptions.Etcd3Exception, ValueError) as exc:
@@ -111,6 +129,7 @@ class EtcdStore:
         The caller re-creates the watch from its last revision + 1 after an error.
         """
         with self._lock:
+            self._check_open()  # under the lock: a watch started after close() would never be closed
             old, self._watch_client = self._watch_client, self.new_client(self.timeout)
             client = self._watch_client
         if old is not None:
@@ -139,12 +158,19 @@ class EtcdStore:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             old, self._watch_client = self._watch_client, None
         if old is not None:
             old.close()
         self._client.close()
 
     # --- leases --------------------------------------------------------------------------
+
+    def lease_stream(self, on_answer: Callable[[int, int, int], None]) -> LeaseStream:
+        """A keepalive stream for many leases; `on_answer(lease_id, ttl, generation)` (see LeaseStream)."""
+        return LeaseStream(self, on_answer)
 
     def grant(self, ttl: int) -> tuple[int, int]:
         lease = self._call("lease grant", lambda: self._client.lease(ttl))
@@ -236,3 +262,116 @@ class EtcdStore:
         ok, _ = self._call("compare-and-set", lambda: c.transaction(
             compare=compare, success=[c.transactions.put(key, value)], failure=[]))
         return bool(ok)
+
+
+def _requests(pending: queue.SimpleQueue[Any]) -> Iterator[Any]:
+    """The request side of a LeaseKeepAlive stream: whatever is queued, until None."""
+    while True:
+        item = pending.get()
+        if item is None:
+            return
+        yield item
+
+
+class LeaseStream:
+    """Keepalives of many leases over one LeaseKeepAlive stream, as etcd's clientv3 does.
+
+    send() queues a request and returns at once: one lease's slow answer delays no other
+    lease's request. etcd answers a stream's requests in order; the caller matches an answer
+    to the oldest unanswered request of that lease *sent on the same generation* of the
+    stream, and takes the self-fence deadline from that request's send time (taken before it
+    was queued, so never later than the real one). reset() gives a stuck stream up: its
+    generation ends, so no answer of it is ever reported again (an answer counted against a
+    later request would stretch a deadline), and the next send() opens a new stream, on another
+    endpoint when there is one. Not guaranteed: that a request is answered at all; the caller
+    treats a request unanswered for its keepalive interval as lost and resets.
+    """
+
+    def __init__(self, store: EtcdStore, on_answer: Callable[[int, int, int], None]) -> None:
+        self._on_answer = on_answer
+        self._client = store.new_client(store.timeout)  # its own channel: never queued behind other calls
+        self._lock = threading.Lock()
+        self.generation = 0
+        self._queue: queue.SimpleQueue[Any] | None = None
+        self._call: Any = None
+
+    def send(self, lease_id: int, sending: Callable[[int], None]) -> None:
+        """Queue one keepalive; `sending(generation)` is told first (so an answer always finds its
+        request recorded). StoreError if no stream can be opened."""
+        with self._lock:
+            if self._call is None:
+                self._open()
+            assert self._queue is not None
+            sending(self.generation)
+            self._queue.put(etcdrpc.LeaseKeepAliveRequest(ID=lease_id))
+
+    def _open(self) -> None:
+        self.generation += 1
+        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        try:
+            call = self._client.leasestub.LeaseKeepAlive(_requests(requests))
+        except (grpc.RpcError, pyetcd.exceptions.Etcd3Exception, ValueError) as exc:
+            raise StoreError(f"etcd lease keepalive stream failed: {type(exc).__name__} {exc}") from exc
+        self._queue, self._call = requests, call
+        threading.Thread(target=self._read, args=(call, self.generation), name="lease-stream", daemon=True).start()
+
+    def _read(self, call: Any, generation: int) -> None:
+        try:
+            for resp in call:
+                if generation != self.generation:  # given up on: none of its answers counts any more
+                    return
+                with loops.guarded("keepalive-answer", f"lease {resp.ID:x}", log):
+                    self._on_answer(int(resp.ID), int(resp.TTL), generation)
+        except grpc.RpcError as exc:
+            if generation == self.generation:
+                log.debug("lease keepalive stream ended: %s", exc)
+        except Exception as exc:  # a bug: counted; the requests left unanswered make the keeper reset
+            loops.record("keepalive-stream", exc, logger=log)
+        finally:
+            self._ended(generation, failed=True)
+
+    def _ended(self, generation: int, failed: bool) -> None:
+        with self._lock:
+            if generation != self.generation or self._call is None:
+                return
+            call, requests = self._call, self._queue
+            self._call = self._queue = None
+            self.generation += 1
+            if failed and len(self._client.endpoints) > 1:
+                # Try another endpoint next (the client shuns this one for ENDPOINT_RETRY_SECONDS).
+                # With a single endpoint that would only block keepalives for that long.
+                self._client.endpoint_in_use.fail()
+                self._client._clear_old_stubs()  # pyetcd caches the stub on the failed channel
+        assert requests is not None
+        requests.put(None)
+        call.cancel()
+
+    def reset(self) -> None:
+        """Give the current stream up (no answer in time): a new one on the next send()."""
+        self._ended(self.generation, failed=True)
+
+    def close(self) -> None:
+        self._ended(self.generation, failed=False)
+        self._client.close()
+
+
+class CallingLeaseStream:
+    """The LeaseStream interface made of one keepalive() call per send(), answered before send()
+    returns: for stores that have no stream (the in-memory one, test doubles)."""
+
+    def __init__(self, keepalive: Callable[[int], int], on_answer: Callable[[int, int, int], None]) -> None:
+        self._keepalive = keepalive
+        self._on_answer = on_answer
+        self.generation = 1
+
+    def send(self, lease_id: int, sending: Callable[[int], None]) -> None:
+        generation = self.generation
+        sending(generation)
+        ttl = self._keepalive(lease_id)
+        self._on_answer(lease_id, ttl, generation)
+
+    def reset(self) -> None:
+        self.generation += 1
+
+    def close(self) -> None:
+        pass

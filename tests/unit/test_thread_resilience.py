@@ -36,14 +36,8 @@ class FakeStore:
         self.ttl = ttl
         self.down = down
         self.fail: dict[int, BaseException] = {}
-        self.client_fails: dict[float, BaseException] = {}  # keepalive interval -> new_client error
         self.calls: Counter[int] = Counter()
         self._lock = threading.Lock()
-
-    def new_client(self, timeout: float) -> object:
-        if timeout in self.client_fails:
-            raise self.client_fails[timeout]
-        return object()
 
     def keepalive(self, lease_id: int, client: object = None) -> int:
         with self._lock:
@@ -200,7 +194,6 @@ def test_keepalive_errors_of_one_lease_do_not_stop_the_others(keepers: list[Leas
     store.fail = {3: OSError(errno.ENOSPC, "No space left on device"),
                   4: NetlinkError(errno.ENOBUFS, "No buffer space available"),
                   5: RuntimeError("client bug")}
-    store.client_fails = {0.5: OSError(errno.EMFILE, "Too many open files")}  # the TTL 2 client
     acked: Counter[str] = Counter()
 
     def on_deadline(h: Holding) -> None:  # the guard hold of "bad-guard" fails
@@ -213,7 +206,6 @@ def test_keepalive_errors_of_one_lease_do_not_stop_the_others(keepers: list[Leas
     now = time.monotonic()
     bad = [Holding(vfs=f"bad-{i}", lease_id=i, ttl=1, granted_at=now, drop=lambda: None) for i in (3, 4, 5)]
     bad.append(Holding(vfs="bad-guard", lease_id=6, ttl=1, granted_at=now, drop=lambda: None))
-    bad.append(Holding(vfs="bad-client", lease_id=7, ttl=2, granted_at=now, drop=lambda: None))
     good = [Holding(vfs=f"good-{i}", lease_id=i, ttl=1, granted_at=now, drop=lambda: None) for i in (1, 2)]
     for h in (*bad, *good):
         keeper.add(h)

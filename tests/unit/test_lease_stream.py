@@ -1,0 +1,167 @@
+"""Keepalives of all leases over one stream (controller/store.py LeaseStream, LeaseKeeper): the
+deadline only ever comes from the send time of the request an answer belongs to, an answer of a
+stream given up on never counts, and a hung etcd endpoint holds nobody's keepalives up for long."""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from controller.ownership import Holding, LeaseKeeper, fence_margin
+from controller.store import EtcdStore
+from tests.unit.conftest import needs_etcd
+
+
+class ManualStream:
+    """Requests are kept until the test answers them (etcd answers a stream in order)."""
+
+    def __init__(self, on_answer: Callable[[int, int, int], None]) -> None:
+        self.on_answer = on_answer
+        self.generation = 1
+        self.sent: list[tuple[int, int]] = []  # (lease, generation)
+        self.resets = 0
+
+    def send(self, lease_id: int, sending: Callable[[int], None]) -> None:
+        sending(self.generation)
+        self.sent.append((lease_id, self.generation))
+
+    def answer(self, lease_id: int, ttl: int, generation: int | None = None) -> None:
+        self.on_answer(lease_id, ttl, self.generation if generation is None else generation)
+
+    def reset(self) -> None:
+        self.generation += 1
+        self.resets += 1
+
+    def close(self) -> None:
+        pass
+
+
+class StreamStore:
+    def __init__(self) -> None:
+        self.streams: list[ManualStream] = []
+
+    def lease_stream(self, on_answer: Callable[[int, int, int], None]) -> ManualStream:
+        self.streams.append(ManualStream(on_answer))
+        return self.streams[-1]
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+@pytest.fixture
+def keeper() -> Iterator[tuple[LeaseKeeper, StreamStore]]:
+    store = StreamStore()
+    k = LeaseKeeper(store)  # type: ignore[arg-type]
+    yield k, store
+    k.stop()
+
+
+def test_an_answer_counts_from_the_oldest_request_of_its_lease(keeper) -> None:
+    k, store = keeper
+    h = Holding(vfs="a", lease_id=7, ttl=40, granted_at=time.monotonic(), drop=lambda: None)
+    k.add(h)
+    k._keepalive_pass({})  # sends the first keepalive (interval 10 s: nothing else is due)
+    first_sent = k._inflight[7][0][1]
+    k._keepalive_pass({})  # due again at once (empty schedule): a second request
+    assert len(k._inflight[7]) == 2
+    store.streams[0].answer(7, 40)
+    assert h.deadline == pytest.approx(first_sent + 40 - fence_margin(40))  # the first send's time
+    assert len(k._inflight[7]) == 1
+
+
+def test_an_answer_of_a_stream_given_up_on_never_counts(keeper) -> None:
+    k, store = keeper
+    h = Holding(vfs="a", lease_id=7, ttl=1, granted_at=time.monotonic(), drop=lambda: None)
+    k.add(h)
+    before = h.deadline
+    next_due: dict[int, float] = {}
+    k._keepalive_pass(next_due)
+    stream = store.streams[0]
+    old_generation = stream.generation
+    time.sleep(0.3)  # longer than the interval (TTL/4, at least 0.1 s) without an answer
+    k._keepalive_pass({})  # due: finds the request unanswered and gives the stream up
+    assert stream.resets == 1 and k._inflight.get(7) is None
+    k._keepalive_pass({})  # a new request, on the new generation
+    stream.answer(7, 1, generation=old_generation)  # the late answer of the old stream
+    assert h.deadline == before  # not counted against the new request's (later) send time
+    stream.answer(7, 1)
+    assert h.deadline > before
+
+
+def test_a_lease_etcd_no_longer_has_fences_its_holding(keeper) -> None:
+    k, store = keeper
+    fenced: list[str] = []
+    h = Holding(vfs="a", lease_id=7, ttl=40, granted_at=time.monotonic(), drop=lambda: fenced.append("vip down"))
+    k.add(h)
+    k._keepalive_pass({})
+    store.streams[0].answer(7, 0)  # etcd answers TTL 0 for a lease it does not know
+    assert h.fenced and fenced == ["vip down"]
+
+
+# --- against a real etcd ---------------------------------------------------------------------------
+
+
+@needs_etcd
+def test_many_leases_are_kept_alive_over_one_stream(etcd: str) -> None:
+    grants = EtcdStore(etcd)
+    keeper = LeaseKeeper(EtcdStore(etcd))
+    holdings = []
+    try:
+        for i in range(60):
+            sent_at = time.monotonic()
+            lease, ttl = grants.grant(1)
+            grants.put(f"/t/lease/{i}", "x", lease=lease)
+            holdings.append(Holding(vfs=f"v{i}", lease_id=lease, ttl=ttl, granted_at=sent_at, drop=lambda: None))
+        for h in holdings:
+            keeper.add(h)
+        keeper.start()
+        time.sleep(2.5)  # 2.5 TTLs: without keepalives every lease would be gone
+        assert [h.vfs for h in holdings if h.fenced] == []
+        assert len(grants.load("/t/lease/")[1]) == 60
+        assert keeper._stream is not None and keeper._stream.generation == 1  # one stream throughout
+        grants.revoke(holdings[0].lease_id)
+        assert wait_for(lambda: holdings[0].fenced)  # etcd's TTL 0 answer on the stream
+        assert "lease is gone" in holdings[0].fence_reason
+    finally:
+        keeper.stop()
+        grants.close()
+
+
+@needs_etcd
+def test_a_hung_endpoint_holds_no_keepalive_up_past_a_deadline(etcd: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first endpoint accepts connections and never answers (a frozen member): the stream on it
+    is given up after one interval and the keepalives go to the next endpoint in time."""
+    client_module = importlib.import_module("pyetcd.client")  # `pyetcd.client` the attribute is a function
+    monkeypatch.setattr(client_module.random, "choice", lambda seq: seq[0])  # pyetcd starts at a random one
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # the kernel completes handshakes; nobody ever reads
+    grants = EtcdStore(etcd)
+    keeper = LeaseKeeper(EtcdStore([f"http://127.0.0.1:{hole.getsockname()[1]}", etcd]))
+    holdings = []
+    try:
+        for i in range(20):
+            sent_at = time.monotonic()
+            lease, ttl = grants.grant(2)
+            holdings.append(Holding(vfs=f"v{i}", lease_id=lease, ttl=ttl, granted_at=sent_at, drop=lambda: None))
+        first = [h.deadline for h in holdings]
+        for h in holdings:
+            keeper.add(h)
+        keeper.start()
+        assert wait_for(lambda: all(h.deadline > d for h, d in zip(holdings, first, strict=True)), timeout=1.4)
+        assert [h.vfs for h in holdings if h.fenced] == []
+        assert keeper._stream is not None and keeper._stream.generation >= 2  # the hung stream was left
+    finally:
+        keeper.stop()
+        grants.close()
+        hole.close()
