@@ -44,13 +44,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller import loops, tracing
+from controller.coordination import Coordination
 from controller.failover_trace import FailoverTracer
 from controller.keyspace import Keyspace
 from controller.ownership import Holding, LeaseKeeper
 from controller.placement import Action, decide, preference
 from controller.spec import MAX_LEASE_TTL, VfsSpec
 from controller.status import encode, make_status, same, wall_clock
-from controller.store import EtcdStore, StoreError
+from controller.store import StoreError
 from controller.takeover import Step, StepFailed, TakeoverContext, bring_down, bring_up
 from controller.view import ClusterView, VfsConfig
 
@@ -111,7 +112,7 @@ class AgentContext:
 
     me: str
     keyspace: Keyspace
-    store: EtcdStore
+    store: Coordination
     keeper: LeaseKeeper
     steps: list[Step]
     view: Callable[[], ClusterView]

@@ -19,15 +19,16 @@ import time
 from collections.abc import Callable
 
 from controller import loops
+from controller.coordination import Coordination
 from controller.keyspace import Keyspace
-from controller.store import EtcdStore, StoreError, WatchBatch
+from controller.store import StoreError, WatchBatch
 from controller.view import ClusterView
 
 log = logging.getLogger(__name__)
 
 
 class ViewKeeper:
-    def __init__(self, store: EtcdStore, keyspace: Keyspace, on_change: Callable[[ClusterView], None],
+    def __init__(self, store: Coordination, keyspace: Keyspace, on_change: Callable[[ClusterView], None],
                  resync_seconds: float = 10.0,
                  on_went_back: Callable[[ClusterView], None] | None = None) -> None:
         self._store = store

@@ -3,53 +3,13 @@ watcher does after an error) must not feed the old stream's end back as an error
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
+from controller.store import EtcdStore, WatchBatch
+from tests.unit.conftest import needs_etcd
 
-from controller.store import EtcdStore, StoreError, WatchBatch
-
-pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="needs the etcd binary (make deps)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[str]:
-    client, peer = _free_port(), _free_port()
-    url = f"http://127.0.0.1:{client}"
-    proc = subprocess.Popen(["etcd", "--name", "t", "--data-dir", str(tmp_path / "data"),
-                             "--listen-client-urls", url, "--advertise-client-urls", url,
-                             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                             "--initial-cluster", f"t=http://127.0.0.1:{peer}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        store = EtcdStore(url)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                store.load("/")
-                break
-            except StoreError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        store.close()
-        yield url
-    finally:
-        proc.kill()
-        proc.wait()
+pytestmark = needs_etcd  # the `etcd` fixture (a fresh etcd on loopback) is in conftest.py
 
 
 def test_a_recreated_watch_gets_no_error_from_the_one_it_replaced(etcd: str) -> None:

@@ -1,0 +1,200 @@
+"""The coordination boundary: everything nfs-ha asks of etcd, as one typed interface.
+
+The reconcile loop (controller/reconcile.py), the view keeper (controller/watcher.py), the lease
+keeper (controller/ownership.py) and the agent (node/agent.py) talk to etcd only through these
+methods. Two implementations keep the same contract:
+
+- controller.store.EtcdStore: the real thing, over gRPC (pyetcd);
+- controller.memstore.MemStore: in memory, with leases that expire on an injectable clock, so the
+  code above can be unit-tested without root, network or an etcd binary.
+
+tests/unit/test_coordination_contract.py runs one set of tests against both (MemStore, and
+EtcdStore against a real etcd on loopback): what a docstring below calls a guarantee is checked
+there; a "non-guarantee" is what callers must not lean on, because the two differ or etcd does
+not promise it.
+
+Terms used below (etcd's MVCC model):
+- revision: a counter of the whole store. Every write or transaction that changes something moves
+  it by exactly one, and every key it changes gets that revision; a write that changes nothing
+  (deleting an absent key, a transaction whose branch has no effect) does not move it.
+- create_revision / mod_revision: the revision that created a key (reset when it is deleted and
+  created again) / that last changed it. A compare on create_revision == 0 or mod_revision == 0
+  means "the key does not exist".
+- lease: a TTL in seconds; a key put with a lease is deleted (in one revision with every other key
+  of that lease) when the lease is revoked or expires, i.e. when no keepalive arrived for a TTL.
+
+Not part of the contract: EtcdStore.lease_stream(), one LeaseKeepAlive stream for all leases,
+which the lease keeper uses when the store has it (found by getattr) and otherwise makes of
+keepalive() calls (store.CallingLeaseStream).
+
+The domain types stay where they are: KeyRecord (controller.view), WatchBatch, OwnerCreated and
+StoreError (controller.store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from controller.store import OwnerCreated, StoreError, WatchBatch
+from controller.view import KeyRecord
+
+__all__ = ["Coordination", "KeyRecord", "OwnerCreated", "StoreError", "WatchBatch"]
+
+
+@runtime_checkable
+class Coordination(Protocol):
+    """What nfs-ha needs from its coordination store (see the module docstring for the terms).
+
+    Every method may raise StoreError: the store could not be reached, timed out, or refused the
+    request. After StoreError the effect of a write is unknown (it may have been applied), except
+    for what etcd refuses before applying anything, which writes nothing: a lease that is gone,
+    a key put twice (or put and deleted) in one transaction, more than 128 compares or more than
+    128 operations (reads included) in a transaction, a request over 1.5 MiB (etcd's defaults).
+    The limits and duplicate keys are checked whether or not a transaction's compares hold; the
+    lease only when they hold (etcd checks the branch it takes).
+    """
+
+    timeout: float
+    """Seconds a call may take before it fails with StoreError (EtcdStore's gRPC deadline; MemStore
+    never waits)."""
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def load(self, prefix: str) -> tuple[int, dict[str, KeyRecord]]:
+        """Every key under `prefix`, and the store's revision they are consistent with.
+
+        Guarantees: the revision is the store's current revision (also when no key matches), so a
+        watch from revision + 1 misses nothing and repeats nothing; each record carries its value
+        (bytes), create_revision, mod_revision and lease id (0: none).
+        Non-guarantees: the dict's order.
+        """
+        ...
+
+    def get(self, key: str) -> KeyRecord | None:
+        """The key's record, or None if it does not exist."""
+        ...
+
+    # --- watch -------------------------------------------------------------------------------
+
+    def watch(self, prefix: str, start_revision: int,
+              on_batch: Callable[[WatchBatch | Exception], None]) -> int:
+        """Watch the keys under `prefix` from `start_revision`; returns an id of the watch.
+
+        Guarantees:
+        - first the history from `start_revision` is replayed (a catch-up), then live changes
+          follow; every change with revision >= start_revision is delivered once, in revision
+          order, and nothing older. start_revision <= 0 means "from the next change on";
+        - an event is (key, record, revision): record None is a delete, and the revision is that
+          of the change itself (for a delete: the delete's revision, not the key's last put);
+        - all events of one revision (a transaction) arrive in one batch, in the order of the
+          transaction's operations (a revoked or expired lease's deletes: in any order);
+        - the catch-up comes in batches of at most 1000 revisions; every batch carries the
+          store's *current* revision as `revision`, ahead of its events: track the events'
+          revisions (controller/view.py), never the batch's;
+        - a store has one watch at a time: a new watch silently ends the previous one (it gets
+          no further batch and no error), as does close();
+        - a watch that ends for any other reason (lost stream, etcd restart) gets one Exception
+          and nothing after it; the caller watches again from its last revision + 1, which
+          replays what it missed. If that revision was compacted away, the Exception's type
+          name contains "Compacted" and the caller must load() again instead.
+        Non-guarantees: the thread on_batch runs on (EtcdStore: the client's watch thread,
+        MemStore: the writer's, synchronously, under the store's lock: on_batch must not block);
+        how many revisions a live batch holds (usually one, more if the watcher lagged); a batch
+        may have no events (etcd progress notifications); a failure to start the watch may come
+        as StoreError from this call or as an Exception through on_batch.
+        """
+        ...
+
+    # --- leases ------------------------------------------------------------------------------
+
+    def new_client(self, timeout: float) -> Any:
+        """An opaque extra connection whose calls time out after `timeout`, for keepalive(), so a
+        keepalive need not wait behind the store's other calls nor longer than `timeout`. Only
+        keepalive() accepts it; the caller closes it, or lets it go with the process.
+        """
+        ...
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease: (id, granted TTL in seconds). The lease's TTL starts now.
+
+        Guarantees: id != 0; granted TTL >= 1.
+        Non-guarantees: granted == ttl. etcd raises a TTL to its minimum (with default timings
+        2 s, with a 500 ms election timeout 1 s; MemStore's `min_ttl`, default 1).
+        """
+        ...
+
+    def keepalive(self, lease_id: int, client: Any = None) -> int:
+        """Renew a lease for its full TTL; returns that TTL, or <= 0 if the lease is gone
+        (revoked, expired or never granted) - then its keys are gone too. `client`: from
+        new_client(), None for the store's own connection.
+
+        Guarantees: after a positive answer the lease cannot expire before TTL seconds after
+        the call was made (the caller's self-fence deadline leans on this, controller/ownership.py;
+        its keeper calls this for a store without EtcdStore's keepalive stream, e.g. MemStore).
+        Non-guarantees: the expiry time itself. etcd deletes the keys some time after the TTL
+        (measured: 0.1-0.5 s later, more during a leader election, and etcd extends every lease
+        by its TTL when it gets a new leader); MemStore expires a lease as soon as its clock
+        reaches the deadline, but only when it is called (or expire() is).
+        """
+        ...
+
+    def revoke(self, lease_id: int) -> None:
+        """End a lease now: its keys are deleted in one revision. A lease that is gone already
+        is no error."""
+        ...
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def put(self, key: str, value: str | bytes, lease: int | None = None) -> None:
+        """Write a key (one revision), bound to `lease` (None or 0: to no lease, which also
+        unbinds a key that had one). A lease that is gone: StoreError, nothing written."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete a key (one revision); an absent key is no error and no revision."""
+        ...
+
+    def create_owner(self, owner_key: str, owner_value: str, lease_id: int,
+                     also: dict[str, str], read: str | None = None,
+                     unchanged: dict[str, int] | None = None) -> OwnerCreated | None:
+        """One transaction: iff `owner_key` does not exist and every key in `unchanged` still has
+        the given mod_revision (0: the key must be absent), put the owner key bound to
+        `lease_id` and every key in `also` (without lease).
+
+        Returns None if a condition failed (then nothing was written), else OwnerCreated with
+        epoch = the owner key's create_revision (= the transaction's revision, and the mod_revision
+        of every key in `also`) and `read` = the value of the key `read` as of that same revision
+        (after `also` was applied; None if absent), consistent with the epoch.
+        A lease that is gone, when the conditions hold: StoreError, nothing written. The owner key
+        also in `also`: StoreError (etcd refuses a duplicate key in a transaction).
+        """
+        ...
+
+    def put_if_epoch(self, owner_key: str, epoch: int, puts: dict[str, str],
+                     delete_owner: bool = False) -> bool:
+        """One transaction: iff the owner key's create_revision is `epoch` (0: there is no owner),
+        put `puts` (without lease) and, with delete_owner, delete the owner key. Returns whether
+        it was applied; False writes nothing. The owner key in `puts` together with
+        delete_owner: StoreError (duplicate key)."""
+        ...
+
+    def delete_if_no_owner(self, owner_key: str, keys: Iterable[str], absent: Iterable[str] = ()) -> bool:
+        """One transaction: iff neither the owner key nor any key in `absent` exists, delete
+        `keys` (those that exist; one revision if any did). Returns whether it was applied."""
+        ...
+
+    def put_if_unchanged(self, key: str, value: str, seen: KeyRecord | None) -> bool:
+        """Compare-and-set: put (without lease) iff the key's mod_revision is still
+        seen.mod_revision, or, with seen None, iff the key does not exist. Returns whether it
+        was applied."""
+        ...
+
+    def close(self) -> None:
+        """Release the connections and end the watch (no further batch, no error). Idempotent.
+
+        Every later call raises StoreError. (EtcdStore checks this itself: grpc segfaults the
+        interpreter when pyetcd makes its first stub of a kind on a closed channel.) A client
+        from new_client() is the caller's, and is not closed by this.
+        """
+        ...
