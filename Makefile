@@ -7,7 +7,7 @@ APT_PACKAGES := python3 python3-venv python3-pip etcd-server etcd-client iproute
 STAMP_APT := .deps-apt
 STAMP_VENV := $(VENV)/.installed
 
-.PHONY: deps test lint unit demo bench chaos lab-down clean
+.PHONY: deps test lint unit demo bench bench-scale chaos lab-down clean
 
 deps: $(STAMP_APT) $(STAMP_VENV)
 
@@ -40,6 +40,9 @@ demo: deps
 
 bench: deps
 	$(PY) bench/failover
+
+bench-scale: deps
+	$(PY) bench/scale
 
 chaos: deps
 	$(PY) compose/chaos --faults 200 --seed 1

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from controller import loops
-from controller.store import CallingLeaseStream, EtcdStore, StoreError
+from controller.coordination import Coordination
+from controller.store import CallingLeaseStream, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class LeaseKeeper:
     them ends before stop(), whatever one holding raises (invariant 8).
     """
 
-    def __init__(self, store: EtcdStore, on_deadline: Callable[[Holding], None] | None = None,
+    def __init__(self, store: Coordination, on_deadline: Callable[[Holding], None] | None = None,
                  on_removed: Callable[[Holding], None] | None = None,
                  on_drop_failed: Callable[[Holding, BaseException], None] | None = None) -> None:
         self._store = store
