@@ -58,7 +58,8 @@ class LeaseStreamLike(Protocol):
 
     def send(self, lease_id: int, sending: Callable[[int], None]) -> None: ...
 
-    def reset(self) -> None: ...
+    def reset(self) -> None:
+        """End the current generation; the stream tells its on_ended callback so."""
 
     def close(self) -> None: ...
 
@@ -260,6 +261,7 @@ class LeaseKeeper:
         self._ka_lock = threading.Lock()  # never held while calling the stream (it calls back)
         self._inflight: dict[int, collections.deque[tuple[int, float, Holding | Callable[[int], None]]]] = {}
         self._failures: dict[int, int] = {}
+        self._lost: set[int] = set()  # leases whose request went down with a stream: retry soon
 
     def start(self) -> None:
         for target, name in ((self._keepalive_loop, "keepalive"), (self._fence_loop, "fence-monitor")):
@@ -378,12 +380,20 @@ class LeaseKeeper:
         now = time.monotonic()
         if self._stream is None:
             self._stream = self._new_stream()
+        with self._ka_lock:
+            lost, self._lost = self._lost, set()
         for lease_id, (ttl, owner) in leases.items():
+            interval = max(0.1, ttl / 4)
+            if lease_id in lost:  # its request went down with a stream: retried soon, not an interval later
+                next_due[lease_id] = min(next_due.get(lease_id, now), now + self._retry_after(lease_id, interval))
             if next_due.get(lease_id, 0.0) > now:
                 continue
-            interval = max(0.1, ttl / 4)
             if self._oldest_unanswered(lease_id, now) > interval:
-                self._give_up_stream(now, next_due)
+                # No answer within the interval: the stream (or its endpoint) is stuck. Its end makes
+                # every request on it lost (_stream_ended); they are retried on the next pass.
+                log.debug("keepalive stream reset: no answer for lease %x within %.2fs", lease_id, interval)
+                self._stream.reset()
+                self._wake.set()
                 continue
             what = owner.vfs if isinstance(owner, Holding) else f"lease {lease_id:x}"
             sent = False
@@ -409,8 +419,8 @@ class LeaseKeeper:
         """The store's keepalive stream; a store without one gets a keepalive() call per request."""
         make = getattr(self._store, "lease_stream", None)
         if make is not None:
-            return make(self._answered)  # type: ignore[no-any-return]
-        return CallingLeaseStream(self._store.keepalive, self._answered)
+            return make(self._answered, self._stream_ended)  # type: ignore[no-any-return]
+        return CallingLeaseStream(self._store.keepalive, self._answered, self._stream_ended)
 
     def _sending(self, lease_id: int, generation: int, sent_at: float,
                  owner: Holding | Callable[[int], None]) -> None:
@@ -436,23 +446,24 @@ class LeaseKeeper:
             failures = self._failures.get(lease_id, 1)
         return min(interval, KEEPALIVE_RETRY * 2 ** min(failures - 1, 16))
 
-    def _give_up_stream(self, now: float, next_due: dict[int, float]) -> None:
-        """No answer in time: reset the stream; every request on it is lost and retried soon."""
-        assert self._stream is not None
-        self._stream.reset()
+    def _stream_ended(self, generation: int) -> None:
+        """A stream generation ended (an error, or a reset): its unanswered requests never will be.
+        Each counts as a failure of its lease, which is retried on the next pass (woken now)."""
         with self._ka_lock:
-            lost = [lid for lid, pending in self._inflight.items() if pending]
-            self._inflight.clear()
-            for lease_id in lost:
-                self._failures[lease_id] = self._failures.get(lease_id, 0) + 1
-        log.debug("keepalive stream reset: no answer in time for %d lease(s)", len(lost))
-        for lease_id in lost:
-            next_due[lease_id] = now + KEEPALIVE_RETRY * 2 ** min(self._failures.get(lease_id, 1) - 1, 16)
+            for lease_id, pending in self._inflight.items():
+                kept = collections.deque(entry for entry in pending if entry[0] > generation)
+                if len(kept) != len(pending):
+                    self._inflight[lease_id] = kept
+                    self._failures[lease_id] = self._failures.get(lease_id, 0) + 1
+                    self._lost.add(lease_id)
+        self._wake.set()
 
     def _answered(self, lease_id: int, ttl: int, generation: int) -> None:
         """etcd answered a keepalive (on the stream's thread): match it to its request, then act."""
         with self._ka_lock:
             pending = self._inflight.get(lease_id)
+            while pending and pending[0][0] < generation:
+                pending.popleft()  # left by an ended stream (normally gone already: _stream_ended)
             if not pending or pending[0][0] != generation:
                 return  # a request given up on (stream reset): its send time is not known for sure
             _gen, sent_at, owner = pending.popleft()

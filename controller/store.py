@@ -168,9 +168,11 @@ class EtcdStore:
 
     # --- leases --------------------------------------------------------------------------
 
-    def lease_stream(self, on_answer: Callable[[int, int, int], None]) -> LeaseStream:
-        """A keepalive stream for many leases; `on_answer(lease_id, ttl, generation)` (see LeaseStream)."""
-        return LeaseStream(self, on_answer)
+    def lease_stream(self, on_answer: Callable[[int, int, int], None],
+                     on_ended: Callable[[int], None]) -> LeaseStream:
+        """A keepalive stream for many leases; `on_answer(lease_id, ttl, generation)`, `on_ended(generation)`
+        (see LeaseStream)."""
+        return LeaseStream(self, on_answer, on_ended)
 
     def grant(self, ttl: int) -> tuple[int, int]:
         lease = self._call("lease grant", lambda: self._client.lease(ttl))
@@ -283,12 +285,16 @@ class LeaseStream:
     was queued, so never later than the real one). reset() gives a stuck stream up: its
     generation ends, so no answer of it is ever reported again (an answer counted against a
     later request would stretch a deadline), and the next send() opens a new stream, on another
-    endpoint when there is one. Not guaranteed: that a request is answered at all; the caller
-    treats a request unanswered for its keepalive interval as lost and resets.
+    endpoint when there is one. `on_ended(generation)` is told whenever a generation ends (an error
+    or reset()): none of its unanswered requests will ever be answered. Not guaranteed: that a
+    request is answered at all; the caller treats a request unanswered for its keepalive interval
+    as lost and resets.
     """
 
-    def __init__(self, store: EtcdStore, on_answer: Callable[[int, int, int], None]) -> None:
+    def __init__(self, store: EtcdStore, on_answer: Callable[[int, int, int], None],
+                 on_ended: Callable[[int], None]) -> None:
         self._on_answer = on_answer
+        self._on_ended = on_ended
         self._client = store.new_client(store.timeout)  # its own channel: never queued behind other calls
         self._lock = threading.Lock()
         self.generation = 0
@@ -338,13 +344,24 @@ class LeaseStream:
             self._call = self._queue = None
             self.generation += 1
             if failed and len(self._client.endpoints) > 1:
-                # Try another endpoint next (the client shuns this one for ENDPOINT_RETRY_SECONDS).
-                # With a single endpoint that would only block keepalives for that long.
-                self._client.endpoint_in_use.fail()
-                self._client._clear_old_stubs()  # pyetcd caches the stub on the failed channel
+                self._next_endpoint()
         assert requests is not None
         requests.put(None)
         call.cancel()
+        if failed:
+            with loops.guarded("keepalive-stream", "end of a stream", log):
+                self._on_ended(generation)
+
+    def _next_endpoint(self) -> None:
+        """Move to another endpoint now. pyetcd only leaves an endpoint while it counts as failed
+        (ENDPOINT_RETRY_SECONDS): opened later, the next stream would go back to a dead one. With a
+        single endpoint failing it would only block keepalives for that long."""
+        self._client.endpoint_in_use.fail()
+        self._client._clear_old_stubs()  # pyetcd caches the stub on the failed channel
+        try:
+            self._client.channel  # noqa: B018 - the property fails over to an endpoint not failed
+        except Exception as exc:  # every endpoint failed recently: the next send() tries again
+            log.debug("no other etcd endpoint for keepalives now: %s", exc)
 
     def reset(self) -> None:
         """Give the current stream up (no answer in time): a new one on the next send()."""
@@ -359,9 +376,11 @@ class CallingLeaseStream:
     """The LeaseStream interface made of one keepalive() call per send(), answered before send()
     returns: for stores that have no stream (the in-memory one, test doubles)."""
 
-    def __init__(self, keepalive: Callable[[int], int], on_answer: Callable[[int, int, int], None]) -> None:
+    def __init__(self, keepalive: Callable[[int], int], on_answer: Callable[[int, int, int], None],
+                 on_ended: Callable[[int], None]) -> None:
         self._keepalive = keepalive
         self._on_answer = on_answer
+        self._on_ended = on_ended
         self.generation = 1
 
     def send(self, lease_id: int, sending: Callable[[int], None]) -> None:
@@ -372,6 +391,7 @@ class CallingLeaseStream:
 
     def reset(self) -> None:
         self.generation += 1
+        self._on_ended(self.generation - 1)
 
     def close(self) -> None:
         pass

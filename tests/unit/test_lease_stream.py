@@ -19,8 +19,9 @@ from tests.unit.conftest import needs_etcd
 class ManualStream:
     """Requests are kept until the test answers them (etcd answers a stream in order)."""
 
-    def __init__(self, on_answer: Callable[[int, int, int], None]) -> None:
+    def __init__(self, on_answer: Callable[[int, int, int], None], on_ended: Callable[[int], None]) -> None:
         self.on_answer = on_answer
+        self.on_ended = on_ended
         self.generation = 1
         self.sent: list[tuple[int, int]] = []  # (lease, generation)
         self.resets = 0
@@ -35,6 +36,7 @@ class ManualStream:
     def reset(self) -> None:
         self.generation += 1
         self.resets += 1
+        self.on_ended(self.generation - 1)
 
     def close(self) -> None:
         pass
@@ -44,8 +46,9 @@ class StreamStore:
     def __init__(self) -> None:
         self.streams: list[ManualStream] = []
 
-    def lease_stream(self, on_answer: Callable[[int, int, int], None]) -> ManualStream:
-        self.streams.append(ManualStream(on_answer))
+    def lease_stream(self, on_answer: Callable[[int, int, int], None],
+                     on_ended: Callable[[int], None]) -> ManualStream:
+        self.streams.append(ManualStream(on_answer, on_ended))
         return self.streams[-1]
 
 
@@ -90,7 +93,7 @@ def test_an_answer_of_a_stream_given_up_on_never_counts(keeper) -> None:
     old_generation = stream.generation
     time.sleep(0.3)  # longer than the interval (TTL/4, at least 0.1 s) without an answer
     k._keepalive_pass({})  # due: finds the request unanswered and gives the stream up
-    assert stream.resets == 1 and k._inflight.get(7) is None
+    assert stream.resets == 1 and not k._inflight.get(7)
     k._keepalive_pass({})  # a new request, on the new generation
     stream.answer(7, 1, generation=old_generation)  # the late answer of the old stream
     assert h.deadline == before  # not counted against the new request's (later) send time
@@ -165,3 +168,36 @@ def test_a_hung_endpoint_holds_no_keepalive_up_past_a_deadline(etcd: str, monkey
         keeper.stop()
         grants.close()
         hole.close()
+
+
+@needs_etcd
+def test_a_refusing_endpoint_is_left_for_good_and_no_lease_runs_out(etcd: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first endpoint refuses connections (a stopped member on a live host): each stream on it
+    dies at once. Its requests are retried at once, on another endpoint, and the keeper stays there
+    (pyetcd would go back to the dead one once it stops counting as failed, 1 s later)."""
+    client_module = importlib.import_module("pyetcd.client")
+    monkeypatch.setattr(client_module.random, "choice", lambda seq: seq[0])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()[1]  # closed again below: connecting is refused
+    grants = EtcdStore(etcd)
+    keeper = LeaseKeeper(EtcdStore([f"http://127.0.0.1:{refused}", etcd]))
+    lost: list[int] = []
+    holdings = []
+    try:
+        for i in range(10):
+            sent_at = time.monotonic()
+            lease, ttl = grants.grant(5)
+            holdings.append(Holding(vfs=f"v{i}", lease_id=lease, ttl=ttl, granted_at=sent_at, drop=lambda: None))
+            time.sleep(0.13)  # out of phase, as real holdings are
+        plain, _ = grants.grant(5)
+        keeper.add_plain(plain, 5, lost.append)
+        for h in holdings:
+            keeper.add(h)
+        keeper.start()
+        time.sleep(8.0)  # more than a TTL and a half
+        assert [h.vfs for h in holdings if h.fenced] == []
+        assert lost == [] and grants.keepalive(plain) > 0
+    finally:
+        keeper.stop()
+        grants.close()
