@@ -234,7 +234,8 @@ class VfsReconciler:
             return self._maybe_acquire(config, decision.rank, decision.reason)
         if h is not None:
             self._write_holder_status(h, config, view)
-            return HEALTH_SECONDS
+            # Only an NFS server needs checking; a VIP-only VFS waits for events (and the resync).
+            return HEALTH_SECONDS if self.held_spec and self.held_spec.storage is not None else None
         if owner is None:
             self._write_unowned_status(config, view)
         return None

@@ -120,16 +120,15 @@ def test_many_leases_are_kept_alive_over_one_stream(etcd: str) -> None:
     keeper = LeaseKeeper(EtcdStore(etcd))
     holdings = []
     try:
-        for i in range(60):
-            sent_at = time.monotonic()
-            lease, ttl = grants.grant(1)
-            grants.put(f"/t/lease/{i}", "x", lease=lease)
-            holdings.append(Holding(vfs=f"v{i}", lease_id=lease, ttl=ttl, granted_at=sent_at, drop=lambda: None))
-        for h in holdings:
-            keeper.add(h)
         keeper.start()
-        time.sleep(2.5)  # 2.5 TTLs: without keepalives every lease would be gone
-        assert [h.vfs for h in holdings if h.fenced] == []
+        for i in range(60):  # each kept alive from its grant on, as the agent does
+            sent_at = time.monotonic()
+            lease, ttl = grants.grant(2)
+            holdings.append(Holding(vfs=f"v{i}", lease_id=lease, ttl=ttl, granted_at=sent_at, drop=lambda: None))
+            keeper.add(holdings[-1])
+            grants.put(f"/t/lease/{i}", "x", lease=lease)
+        time.sleep(4.5)  # 2.25 TTLs: without keepalives every lease would be gone
+        assert [(h.vfs, h.fence_reason) for h in holdings if h.fenced] == []
         assert len(grants.load("/t/lease/")[1]) == 60
         assert keeper._stream is not None and keeper._stream.generation == 1  # one stream throughout
         grants.revoke(holdings[0].lease_id)
