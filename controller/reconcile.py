@@ -399,7 +399,10 @@ class VfsReconciler:
             try:
                 if lost is not None and self.ctx.fence is not None:
                     fence_note = self._fence_lost_owner(lost, root)
-                tctx.not_before = self._release_bound_until(risk, fence_note, status_rev)
+                # The bound is the disk's: a VIP-only VFS has none, and its VIP was gone before the
+                # lost owner's lease could expire (ownership.py, invariant 2).
+                if spec.storage is not None:
+                    tctx.not_before = self._release_bound_until(risk, fence_note, status_rev)
             except StepFailed:
                 raise
             except Exception as exc:  # e.g. a fence command that could not even start

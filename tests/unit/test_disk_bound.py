@@ -117,9 +117,9 @@ class FenceOk:
 
 
 def setup(status: dict[str, Any] | None, release_bound: float = 0.4, fence: Any = None,
-          ) -> tuple[MemStore, VfsReconciler, Recorder]:
+          spec: dict[str, Any] | None = None) -> tuple[MemStore, VfsReconciler, Recorder]:
     store = MemStore()
-    store._put(KS.spec("home"), json.dumps(SPEC))
+    store._put(KS.spec("home"), json.dumps(spec or SPEC))
     store._put(KS.node("node-a"), "{}")
     if status is not None:
         store._put(KS.status("home"), json.dumps(status))
@@ -137,6 +137,16 @@ def test_takeover_from_a_lost_owner_waits_the_release_bound_before_mounting() ->
     rec.reconcile()
     assert rec.holding is not None and len(mount.up_at) == 1
     assert mount.up_at[0] - first_seen >= 0.4
+    assert json.loads(store.keys[KS.status("home")].value)["phase"] == "serving"
+
+
+def test_a_vip_only_vfs_has_no_disk_bound_to_wait_for() -> None:
+    vip_only = {k: v for k, v in SPEC.items() if k not in ("storage", "exports")}
+    store, rec, mount = setup({"phase": "serving", "node": "node-b", "epoch": 3}, release_bound=30.0, spec=vip_only)
+    started = time.monotonic()
+    rec.reconcile()
+    assert rec.holding is not None and len(mount.up_at) == 1
+    assert mount.up_at[0] - started < 5.0  # not the 30 s bound
     assert json.loads(store.keys[KS.status("home")].value)["phase"] == "serving"
 
 
