@@ -106,6 +106,45 @@ class Backoff:
             self.on_change()
 
 
+class TakeoverGate:
+    """At most `limit` takeovers of one agent at a time, first choices first.
+
+    A node that must take over a hundred VFS at once (a peer died, or all specs were written at
+    once) would otherwise run a hundred takeovers in as many threads: they share two cores with the
+    keepalives, which then come too late and fence what was just taken over. A takeover in which
+    this node is a lower-ranked candidate waits while any first-choice takeover waits here, so it
+    does not push a VFS away from a first candidate that is merely busy. Not guaranteed: any order
+    among takeovers of the same rank."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._cond = threading.Condition()
+        self._active = 0
+        self._first_waiting = 0
+
+    def enter(self, rank: int, timeout: float) -> bool:
+        """True once a slot is this caller's (leave() it); False after `timeout`."""
+        with self._cond:
+            if rank == 0:
+                self._first_waiting += 1
+            try:
+                ok = self._cond.wait_for(
+                    lambda: self._active < self.limit and (rank == 0 or self._first_waiting == 0), timeout)
+            finally:
+                if rank == 0:
+                    self._first_waiting -= 1
+                    self._cond.notify_all()  # lower-ranked ones may be free to go now
+            if ok:
+                self._active += 1
+            return ok
+
+    def leave(self, rank: int) -> None:
+        del rank
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+
 @dataclass
 class AgentContext:
     """What every VFS reconciler of one agent shares."""
@@ -125,6 +164,7 @@ class AgentContext:
     min_ttl: int = 1  # shorter spec TTLs are raised to this (a hardware watchdog needs 2 s)
     release_bound: float = 10.0  # T_release, seconds (node/config.py validates it)
     hold_off: Callable[[], float] = lambda: 0.0  # seconds no takeover may start (after an etcd restore)
+    takeovers: TakeoverGate | None = None  # how many takeovers run at once (None: no limit)
 
 
 class VfsReconciler:
@@ -317,8 +357,16 @@ class VfsReconciler:
         wait = self._pending_since + rank * self.ctx.rank_delay - now
         if wait > 0:
             return wait  # lower-ranked: give the better candidates their chance first
-        self._pending_since = None
-        if self._acquire(config.spec, cause if rank == 0 else "placement"):
+        gate = self.ctx.takeovers
+        if gate is not None and not gate.enter(rank, timeout=RETRY_SECONDS):
+            return 0.0  # every slot busy: decide again (another node may have taken it meanwhile)
+        try:
+            self._pending_since = None
+            acquired = self._acquire(config.spec, cause if rank == 0 else "placement")
+        finally:
+            if gate is not None:
+                gate.leave(rank)
+        if acquired:
             return 0.0
         return None  # the owner transaction's compare failed: what changed wakes us (never a tight loop)
 

@@ -32,7 +32,7 @@ from typing import TypeVar
 from controller import loops, tracing
 from controller.keyspace import Keyspace
 from controller.ownership import Holding, LeaseKeeper, guard_deadline
-from controller.reconcile import AgentContext, Backoff, VfsReconciler, restore_hold
+from controller.reconcile import AgentContext, Backoff, TakeoverGate, VfsReconciler, restore_hold
 from controller.spec import SpecError, parse_spec
 from controller.status import wall_clock
 from controller.store import EtcdStore, StoreError
@@ -90,7 +90,8 @@ class Agent:
                                 fence_required=cfg.fence_required,
                                 min_ttl=WATCHDOG_MIN_TTL if cfg.watchdog else 1,
                                 release_bound=cfg.release_bound,
-                                hold_off=lambda: max(0.0, self._quiet_until - time.monotonic()))
+                                hold_off=lambda: max(0.0, self._quiet_until - time.monotonic()),
+                                takeovers=TakeoverGate(cfg.takeover_limit()))
 
     def _steps(self) -> list[Step]:
         steps = takeover_steps(self.host)

@@ -15,6 +15,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -93,6 +94,12 @@ class ArpSocket:
 
     def senders_of(self, ip: bytes, until: float) -> Iterator[bytes]:
         """Yield the sender MAC of every ARP frame claiming `ip` until monotonic `until`."""
+        for addr, mac in self.claims_until(until):
+            if addr == ip:
+                yield mac
+
+    def claims_until(self, until: float) -> Iterator[tuple[bytes, bytes]]:
+        """Yield (sender IP, sender MAC) of every ARP frame not sent by us until monotonic `until`."""
         while True:
             left = until - time.monotonic()
             if left <= 0:
@@ -106,8 +113,8 @@ class ArpSocket:
                 except BlockingIOError:
                     break
                 parsed = parse_frame(frame)
-                if parsed and parsed[2] == ip and parsed[1] != self.mac:
-                    yield parsed[1]
+                if parsed and parsed[1] != self.mac:
+                    yield parsed[2], parsed[1]
 
 
 def probe(iface: str, ip: str, tries: int = 3, spacing: float = 0.05, wait: float = 0.15) -> set[str]:
@@ -148,65 +155,173 @@ def announce(iface: str, ip: str, still_valid: Callable[[], bool] = lambda: True
 
 
 class _Claim:
-    """What the defence of one address keeps across a restart after an error: the announcements
-    still due, foreign claims not yet answered and when the last defence was."""
+    """One defended address: its announcements still due, foreign claims not yet answered, when
+    the last defence was, and what the holder answers (still valid? address still up?)."""
 
-    def __init__(self, addr: bytes, due: Iterable[float]) -> None:
+    def __init__(self, addr: bytes, due: Iterable[float], still_valid: Callable[[], bool],
+                 has_ip: Callable[[], bool], on_defend: Callable[[set[str]], None] | None) -> None:
         self.addr = addr
         self.due = sorted(due)
+        self.still_valid = still_valid
+        self.has_ip = has_ip
+        self.on_defend = on_defend
         self.pending: set[str] = set()
         self.last_defence = float("-inf")
 
     def announce_now(self) -> None:
         self.due = sorted([*self.due, time.monotonic()])
 
-    def run(self, iface: str, still_valid: Callable[[], bool], has_ip: Callable[[], bool],
-            on_defend: Callable[[set[str]], None] | None, min_interval: float, poll: float) -> None:
-        with ArpSocket(iface) as arp:
-            frames = _claim_frames(arp.mac, self.addr)
-            while still_valid():
-                now = time.monotonic()
-                wake = min(self.due[0], now + poll) if self.due else now + poll
-                self.pending.update(mac_text(m) for m in arp.senders_of(self.addr, wake))
-                now = time.monotonic()
-                defended: set[str] = set()
-                if self.pending and now - self.last_defence >= min_interval:
-                    defended, self.pending, self.last_defence = self.pending, set(), now
-                    self.due = sorted([*self.due, now, now + DEFEND_AGAIN_AFTER])
-                if not self.due or self.due[0] > now:
-                    continue
-                if not still_valid() or not has_ip() or not _send_claim(arp, frames, still_valid):
+    def step(self, arp: ArpSocket, now: float, min_interval: float) -> bool:
+        """Answer foreign claims and send what is due; False once this claim has ended."""
+        defended: set[str] = set()
+        if self.pending and now - self.last_defence >= min_interval:
+            defended, self.pending, self.last_defence = self.pending, set(), now
+            self.due = sorted([*self.due, now, now + DEFEND_AGAIN_AFTER])
+        if not self.due or self.due[0] > now:
+            return True
+        if not self.still_valid() or not self.has_ip():
+            return False
+        if not _send_claim(arp, _claim_frames(arp.mac, self.addr), self.still_valid):
+            return False
+        while self.due and self.due[0] <= now:  # only once sent: an error announces them again
+            self.due.pop(0)
+        if defended and self.on_defend is not None:
+            self.on_defend(defended)
+        return True
+
+
+class Defender:
+    """Announces and defends every address this node holds on one interface, with one raw socket
+    and one thread (started with the first claim, ended with the last): a frame is read and parsed
+    once whatever the number of addresses, where a socket per address parsed every frame once per
+    held VIP (quadratic in a takeover storm or under ARP scanning).
+
+    Per address (add()): announce at the monotonic times given, and defend it: any ARP frame from
+    another MAC with the address as its sender (a stale gratuitous ARP of a node resumed after a
+    freeze, a misconfigured host) is answered with our own announcement, at once and again after
+    DEFEND_AGAIN_AFTER, at most once per ``min_interval`` (RFC 5227 style, so two defenders cannot
+    flood the link): clients' ARP caches point back here within milliseconds instead of after their
+    ~30 s timeout. Nothing is sent unless ``has_ip()`` (the address is still on the interface) and
+    ``still_valid()`` just before. A claim ends when its holding is no longer valid or the address
+    is gone; a new claim of the same address replaces the old one. Any exception of one claim
+    (netlink in ``has_ip``, ``on_defend``) is counted ("arp-defence", controller.loops) and that
+    claim announces again after ``retry_pause``; a socket error does the same for every claim on a
+    new socket. The thread never ends while a claim is left."""
+
+    def __init__(self, iface: str, min_interval: float = DEFEND_INTERVAL, poll: float = 0.1,
+                 retry_pause: float | None = None) -> None:
+        self.iface = iface
+        self.min_interval = min_interval
+        self.poll = poll
+        self.retry_pause = RETRY_PAUSE if retry_pause is None else retry_pause
+        self._claims: dict[bytes, _Claim] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, ip: str, still_valid: Callable[[], bool], announce_at: Iterable[float],
+            has_ip: Callable[[], bool], on_defend: Callable[[set[str]], None] | None = None) -> None:
+        claim = _Claim(ipaddress.IPv4Address(ip).packed, announce_at, still_valid, has_ip, on_defend)
+        with self._lock:
+            self._claims[claim.addr] = claim
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"arp-defence-{self.iface}", daemon=True)
+                self._thread.start()
+
+    def addresses(self) -> list[str]:
+        with self._lock:
+            return [str(ipaddress.IPv4Address(a)) for a in self._claims]
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until no claim is left (the thread has ended)."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _live(self) -> list[_Claim]:
+        """The claims left; drops those whose holding is no longer valid."""
+        with self._lock:
+            claims = list(self._claims.values())
+        live = []
+        for claim in claims:
+            valid = True  # a validity check that raises keeps the claim: it is asked again next round
+            with loops.guarded("arp-defence", str(ipaddress.IPv4Address(claim.addr)), log):
+                valid = claim.still_valid()
+            if valid:
+                live.append(claim)
+            else:
+                self._drop(claim)
+        return live
+
+    def _keep_running(self) -> bool:
+        """False once no claim is left: this thread then ends, and says so under the lock, so an add()
+        either finds it running or starts a new one (never two serving the same claims)."""
+        with self._lock:
+            if self._thread is not threading.current_thread():
+                return False
+            if self._claims:
+                return True
+            self._thread = None
+            return False
+
+    def _drop(self, claim: _Claim) -> None:
+        with self._lock:
+            if self._claims.get(claim.addr) is claim:
+                del self._claims[claim.addr]
+
+    def _run(self) -> None:
+        while True:
+            self._live()  # drops the claims that ended (e.g. while the socket kept failing)
+            if not self._keep_running():
+                return
+            try:
+                with ArpSocket(self.iface) as arp:
+                    self._serve(arp)
+            except Exception as exc:
+                loops.record("arp-defence", exc, f"socket on {self.iface}", log)
+            else:
+                continue
+            time.sleep(self.retry_pause)
+            with self._lock:
+                for claim in self._claims.values():
+                    claim.announce_now()  # a frame or a defence may have been lost
+
+    def _serve(self, arp: ArpSocket) -> None:
+        while True:
+            live = self._live()
+            if not live:
+                if not self._keep_running():
                     return
-                while self.due and self.due[0] <= now:  # only once sent: an error announces them again
-                    self.due.pop(0)
-                if defended and on_defend is not None:
-                    on_defend(defended)
+                continue  # a claim added just now
+            now = time.monotonic()
+            wake = min([c.due[0] for c in live if c.due] + [now + self.poll])
+            with self._lock:
+                by_addr = dict(self._claims)
+            for addr, mac in arp.claims_until(wake):
+                claim = by_addr.get(addr)
+                if claim is not None:
+                    claim.pending.add(mac_text(mac))
+            now = time.monotonic()
+            for claim in live:
+                ended = False
+                try:
+                    ended = not claim.step(arp, now, self.min_interval)
+                except OSError:
+                    raise  # the socket: every claim starts again on a new one
+                except Exception as exc:
+                    loops.record("arp-defence", exc, str(ipaddress.IPv4Address(claim.addr)), log)
+                    claim.due = sorted([*claim.due, now + self.retry_pause])
+                if ended:
+                    self._drop(claim)
 
 
 def keep_claim(iface: str, ip: str, still_valid: Callable[[], bool], announce_at: Iterable[float],
                has_ip: Callable[[], bool], on_defend: Callable[[set[str]], None] | None = None,
                min_interval: float = DEFEND_INTERVAL, poll: float = 0.1, retry_pause: float | None = None) -> None:
-    """While ``still_valid()``: announce `ip` at the monotonic times ``announce_at``, and defend
-    it: any ARP frame from another MAC with `ip` as its sender address (a stale gratuitous ARP of
-    a node resumed after a freeze, a misconfigured host) is answered with our own announcement,
-    at once and again after DEFEND_AGAIN_AFTER, at most once per ``min_interval`` (RFC 5227 style,
-    so two defenders cannot flood the link): clients' ARP caches point back here within
-    milliseconds instead of after their ~30 s timeout.
-    Nothing is sent unless ``has_ip()`` (the address is still on the interface) just before.
-    Ends only when the holding is no longer valid or the address is gone: any exception (the raw
-    socket, netlink in ``has_ip``, ``on_defend``) is counted ("arp-defence", controller.loops) and
-    the defence starts again on a new socket after ``retry_pause`` (RETRY_PAUSE), announcing at once
-    (a frame or a defence may have been lost)."""
-    claim = _Claim(ipaddress.IPv4Address(ip).packed, announce_at)
-    pause = RETRY_PAUSE if retry_pause is None else retry_pause
-    while still_valid():
-        try:
-            claim.run(iface, still_valid, has_ip, on_defend, min_interval, poll)
-            return
-        except Exception as exc:
-            loops.record("arp-defence", exc, f"{ip} on {iface}", log)
-        time.sleep(pause)
-        claim.announce_now()
+    """Defend one address until its claim ends (a Defender of its own; see there)."""
+    defender = Defender(iface, min_interval, poll, retry_pause)
+    defender.add(ip, still_valid, announce_at, has_ip, on_defend)
+    defender.join()
 
 
 def watch(iface: str, ip: str, src_ip: str, interval: float, duration: float) -> Iterator[dict[str, object]]:

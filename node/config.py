@@ -41,6 +41,12 @@ class AgentConfig:
     # after its lease could expire; a new owner of a lost node's VFS waits this long before mounting.
     release_bound: float = 10.0
     reset_command: tuple[str, ...] = ()  # argv the fence guard runs as its last escalation (power cycle)
+    # Takeovers this agent runs at once (0: 8 per CPU). Most of a VIP takeover is waiting for the ARP
+    # probe; an unbounded storm of them starves the keepalives (controller/reconcile.py TakeoverGate).
+    parallel_takeovers: int = 0
+
+    def takeover_limit(self) -> int:
+        return self.parallel_takeovers or 8 * (os.cpu_count() or 1)
 
     def validate(self) -> AgentConfig:
         """This config, if every field is usable; ValueError naming the field otherwise (never another error)."""
@@ -56,6 +62,9 @@ class AgentConfig:
         if not MIN_LEASE_TTL <= self.lease_ttl <= MAX_LEASE_TTL:
             raise ValueError(f"lease TTL must be {MIN_LEASE_TTL}..{MAX_LEASE_TTL} s")
         _check_seconds("rank_delay", self.rank_delay, 0.0, MAX_RANK_DELAY, zero_ok=True)
+        if not 0 <= self.parallel_takeovers <= MAX_PARALLEL_TAKEOVERS:
+            raise ValueError(f"parallel_takeovers must be 0 (automatic) to {MAX_PARALLEL_TAKEOVERS}, "
+                             f"got {self.parallel_takeovers!r}")
         _check_seconds("fence_timeout", self.fence_timeout, 0.0, MAX_FENCE_TIMEOUT, zero_ok=False)
         if not STATE_DIR_RE.fullmatch(self.state_dir) or "/../" in self.state_dir + "/" \
                 or "/./" in self.state_dir + "/":
@@ -114,6 +123,7 @@ def _check_seconds(name: str, value: float, low: float, high: float, zero_ok: bo
         raise ValueError(f"{name} must be a finite number of seconds from {bound} to {high:g}, got {value!r}")
 
 
+MAX_PARALLEL_TAKEOVERS = 1024
 MIN_RELEASE_BOUND = 2.0
 MAX_RELEASE_BOUND = 600.0
 
@@ -185,6 +195,8 @@ def load(argv: list[str] | None = None) -> AgentConfig:
                         "default 10); a new owner of a lost node's VFS waits this long before mounting")
     parser.add_argument("--reset-command", help='JSON argv the fence guard runs when a disk cannot be released '
                         'in time, e.g. \'["/usr/local/sbin/nfs-ha-sysrq-reboot"]\'')
+    parser.add_argument("--parallel-takeovers", type=int,
+                        help="takeovers run at once (default 0: 8 per CPU)")
     parser.add_argument("--watchdog", help="hardware watchdog device (e.g. /dev/watchdog), armed while this "
                         "node holds a VFS; see docs/safety.md")
     args = parser.parse_args(argv)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -71,34 +70,30 @@ class Host:
         return arp.probe(self.ifname, str(vip.ip))
 
     def announce(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None:
-        """Gratuitous ARP now; then a thread repeats it (ANNOUNCE_AT) and defends the VIP against
-        foreign claims for as long as the holding is valid (arp.keep_claim). Never raises: a failed
-        announcement (no socket, EMFILE) is counted and retried by that thread at once; the VIP
-        is up and ours either way."""
+        """Gratuitous ARP now; then this node's ARP defender (one thread and socket for all VIPs,
+        arp.Defender) repeats it (ANNOUNCE_AT) and defends the VIP against foreign claims for as
+        long as the holding is valid. Never raises: a failed announcement (no socket, EMFILE) is
+        counted and the defender announces at once; the VIP is up and ours either way."""
         schedule = ANNOUNCE_AT[1:]
         try:
             if not arp.announce(self.ifname, str(vip.ip), still_valid):
                 return
         except Exception as exc:
             loops.record("arp-announce", exc, str(vip.ip), log)
-            schedule = ANNOUNCE_AT  # starts with 0.0: the thread announces at once
-        try:
-            threading.Thread(target=self._keep_claim, args=(vip, still_valid, schedule), daemon=True,
-                             name=f"garp-{vip.ip}").start()
-        except Exception as exc:  # RuntimeError "can't start new thread": nothing defends this VIP
-            loops.record("arp-defence", exc, str(vip.ip), log)
-
-    def _keep_claim(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool],
-                    schedule: tuple[float, ...] = ANNOUNCE_AT[1:]) -> None:
+            schedule = ANNOUNCE_AT  # starts with 0.0: the defender announces at once
         start = time.monotonic()
 
         def defended(macs: set[str]) -> None:
             log.warning("VIP %s claimed by %s; announced it again", vip.ip, ", ".join(sorted(macs)))
 
-        # keep_claim retries after its own errors; this only catches what escapes it (a bug).
-        with loops.guarded("arp-defence", str(vip.ip), log):
-            arp.keep_claim(self.ifname, str(vip.ip), still_valid, [start + at for at in schedule],
-                           lambda: self.iface.has(vip), on_defend=defended)
+        try:
+            self._arp_defender().add(str(vip.ip), still_valid, [start + at for at in schedule],
+                                     lambda: self.iface.has(vip), on_defend=defended)
+        except Exception as exc:  # RuntimeError "can't start new thread": nothing defends this VIP
+            loops.record("arp-defence", exc, str(vip.ip), log)
+
+    def _arp_defender(self) -> arp.Defender:
+        return self.__dict__.setdefault("_defender", arp.Defender(self.ifname))  # type: ignore[no-any-return]
 
     # --- storage (controller.takeover.StorageHost) -----------------------------------------
 

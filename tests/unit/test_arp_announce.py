@@ -49,16 +49,19 @@ def test_validity_is_asked_before_every_frame() -> None:
     assert FakeSocket.sent == []
 
 
+VIP_ADDR = bytes([10, 77, 0, 100])  # the address the tests defend
+
+
 class ClaimSocket(FakeSocket):
     """Foreign claims arrive from `claims`: (monotonic time, MAC) pairs."""
 
     claims: ClassVar[list[tuple[float, str]]] = []
 
-    def senders_of(self, ip: bytes, until: float) -> Iterator[bytes]:
+    def claims_until(self, until: float) -> Iterator[tuple[bytes, bytes]]:
         while True:
             now = time.monotonic()
             if ClaimSocket.claims and ClaimSocket.claims[0][0] <= now:
-                yield arp.mac_bytes(ClaimSocket.claims.pop(0)[1])
+                yield VIP_ADDR, arp.mac_bytes(ClaimSocket.claims.pop(0)[1])
                 continue
             if now >= until:
                 return

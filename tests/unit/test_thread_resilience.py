@@ -228,6 +228,9 @@ def test_keepalive_errors_of_one_lease_do_not_stop_the_others(keepers: list[Leas
 # --- (c) the ARP announcement and defence ------------------------------------------------------------------
 
 
+VIP_ADDR = bytes([10, 77, 0, 100])  # the address the tests defend
+
+
 class FlakySocket:
     """A raw ARP socket whose opening and receiving fail as often as the class says."""
 
@@ -250,13 +253,13 @@ class FlakySocket:
     def send(self, frame: bytes) -> None:
         FlakySocket.sent.append((time.monotonic(), frame))
 
-    def senders_of(self, ip: bytes, until: float) -> Iterator[bytes]:
+    def claims_until(self, until: float) -> Iterator[tuple[bytes, bytes]]:
         if FlakySocket.recv_errors:
             raise FlakySocket.recv_errors.pop(0)
         while True:
             now = time.monotonic()
             if FlakySocket.claims and FlakySocket.claims[0][0] <= now:
-                yield arp.mac_bytes(FlakySocket.claims.pop(0)[1])
+                yield VIP_ADDR, arp.mac_bytes(FlakySocket.claims.pop(0)[1])
                 continue
             if now >= until:
                 return

@@ -1,0 +1,63 @@
+"""controller/reconcile.py TakeoverGate: at most `limit` takeovers at once, first choices first."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from controller.reconcile import TakeoverGate
+
+
+def test_no_more_than_the_limit_run_at_once() -> None:
+    gate = TakeoverGate(3)
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def takeover() -> None:
+        assert gate.enter(0, timeout=5.0)
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        gate.leave(0)
+
+    threads = [threading.Thread(target=takeover) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 3
+
+
+def test_a_full_gate_times_out_and_a_lower_rank_waits_for_first_choices() -> None:
+    gate = TakeoverGate(1)
+    assert gate.enter(0, timeout=0.1)
+    assert not gate.enter(0, timeout=0.05)  # full: the caller decides again later
+    order: list[str] = []
+    first = threading.Thread(target=lambda: gate.enter(0, timeout=5.0) and order.append("first"))
+    second = threading.Thread(target=lambda: gate.enter(1, timeout=5.0) and order.append("second"))
+    second.start()
+    time.sleep(0.05)
+    first.start()  # arrives later, but a first choice
+    time.sleep(0.05)
+    gate.leave(0)
+    first.join(timeout=2.0)
+    assert order == ["first"]  # the slot went to the first choice; the lower rank still waits
+    gate.leave(0)
+    second.join(timeout=2.0)
+    assert order == ["first", "second"]
+
+
+def test_a_reconciler_takes_over_only_through_the_gate() -> None:
+    from tests.unit.test_disk_bound import setup
+
+    _store, rec, mount = setup(None)
+    rec.ctx.takeovers = TakeoverGate(1)
+    assert rec.ctx.takeovers.enter(0, timeout=0.1)  # another takeover holds the only slot
+    assert rec.reconcile() == 0.0  # waited its turn (1 s), then looks again: nothing was done
+    assert rec.holding is None and mount.up_at == []
+    rec.ctx.takeovers.leave(0)
+    rec.reconcile()
+    assert rec.holding is not None and len(mount.up_at) == 1
+    assert rec.ctx.takeovers.enter(0, timeout=0.1)  # and the slot was given back
