@@ -9,6 +9,21 @@ junk keys, see controller/keyspace.py, start none and are logged once at warning
 VFS loses all three, its reconciler is stopped and dropped, but only once its thread holds
 nothing: a VFS still held is released first (its spec is gone), never abandoned.
 
+Threads (issue 9: threads only where they pay for themselves; a node with 100 VFS runs ~110):
+- main: signals only; "agent": start-up, then registration and replacing a dead fence guard;
+- "watch" (controller/watcher.py): applies watch batches to the view and calls _on_view, which
+  wakes only the reconcilers of the VFS a batch concerns (ClusterView.affected);
+- one "vfs-<name>" per VFS with a spec, owner or status key (controller/reconcile.py): sleeps on
+  an event while nothing concerns it (a held VIP-only VFS waits for events and the 5 s resync; an
+  NFS VFS checks its server every second), so 100 idle ones cost memory, not CPU. A thread per
+  VFS keeps a slow step (a mount, a release-bound wait, a stuck unmount) from delaying any
+  other VFS; how many of them run a takeover at once is bounded (TakeoverGate, parallel_takeovers);
+- "keepalive" queues the keepalives of all leases on one stream, "lease-stream" applies etcd's
+  answers, "fence-monitor" fences holdings past their deadline (controller/ownership.py);
+- one ARP defender per interface (node/arp.py Defender, "arp-defence-<if>") announces and defends
+  every held VIP, while any is held; NFS server supervisors (node/ganesha.py), one per server;
+- short-lived: retiring a deleted VFS's reconciler, handing every VFS over on SIGTERM.
+
 Signals: SIGTERM and SIGINT stop the agent at any time, also while start-up still waits
 for etcd (exit 0; nothing is held before start-up ends). SIGHUP re-reads the configuration
 and applies only its log_level (options and NFS_HA_* still win over the file, as at start);
