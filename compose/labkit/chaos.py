@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from . import diskcheck, etcd, netns
-from .cluster import NODE_NAMES, LabCluster, MountSampler, agent_supports, cli_supports
+from .arpscan import ArpScan
+from .cluster import CLIENT_IP, NODE_NAMES, LabCluster, MountSampler, agent_supports, cli_supports
 from .errors import LabError
 from .lab import Lab
 
@@ -149,6 +150,7 @@ class ChaosConfig:
     skip_unsupported: bool = True  # kinds this nfs-ha cannot take yet are left out (and reported)
     release_bound: float | None = None  # the agents' --release-bound (None: their default)
     junk_per_fault: int = 6  # malformed specs written to new VFS names per malformed_specs fault
+    vip_vfs: int = 0  # VIP-only VFS besides the NFS ones (issue 9: 100), ARP-sampled together in passes
     wait_free_timeout: float = 600.0  # another lab on the machine: wait this long for it to go
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
 
@@ -177,6 +179,8 @@ class Chaos:
         self.cluster.faketime = True
         self.cluster.release_bound = cfg.release_bound
         self.vfs: dict[str, dict[str, Any]] = {}  # name -> vip, device, pseudo, candidates
+        self.vip_only: dict[str, str] = {}  # VIP-only VFS: name -> VIP (a /32 outside the lab /24)
+        self.vip_scan: ArpScan | None = None
         self.events: list[dict[str, Any]] = []
         self.status_errors: dict[str, int] = {}
         self.status_failures = 0
@@ -220,11 +224,11 @@ class Chaos:
     def not_serving(self, data: dict[str, Any] | None) -> list[str]:
         """VFS not serving: phase != serving, no owner, or its owner not alive."""
         if data is None:
-            return sorted(self.vfs)
+            return sorted([*self.vfs, *self.vip_only])
         alive = {n["node"] for n in data.get("nodes", []) if n.get("alive")}
         rows = {r["vfs"]: r for r in data.get("vfs", [])}
         bad = []
-        for name in self.vfs:
+        for name in [*self.vfs, *self.vip_only]:
             row = rows.get(name) or {}
             if row.get("phase") != "serving" or row.get("owner") not in alive:
                 bad.append(name)
@@ -324,6 +328,14 @@ class Chaos:
                                  "squash": "none"}],
                        nfs={"backend": "ganesha", "grace_seconds": GRACE, "lease_seconds": GRACE})
             self.vfs[name] = {"vip": vip, "device": device, "pseudo": pseudo, "candidates": list(candidates)}
+        for i in range(self.cfg.vip_vfs):
+            name, vip = f"p{i:03d}", f"10.77.{100 + i // 250}.{i % 250 + 1}"
+            first = NODE_NAMES[i % 3]
+            others = [n for n in NODE_NAMES if n != first]
+            # A /32 fits any interface; the second choice alternates, so a dead node's VFS spread out.
+            c.put(c.key(name, "spec"), json.dumps({"vip": f"{vip}/32", "candidates": [
+                first, *(others if (i // 3) % 2 == 0 else others[::-1])]}))
+            self.vip_only[name] = vip
         took, bad = self.wait_all_serving(self.cfg.setup_timeout)
         if took is None:
             raise RuntimeError(f"VFS not serving after set-up: {bad}")
@@ -337,6 +349,11 @@ class Chaos:
             info["writer"] = c.start_writer(info["vip"], info["pseudo"], duration=24 * 3600,
                                             interval=self.cfg.writer_interval)
             info["sampler"] = c.sampler(info["vip"], duration=24 * 3600)
+        if self.vip_only:
+            # One raw socket asks for every VIP-only VFS per 50 ms pass: a takeover takes longer than
+            # that (an ARP probe alone is 0.27 s), so two MACs in one pass are two claims at once.
+            self.vip_scan = ArpScan(self.lab.client_cmd([]), str(c.bindir / "python"), CLIENT_IP,
+                                    list(self.vip_only.values()), self.logdir, interval=0.05, duration=24 * 3600)
 
     # --- faults: each returns (target description, heal function) -----------------------------
 
@@ -791,6 +808,14 @@ class Chaos:
             arp["double_mac_samples"] += len(doubles)
             arp["per_vip"][info["vip"]] = {"vfs": name, "samples": len(samples), "double_mac": len(doubles),
                                            "first_double": doubles[0] if doubles else None}
+        if self.vip_scan is not None:
+            passes = self.vip_scan.stop()
+            dual = [(p["t"], ip, macs) for p in passes for ip, macs in p["a"].items() if len(set(macs)) > 1]
+            answered = sum(len(p["a"]) for p in passes)
+            arp["vip_only"] = {"vfs": len(self.vip_only), "passes": len(passes), "answers": answered,
+                               "double_mac_samples": len(dual), "first_doubles": dual[:5]}
+            arp["samples"] += answered
+            arp["double_mac_samples"] += len(dual)
         return arp
 
     def nfs_sample(self, acked: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1007,6 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict-kinds", action="store_true",
                         help="fail instead of skipping kinds this nfs-ha cannot take yet (see kinds_skipped)")
     parser.add_argument("--release-bound", type=float, help="the agents' --release-bound (default: theirs)")
+    parser.add_argument("--vip-vfs", type=int, default=0,
+                        help="VIP-only VFS besides the NFS ones, all ARP-sampled for two MACs at once")
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args(argv)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip()) if args.kinds else FAULT_KINDS
@@ -1020,7 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ChaosConfig(faults=args.faults, seed=args.seed, vfs=max(1, args.vfs), ttl=args.ttl,
                       spacing=(args.spacing[0], args.spacing[1]), recovery_timeout=args.recovery_timeout,
                       nfs_read_max=max(1, args.nfs_read_max), logdir=Path(args.logdir) if args.logdir else None,
-                      kinds=kinds, release_bound=args.release_bound)
+                      kinds=kinds, release_bound=args.release_bound, vip_vfs=max(0, args.vip_vfs))
     report = run(cfg)
     text = json.dumps(report, indent=2)
     print(text)
