@@ -39,7 +39,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +143,38 @@ class TakeoverGate:
         with self._cond:
             self._active -= 1
             self._cond.notify_all()
+
+
+class GateSlot:
+    """One takeover's use of the gate: entered once, left once, and left for the duration of a
+    release-bound wait (a takeover sleeping T_release must not keep VIP-only and other takeovers
+    waiting). No gate: every call does nothing."""
+
+    def __init__(self, gate: TakeoverGate | None, rank: int, cancelled: Callable[[], bool]) -> None:
+        self.gate, self.rank, self.cancelled = gate, rank, cancelled
+        self.held = False
+
+    def enter(self, timeout: float) -> bool:
+        if self.gate is None:
+            return True
+        self.held = self.gate.enter(self.rank, timeout)
+        return self.held
+
+    def leave(self) -> None:
+        if self.gate is not None and self.held:
+            self.held = False
+            self.gate.leave(self.rank)
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        """Without the slot while the body runs; back in it afterwards (StepFailed if the agent stops).
+        A body that fails ends the takeover: it does not wait for a slot again."""
+        self.leave()
+        yield
+        while self.gate is not None and not self.held:
+            if self.cancelled():
+                raise StepFailed("the agent is stopping; gave up waiting for a takeover slot")
+            self.enter(RETRY_SECONDS)
 
 
 @dataclass
@@ -357,24 +389,35 @@ class VfsReconciler:
         wait = self._pending_since + rank * self.ctx.rank_delay - now
         if wait > 0:
             return wait  # lower-ranked: give the better candidates their chance first
-        gate = self.ctx.takeovers
-        if gate is not None and not gate.enter(rank, timeout=RETRY_SECONDS):
+        slot = GateSlot(self.ctx.takeovers, rank, self._stop.is_set)
+        if not slot.enter(RETRY_SECONDS):
             return 0.0  # every slot busy: decide again (another node may have taken it meanwhile)
         try:
+            spec = self._still_to_acquire()  # the wait for the slot may have changed the picture
+            if spec is None:
+                return 0.0
             self._pending_since = None
-            acquired = self._acquire(config.spec, cause if rank == 0 else "placement")
+            acquired = self._acquire(spec, cause if rank == 0 else "placement", slot)
         finally:
-            if gate is not None:
-                gate.leave(rank)
+            slot.leave()
         if acquired:
             return 0.0
         return None  # the owner transaction's compare failed: what changed wakes us (never a tight loop)
+
+    def _still_to_acquire(self) -> VfsSpec | None:
+        """The spec to acquire with, if the newest view still says this node should (else None)."""
+        if self._stop.is_set():
+            return None
+        view = self.ctx.view()
+        config = view.config(self.vfs)
+        decision = decide(self.ctx.me, config, view.owner(self.vfs), view.live_nodes(), None)
+        return config.spec if decision.action is Action.ACQUIRE else None
 
     def _risk(self, view: ClusterView) -> DiskRisk:
         rec = view.keys.get(self.ctx.keyspace.status(self.vfs))
         return disk_risk(rec is not None, view.status(self.vfs), self.ctx.me)
 
-    def _acquire(self, spec: VfsSpec, cause: str) -> bool:
+    def _acquire(self, spec: VfsSpec, cause: str, slot: GateSlot | None = None) -> bool:
         """One takeover attempt; False if the owner transaction's compare failed (nothing was done)."""
         self._lost_owner_txn = False
         view = self.ctx.view()
@@ -387,7 +430,7 @@ class VfsReconciler:
         serving: dict[str, Any] | None = None
         try:
             serving = self._acquire_traced(spec, cause, previous, root, risk,
-                                           status_rec.mod_revision if status_rec else 0)
+                                           status_rec.mod_revision if status_rec else 0, slot)
         except BaseException as exc:
             tracing.fail(root, exc)
             raise
@@ -401,7 +444,8 @@ class VfsReconciler:
         return serving is not None or not self._lost_owner_txn
 
     def _acquire_traced(self, spec: VfsSpec, cause: str, previous: str | None,
-                        root: Any, risk: DiskRisk, status_rev: int) -> dict[str, Any] | None:
+                        root: Any, risk: DiskRisk, status_rev: int, slot: GateSlot | None = None,
+                        ) -> dict[str, Any] | None:
         """Acquire and bring up; returns the serving status written, None if not serving."""
         ks, store, me = self.ctx.keyspace, self.ctx.store, self.ctx.me
         span_attrs = {"nfs_ha.vfs": self.vfs, "nfs_ha.node": me}
@@ -441,15 +485,18 @@ class VfsReconciler:
         log.info("%s: owner with epoch %d (lease %x, cause %s)", self.vfs, epoch, lease_id, cause)
         # The base as of the owner transaction's own revision: base + revision then only grows.
         tctx = TakeoverContext(spec, h, span=root, node=me, epoch_base=parse_epoch_base(created.read),
-                               cancelled=self._stop.is_set)
+                               cancelled=self._stop.is_set,
+                               waiting=slot.outside if slot is not None else contextlib.nullcontext)
         fence_note: dict[str, Any] = {}
         try:
             try:
                 if lost is not None and self.ctx.fence is not None:
                     fence_note = self._fence_lost_owner(lost, root)
-                # The bound is the disk's: a VIP-only VFS has none, and its VIP was gone before the
-                # lost owner's lease could expire (ownership.py, invariant 2).
-                if spec.storage is not None:
+                # The bound is the disk's. It is skipped only when neither side has one: this takeover
+                # mounts nothing and the lost owner said it held no disk (a holder of a spec that just
+                # lost its storage may still have it mounted); its VIP was gone before its lease could
+                # expire (ownership.py, invariant 2). Otherwise the risk would leave the status unwaited.
+                if spec.storage is not None or not risk.diskless:
                     tctx.not_before = self._release_bound_until(risk, fence_note, status_rev)
             except StepFailed:
                 raise
@@ -476,7 +523,7 @@ class VfsReconciler:
         self._timings = tctx.timings
         log.info("%s: serving (steps %s)", self.vfs, tctx.timings)
         serving = make_status("serving", me, epoch, "", vip=spec.vip_cidr, cause=cause, previous=previous,
-                              steps=tctx.timings, release_bound=self.ctx.release_bound)
+                              steps=tctx.timings, release_bound=self.ctx.release_bound, disk=h.holds_disk)
         if fence_note:
             serving["fence"] = fence_note
         with tracing.child(root, "status_write", span_attrs):
@@ -629,7 +676,7 @@ class VfsReconciler:
         # from a lagging view would drop what that write added (fence outcome, takeover_done).
         base = self._status_doc if self._status_doc and self._status_doc.get("epoch") == h.epoch else current
         wanted = {**base, "phase": "serving", "node": self.ctx.me, "epoch": h.epoch, "error": error,
-                  "vip": spec.vip_cidr, "steps": self._timings}
+                  "vip": spec.vip_cidr, "steps": self._timings, "disk": h.holds_disk}
         # Only once our owner key is visible do we rewrite status; before that, the
         # acquire path's own write is authoritative.
         if view.owner(self.vfs) is not None and not same(current, wanted):
@@ -676,6 +723,9 @@ class DiskRisk:
     nodes: tuple[str, ...] = ()  # named nodes that may have it, most recent first
     unknown: bool = False  # a status that cannot be read, or risk recorded without a node name
     release_bound: float = 0.0  # the largest T_release those nodes published
+    # The only node at risk is the last owner, and its own status said it held no disk (`"disk": false`,
+    # written by a holder whose disk is not mounted): a VIP-only takeover need not wait for it.
+    diskless: bool = False
 
     @property
     def at_risk(self) -> bool:
@@ -758,7 +808,9 @@ def disk_risk(present: bool, status: dict[str, Any] | None, me: str) -> DiskRisk
         if isinstance(name, str) and name and name != me and name not in names:
             names.append(name)
     unknown = bool(status.get("disk_at_risk")) and not names
-    return DiskRisk(tuple(names[:MAX_LOST_OWNERS]), unknown, bound)
+    carried = any(k in status for k in ("lost_owner", "lost_owners", "disk_at_risk"))
+    diskless = status.get("disk") is False and names == [node] and not carried and not unknown
+    return DiskRisk(tuple(names[:MAX_LOST_OWNERS]), unknown, bound, diskless)
 
 
 def parse_epoch_base(value: bytes | None) -> int:

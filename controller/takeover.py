@@ -112,6 +112,8 @@ class TakeoverContext:
     not_before: float = 0.0  # monotonic time before which nothing is mounted (0: no wait)
     sleep: Callable[[float], None] = time.sleep  # injectable for tests
     cancelled: Callable[[], bool] = lambda: False  # the agent is stopping: give up waiting
+    # Wraps a long wait (the release bound): the takeover gives its gate slot back meanwhile.
+    waiting: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
 
     @property
     def storage_epoch(self) -> int:
@@ -158,6 +160,12 @@ class ReleaseBoundWait(NothingToUndo):
         return ctx.not_before > 0  # no span, no timing for a takeover that has nothing to wait for
 
     def up(self, ctx: TakeoverContext) -> None:
+        if ctx.not_before - time.monotonic() <= 0:
+            return
+        with ctx.waiting():
+            self._wait(ctx)
+
+    def _wait(self, ctx: TakeoverContext) -> None:
         while True:
             left = ctx.not_before - time.monotonic()
             if left <= 0:

@@ -18,10 +18,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from controller import loops
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ETH_P_ARP = 0x0806
 ARP_REQUEST = 1
@@ -172,22 +174,38 @@ class _Claim:
         self.due = sorted([*self.due, time.monotonic()])
 
     def step(self, arp: ArpSocket, now: float, min_interval: float) -> bool:
-        """Answer foreign claims and send what is due; False once this claim has ended."""
+        """Answer foreign claims and send what is due; False once this claim has ended. An error of
+        the holder's callbacks is a ClaimError (this claim's); an OSError is the socket's."""
         defended: set[str] = set()
         if self.pending and now - self.last_defence >= min_interval:
             defended, self.pending, self.last_defence = self.pending, set(), now
             self.due = sorted([*self.due, now, now + DEFEND_AGAIN_AFTER])
         if not self.due or self.due[0] > now:
             return True
-        if not self.still_valid() or not self.has_ip():
+        if not _ask(self.still_valid) or not _ask(self.has_ip):
             return False
-        if not _send_claim(arp, _claim_frames(arp.mac, self.addr), self.still_valid):
+        if not _send_claim(arp, _claim_frames(arp.mac, self.addr), lambda: _ask(self.still_valid)):
             return False
         while self.due and self.due[0] <= now:  # only once sent: an error announces them again
             self.due.pop(0)
         if defended and self.on_defend is not None:
-            self.on_defend(defended)
+            _ask(lambda: self.on_defend(defended))  # type: ignore[misc]
         return True
+
+    def retry_later(self, now: float, pause: float) -> None:
+        """After an error of this claim: what was due goes out `pause` from now, not at once again."""
+        self.due = sorted([d for d in self.due if d > now] + [now + pause])
+
+
+class ClaimError(Exception):
+    """A callback of one claim (still_valid, has_ip, on_defend) raised: that claim's error alone."""
+
+
+def _ask(callback: Callable[[], T]) -> T:
+    try:
+        return callback()
+    except Exception as exc:
+        raise ClaimError(f"{type(exc).__name__}: {exc}") from exc
 
 
 class Defender:
@@ -224,8 +242,13 @@ class Defender:
         with self._lock:
             self._claims[claim.addr] = claim
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"arp-defence-{self.iface}", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name=f"arp-defence-{self.iface}", daemon=True)
+                self._thread = thread
+                try:
+                    thread.start()
+                except BaseException:  # "can't start new thread": the next add() tries again
+                    self._thread = None
+                    raise
 
     def addresses(self) -> list[str]:
         with self._lock:
@@ -306,13 +329,13 @@ class Defender:
                 ended = False
                 try:
                     ended = not claim.step(arp, now, self.min_interval)
-                except OSError:
-                    raise  # the socket: every claim starts again on a new one
-                except Exception as exc:
+                except ClaimError as exc:  # its own callbacks: only this claim waits and tries again
                     loops.record("arp-defence", exc, str(ipaddress.IPv4Address(claim.addr)), log)
-                    claim.due = sorted([*claim.due, now + self.retry_pause])
+                    claim.retry_later(now, self.retry_pause)
                 if ended:
                     self._drop(claim)
+                # Anything else (OSError of the socket, a bug) leaves _serve: every claim starts again
+                # on a new socket after retry_pause.
 
 
 def keep_claim(iface: str, ip: str, still_valid: Callable[[], bool], announce_at: Iterable[float],

@@ -46,7 +46,8 @@ class AgentConfig:
     parallel_takeovers: int = 0
 
     def takeover_limit(self) -> int:
-        return self.parallel_takeovers or 8 * (os.cpu_count() or 1)
+        # The CPUs this process may run on (a container's cgroup cpuset), not the host's.
+        return self.parallel_takeovers or 8 * max(1, len(os.sched_getaffinity(0)))
 
     def validate(self) -> AgentConfig:
         """This config, if every field is usable; ValueError naming the field otherwise (never another error)."""

@@ -109,3 +109,37 @@ def test_a_defence_announces_again_after_the_neighbour_locktime(monkeypatch: pyt
     monkeypatch.setattr(arp, "DEFEND_AGAIN_AFTER", 0.1)
     assert run_keep_claim(monkeypatch, 0.4, [(0.05, "02:00:00:00:00:02")]) == [{"02:00:00:00:00:02"}]
     assert len(FakeSocket.sent) == 4  # at once and once more, one request/reply pair each
+
+
+def test_a_thread_that_could_not_start_is_started_by_the_next_claim(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arp, "ArpSocket", ClaimSocket)
+    ClaimSocket.claims = []
+    defender = arp.Defender("eth0", poll=0.01)
+    real_start = arp.threading.Thread.start
+    monkeypatch.setattr(arp.threading.Thread, "start", lambda self: (_ for _ in ()).throw(RuntimeError("can't start")))
+    with pytest.raises(RuntimeError):
+        defender.add("10.77.0.100", lambda: True, [time.monotonic()], lambda: True)
+    monkeypatch.setattr(arp.threading.Thread, "start", real_start)
+    valid_until = time.monotonic() + 0.2
+    defender.add("10.77.0.101", lambda: time.monotonic() < valid_until, [time.monotonic()], lambda: True)
+    defender.join(timeout=2.0)
+    assert FakeSocket.sent  # the second add() started a thread, which announced
+
+
+def test_a_claim_whose_check_keeps_failing_waits_and_the_others_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arp, "ArpSocket", ClaimSocket)
+    ClaimSocket.claims = []
+    calls = {"bad": 0}
+
+    def failing() -> bool:
+        calls["bad"] += 1
+        raise OSError(105, "No buffer space available")  # netlink trouble: this claim's, not the socket's
+
+    defender = arp.Defender("eth0", poll=0.01, retry_pause=0.1)
+    start = time.monotonic()
+    defender.add("10.77.0.100", lambda: time.monotonic() < start + 0.5, [start], failing)
+    defender.add("10.77.0.101", lambda: time.monotonic() < start + 0.5, [start + 0.05, start + 0.3], lambda: True)
+    defender.join(timeout=3.0)
+    assert calls["bad"] <= 8  # once per retry pause (0.1 s), not in a tight loop
+    good = [p for p in (arp.parse_frame(f) for f in FakeSocket.sent) if p and p[2] == bytes([10, 77, 0, 101])]
+    assert len(good) == 4  # both of the other claim's announcements went out

@@ -331,16 +331,16 @@ def test_grant_keepalive_revoke(env: Env) -> None:
 
 def test_a_lease_without_keepalive_expires_and_its_keys_go_in_one_revision(env: Env) -> None:
     s, k = env.store, env.key
-    lease, ttl = s.grant(1)
-    assert ttl == 1  # the test etcd runs with a 500 ms election timeout, which honours 1 s
+    lease, ttl = s.grant(2)
+    assert ttl == 2
     s.put(k("a"), "1", lease=lease)
     s.put(k("b"), "2", lease=lease)
     s.put(k("c"), "3")
     rev = env.revision()
     got = watch(env, s, env.prefix, rev + 1)
-    env.sleep(0.6)
+    env.sleep(1.2)
     assert s.keepalive(lease) == ttl  # renewed for a full TTL from now
-    env.sleep(0.6)  # past the grant's TTL, not the keepalive's
+    env.sleep(1.2)  # past the grant's TTL, not the keepalive's (0.8 s to spare on a loaded machine)
     assert s.get(k("a")) is not None and s.get(k("b")) is not None
     env.sleep(ttl)  # a TTL since the last keepalive
     assert env.eventually(lambda: s.get(k("a")) is None and s.get(k("b")) is None)

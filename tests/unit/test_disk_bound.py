@@ -140,14 +140,32 @@ def test_takeover_from_a_lost_owner_waits_the_release_bound_before_mounting() ->
     assert json.loads(store.keys[KS.status("home")].value)["phase"] == "serving"
 
 
-def test_a_vip_only_vfs_has_no_disk_bound_to_wait_for() -> None:
-    vip_only = {k: v for k, v in SPEC.items() if k not in ("storage", "exports")}
-    store, rec, mount = setup({"phase": "serving", "node": "node-b", "epoch": 3}, release_bound=30.0, spec=vip_only)
+VIP_ONLY = {k: v for k, v in SPEC.items() if k not in ("storage", "exports")}
+
+
+def test_a_vip_only_takeover_from_a_diskless_owner_does_not_wait() -> None:
+    store, rec, mount = setup({"phase": "serving", "node": "node-b", "epoch": 3, "disk": False},
+                              release_bound=30.0, spec=VIP_ONLY)
     started = time.monotonic()
     rec.reconcile()
     assert rec.holding is not None and len(mount.up_at) == 1
     assert mount.up_at[0] - started < 5.0  # not the 30 s bound
-    assert json.loads(store.keys[KS.status("home")].value)["phase"] == "serving"
+    status = json.loads(store.keys[KS.status("home")].value)
+    assert status["phase"] == "serving" and status["disk"] is False  # what the next takeover reads
+
+
+@pytest.mark.parametrize("status", [
+    {"phase": "serving", "node": "node-b", "epoch": 3},  # an older agent's status: no "disk" field
+    {"phase": "serving", "node": "node-b", "epoch": 3, "disk": True},  # its spec lost storage; it kept the disk
+    {"phase": "serving", "node": "node-b", "epoch": 3, "disk": False, "lost_owner": "node-c"},  # carried risk
+    {"phase": "releasing", "node": "node-b", "epoch": 3}])
+def test_a_vip_only_takeover_still_waits_when_the_lost_owner_may_have_a_disk(status: dict[str, Any]) -> None:
+    """Deny by default: the wait is skipped only on the lost owner's own word that it held no disk,
+    else a risk it left would vanish from the status unwaited (a later storage takeover mounts)."""
+    _, rec, mount = setup(status, release_bound=0.4, spec=VIP_ONLY)
+    first_seen = time.monotonic()
+    rec.reconcile()
+    assert len(mount.up_at) == 1 and mount.up_at[0] - first_seen >= 0.4
 
 
 @pytest.mark.parametrize("status", [None, {"phase": "unplaced", "node": None, "previous": "node-b"},

@@ -61,3 +61,34 @@ def test_a_reconciler_takes_over_only_through_the_gate() -> None:
     rec.reconcile()
     assert rec.holding is not None and len(mount.up_at) == 1
     assert rec.ctx.takeovers.enter(0, timeout=0.1)  # and the slot was given back
+
+
+def test_a_takeover_gives_its_slot_back_while_it_waits_the_release_bound() -> None:
+    from tests.unit.test_disk_bound import setup
+
+    _store, rec, mount = setup({"phase": "serving", "node": "node-b", "epoch": 3}, release_bound=0.6)
+    gate = rec.ctx.takeovers = TakeoverGate(1)
+    t = threading.Thread(target=rec.reconcile)
+    t.start()
+    time.sleep(0.2)  # the owner transaction is done; it sleeps out the lost owner's bound
+    assert gate.enter(0, timeout=0.2)  # the only slot is free for another takeover meanwhile
+    gate.leave(0)
+    t.join(timeout=5.0)
+    assert rec.holding is not None and len(mount.up_at) == 1  # it got the slot back and mounted
+    assert gate.enter(0, timeout=0.1)  # and left it at the end
+
+
+def test_what_changed_while_waiting_for_a_slot_is_decided_again() -> None:
+    import json
+
+    from tests.unit.test_disk_bound import KS, setup
+
+    store, rec, mount = setup(None)
+    gate = rec.ctx.takeovers = TakeoverGate(1)
+    assert gate.enter(0, timeout=0.1)
+    threading.Timer(0.2, lambda: (store._put(KS.owner("home"), json.dumps({"node": "node-b"})), gate.leave(0))).start()
+    assert rec.reconcile() == 0.0  # got the slot after node-b became the owner: nothing done
+    assert rec.holding is None and mount.up_at == []
+    rec._stop.set()
+    del store.keys[KS.owner("home")]
+    assert rec.reconcile() == 0.0 and rec.holding is None  # a stopping agent takes nothing over
