@@ -62,6 +62,10 @@ RETRY_SECONDS = 1.0
 HEALTH_SECONDS = 1.0  # how often a held VFS's NFS server is checked
 RESTARTS_ALLOWED = 3  # NFS server restarts per RESTART_WINDOW before the VFS is released
 RESTART_WINDOW = 60.0
+# A busy first candidate gets this long per VFS it has still to take over (~16 at once, ~0.8 s each
+# on a loaded 2-core node, bench/scale), at most MAX_BACKLOG_WAIT, before a lower-ranked one steps in.
+BACKLOG_SECONDS = 0.05
+MAX_BACKLOG_WAIT = 15.0
 
 
 @dataclass
@@ -386,7 +390,7 @@ class VfsReconciler:
         now = time.monotonic()
         if self._pending_since is None:
             self._pending_since = now
-        wait = self._pending_since + rank * self.ctx.rank_delay - now
+        wait = self._pending_since + rank * self.ctx.rank_delay + self._backlog_wait(rank) - now
         if wait > 0:
             return wait  # lower-ranked: give the better candidates their chance first
         slot = GateSlot(self.ctx.takeovers, rank, self._stop.is_set)
@@ -403,6 +407,19 @@ class VfsReconciler:
         if acquired:
             return 0.0
         return None  # the owner transaction's compare failed: what changed wakes us (never a tight loop)
+
+    def _backlog_wait(self, rank: int) -> float:
+        """A lower-ranked candidate also gives the node this VFS waits for time for what that node has
+        still to take over (ViewIndex.backlog, this VFS included): a node taking over a hundred VFS
+        at once is busy, not gone, and a VFS taken from it stays where it went (no failback). A dead
+        node leaves the live set within its TTL and stops counting."""
+        if rank == 0:
+            return 0.0
+        view = self.ctx.view()
+        head = view.index.waiting_on.get(self.vfs)
+        if head is None or head == self.ctx.me:
+            return 0.0
+        return min(MAX_BACKLOG_WAIT, view.index.backlog.get(head, 0) * BACKLOG_SECONDS)
 
     def _still_to_acquire(self) -> VfsSpec | None:
         """The spec to acquire with, if the newest view still says this node should (else None)."""

@@ -21,6 +21,7 @@ specs whose key has the same mod_revision, so a resync parses nothing that did n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -142,7 +143,8 @@ class ViewIndex:
     """Lookups derived from a view's keys, kept per key as events arrive (copy on write: a new view
     gets a copy, an existing one is never changed). Values are frozensets so copies share them."""
 
-    __slots__ = ("by_device", "by_vip", "fields", "junk", "nodes", "owner_vip", "owners_by_vip", "specs")
+    __slots__ = ("backlog", "by_device", "by_vip", "fields", "intents", "junk", "nodes", "owner_vip",
+                 "owners_by_vip", "specs", "waiting_on")
 
     def __init__(self) -> None:
         self.fields: dict[str, frozenset[str]] = {}  # VFS -> which of its keys exist
@@ -155,6 +157,11 @@ class ViewIndex:
         self.owner_vip: dict[str, str] = {}  # VFS -> the VIP address its owner key records
         self.owners_by_vip: dict[str, frozenset[str]] = {}  # VIP address -> VFS owned with it
         self.junk: dict[str, None] = {}  # keys nfs-ha does not understand (an ordered set)
+        self.intents: dict[str, bytes] = {}  # VFS -> its raw intent
+        # Unowned VFS with a valid spec by the node they wait for (the intent node, if a candidate, else
+        # the first candidate): how much a node has still to take over (placement's backlog wait).
+        self.waiting_on: dict[str, str] = {}
+        self.backlog: dict[str, int] = {}
 
     @classmethod
     def build(cls, ks: Keyspace, keys: dict[str, KeyRecord], previous: ViewIndex | None = None,
@@ -162,7 +169,9 @@ class ViewIndex:
         """The index of a full load; specs unchanged since `previous` (same mod_revision) are not parsed again."""
         index = cls()
         for key, record in keys.items():
-            index.set(ks, key, record, reuse=(previous, previous_keys))
+            index.set(ks, key, record, reuse=(previous, previous_keys), bulk=True)
+        for vfs in list(index.specs):  # once every node is known
+            index._count_waiting(vfs)
         return index
 
     def copy(self) -> ViewIndex:
@@ -172,7 +181,7 @@ class ViewIndex:
         return new
 
     def set(self, ks: Keyspace, key: str, record: KeyRecord | None,
-            reuse: tuple[ViewIndex | None, dict[str, KeyRecord] | None] = (None, None)) -> None:
+            reuse: tuple[ViewIndex | None, dict[str, KeyRecord] | None] = (None, None), bulk: bool = False) -> None:
         """Account for `key` now being `record` (None: deleted)."""
         parsed = ks.parse(key)
         if parsed is None:
@@ -184,10 +193,14 @@ class ViewIndex:
             return
         kind, name, field_name = parsed
         if kind == "node":
+            joined_or_left = (record is None) == (name in self.nodes)
             if record is None:
                 self.nodes.pop(name, None)
             else:
                 self.nodes[name] = record.json() or {}
+            if joined_or_left and not bulk:  # who each VFS waits for depends on who is live
+                for vfs in list(self.specs):
+                    self._count_waiting(vfs)
             return
         present = self.fields.get(name, frozenset())
         present = present | {field_name} if record is not None else present - {field_name}
@@ -199,6 +212,34 @@ class ViewIndex:
             self._set_spec(name, record, _reusable(key, name, record, *reuse))
         elif field_name == "owner":
             self._set_owner(name, record)
+        elif field_name == "intent":
+            if record is None:
+                self.intents.pop(name, None)
+            else:
+                self.intents[name] = record.value
+        self._count_waiting(name)
+
+    def _count_waiting(self, name: str) -> None:
+        old = self.waiting_on.pop(name, None)
+        if old is not None:
+            left = self.backlog[old] - 1
+            if left:
+                self.backlog[old] = left
+            else:
+                del self.backlog[old]
+        spec = self.specs.get(name)
+        if not isinstance(spec, VfsSpec) or "owner" in self.fields.get(name, frozenset()):
+            return
+        order = list(spec.candidates)
+        raw = self.intents.get(name)
+        if raw is not None:
+            with contextlib.suppress(Exception):  # a bad intent is the spec's error, reported elsewhere
+                order.insert(0, parse_intent(raw, spec))
+        head = next((n for n in order if n in self.nodes), None)  # the first live one (placement's order)
+        if head is None:
+            return
+        self.waiting_on[name] = head
+        self.backlog[head] = self.backlog.get(head, 0) + 1
 
     def _set_spec(self, name: str, record: KeyRecord | None, reused: VfsSpec | str | None) -> None:
         old = self.specs.pop(name, None)

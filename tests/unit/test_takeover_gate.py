@@ -92,3 +92,29 @@ def test_what_changed_while_waiting_for_a_slot_is_decided_again() -> None:
     rec._stop.set()
     del store.keys[KS.owner("home")]
     assert rec.reconcile() == 0.0 and rec.holding is None  # a stopping agent takes nothing over
+
+
+def test_a_lower_ranked_candidate_gives_a_busy_first_candidate_time_per_vfs_it_has_to_take_over() -> None:
+    import json
+
+    from controller.reconcile import BACKLOG_SECONDS
+    from controller.view import ClusterView, KeyRecord
+    from tests.unit.test_disk_bound import KS, setup
+
+    keys = {KS.node(n): KeyRecord(b"{}", 1, 1, 0) for n in ("node-a", "node-b")}
+    for i in range(20):  # node-b is first for 20 VFS nobody owns yet
+        spec = {"vip": f"10.77.0.{100 + i}/24", "candidates": ["node-b", "node-a"]}
+        keys[KS.spec(f"v{i}")] = KeyRecord(json.dumps(spec).encode(), 2 + i, 2 + i, 0)
+    view = ClusterView(KS, 50, keys)
+    assert view.index.backlog == {"node-b": 20}
+    _store, rec, _mount = setup(None)
+    rec.vfs = "v3"
+    rec.ctx.view = lambda: view
+    assert rec._backlog_wait(1) == 20 * BACKLOG_SECONDS  # node-a is second for v3
+    assert rec._backlog_wait(0) == 0.0
+    owned = view.applied(0, [(KS.owner("v5"), KeyRecord(b'{"node": "node-b"}', 51, 51, 9), 51)])
+    rec.ctx.view = lambda: owned
+    assert rec._backlog_wait(1) == 19 * BACKLOG_SECONDS  # one fewer to go
+    gone = owned.applied(0, [(KS.node("node-b"), None, 52)])
+    rec.ctx.view = lambda: gone
+    assert rec._backlog_wait(1) == 0.0  # node-b left: node-a is first now

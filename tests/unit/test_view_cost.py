@@ -108,8 +108,13 @@ def test_the_index_matches_a_full_rebuild_after_events() -> None:
         events.append((KS.owner(f"v{i + 1}"), None, rev))
         rev += 1
         events.append((KS.spec(f"v{i + 2}"), None, rev))
+        rev += 1
+        events.append((KS.intent(f"v{i + 4}"), KeyRecord(b"node-c", rev, rev, 0), rev))
+    rev += 1
+    events.append((KS.node("node-b"), None, rev))  # a node leaves: who VFS wait for changes
     after = view.applied(0, events)
     rebuilt = ClusterView(KS, after.revision, dict(after.keys))
-    for attr in ("fields", "nodes", "by_vip", "by_device", "owner_vip", "owners_by_vip", "junk"):
+    for attr in ("fields", "nodes", "by_vip", "by_device", "owner_vip", "owners_by_vip", "junk", "intents",
+                 "waiting_on", "backlog"):
         assert getattr(after.index, attr) == getattr(rebuilt.index, attr), attr
     assert {n: after.config(n) for n in after.vfs_names()} == {n: rebuilt.config(n) for n in rebuilt.vfs_names()}
