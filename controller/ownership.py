@@ -301,9 +301,11 @@ class LeaseKeeper:
                 if holding.vip_pending:
                     self._undropped[holding.vfs] = holding
         if removed:
-            if holding.vip_pending:
+            if holding.vip_pending and holding.drop_error:
                 log.error("%s: removed while its VIP could not be taken down (%s); still retrying",
                           holding.vfs, holding.drop_error)
+            elif holding.vip_pending:  # a fence on another thread is taking it down right now
+                log.debug("%s: removed while its fence is still taking the VIP down", holding.vfs)
             self._on_removed(holding)
 
     def add_plain(self, lease_id: int, ttl: int, on_lost: Callable[[int], None]) -> None:
