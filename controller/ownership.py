@@ -262,6 +262,7 @@ class LeaseKeeper:
         self._inflight: dict[int, collections.deque[tuple[int, float, Holding | Callable[[int], None]]]] = {}
         self._failures: dict[int, int] = {}
         self._lost: set[int] = set()  # leases whose request went down with a stream: retry soon
+        self._last_answer_at = time.monotonic()  # of any answer on the current stream (stuck or slow?)
 
     def start(self) -> None:
         for target, name in ((self._keepalive_loop, "keepalive"), (self._fence_loop, "fence-monitor")):
@@ -390,10 +391,13 @@ class LeaseKeeper:
                 next_due[lease_id] = min(next_due.get(lease_id, now), now + self._retry_after(lease_id, interval))
             if next_due.get(lease_id, 0.0) > now:
                 continue
-            if self._oldest_unanswered(lease_id, now) > interval:
-                # No answer within the interval: the stream (or its endpoint) is stuck. Its end makes
-                # every request on it lost (_stream_ended); they are retried on the next pass.
-                log.debug("keepalive stream reset: no answer for lease %x within %.2fs", lease_id, interval)
+            if self._oldest_unanswered(lease_id, now) > interval and now - self._last_answer_at > interval:
+                # Nothing answered on the stream for an interval while this request waits: the stream
+                # (or its endpoint) is stuck, not merely slow (a slow one still answers in order; giving
+                # it up would lose every lease's answer in flight). Its end makes every request on it
+                # lost (_stream_ended); they are retried on the next pass.
+                log.debug("keepalive stream reset: no answer at all within %.2fs (lease %x waiting)",
+                          interval, lease_id)
                 self._stream.reset()
                 self._wake.set()
                 continue
@@ -452,6 +456,7 @@ class LeaseKeeper:
         """A stream generation ended (an error, or a reset): its unanswered requests never will be.
         Each counts as a failure of its lease, which is retried on the next pass (woken now)."""
         with self._ka_lock:
+            self._last_answer_at = time.monotonic()  # the next stream gets a whole interval
             for lease_id, pending in self._inflight.items():
                 kept = collections.deque(entry for entry in pending if entry[0] > generation)
                 if len(kept) != len(pending):
@@ -470,6 +475,7 @@ class LeaseKeeper:
                 return  # a request given up on (stream reset): its send time is not known for sure
             _gen, sent_at, owner = pending.popleft()
             self._failures[lease_id] = 0
+            self._last_answer_at = time.monotonic()
         what = owner.vfs if isinstance(owner, Holding) else f"lease {lease_id:x}"
         with loops.guarded("keepalive", what, log):
             if isinstance(owner, Holding):

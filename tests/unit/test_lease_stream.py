@@ -101,6 +101,26 @@ def test_an_answer_of_a_stream_given_up_on_never_counts(keeper) -> None:
     assert h.deadline > before
 
 
+def test_a_slow_stream_that_still_answers_is_not_given_up(keeper) -> None:
+    """Under load etcd answers late but in order: resetting then would throw away every lease's answer
+    in flight. Only a stream that answers nothing for an interval is stuck."""
+    k, store = keeper
+    now = time.monotonic()
+    for lease in (7, 8):
+        k.add(Holding(vfs=f"v{lease}", lease_id=lease, ttl=1, granted_at=now, drop=lambda: None))
+    k._keepalive_pass({})  # both sent
+    stream = store.streams[0]
+    stream.answer(8, 1)
+    time.sleep(0.3)  # 7's request is older than its interval (TTL/4 = 0.25 s) ...
+    k._keepalive_pass({7: time.monotonic() + 60})  # ... while 8 is sent again
+    stream.answer(8, 1)  # ... and answered: the stream moves
+    k._keepalive_pass({})
+    assert stream.resets == 0
+    time.sleep(0.3)  # now nothing at all is answered for an interval: stuck
+    k._keepalive_pass({})
+    assert stream.resets == 1
+
+
 def test_a_lease_etcd_no_longer_has_fences_its_holding(keeper) -> None:
     k, store = keeper
     fenced: list[str] = []
