@@ -8,6 +8,7 @@ VIP. No external tool and no shell is involved.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import ipaddress
 import json
 import logging
@@ -72,6 +73,27 @@ def parse_frame(frame: bytes) -> tuple[int, bytes, bytes, bytes, bytes] | None:
     return op, sha, spa, tha, tpa
 
 
+SO_ATTACH_FILTER = 26  # linux/asm-generic/socket.h (Python's socket module does not name it)
+MAX_FILTERED = 250  # classic BPF jumps are 8-bit: more addresses than this get no kernel filter
+_BPF = struct.Struct("HBBI")  # struct sock_filter: code, jt, jf, k
+_ARP_SPA_OFFSET = 28  # Ethernet header (14) + ARP htype..sha (14): the sender protocol address
+
+
+def sender_filter(addrs: Iterable[bytes]) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program: accept an ARP frame iff its sender IP is one of `addrs` (IPv4, packed).
+
+    With hundreds of VIPs sampled or probed on the link (a takeover storm, a client ARPing for
+    many VIPs), every raw ARP socket otherwise gets every frame, to be parsed in Python."""
+    targets = sorted(set(addrs))
+    n = len(targets)
+    prog = [(0x28, 0, 0, 12),  # ldh [12]: the EtherType
+            (0x15, 0, n + 1, ETH_P_ARP),  # not ARP: drop
+            (0x20, 0, 0, _ARP_SPA_OFFSET)]  # ld [28]: the sender IP
+    prog += [(0x15, n - i, 0, struct.unpack("!I", a)[0]) for i, a in enumerate(targets)]  # equal: accept
+    prog += [(0x06, 0, 0, 0), (0x06, 0, 0, 0x40000)]  # ret 0: drop; ret 256 KiB: accept
+    return prog
+
+
 class ArpSocket:
     """A raw ARP socket bound to one interface."""
 
@@ -84,6 +106,19 @@ class ArpSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+    def only_senders(self, addrs: Iterable[bytes]) -> bool:
+        """Have the kernel pass only frames whose sender IP is one of `addrs` (the checks in Python
+        stay: this only spares parsing the rest). False, and every frame passes, with more than
+        MAX_FILTERED addresses."""
+        targets = list(addrs)
+        if len(targets) > MAX_FILTERED:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _fprog([(0x06, 0, 0, 0x40000)])[0])
+            return False
+        fprog, buf = _fprog(sender_filter(targets))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        del buf  # the kernel has copied the program
+        return True
 
     def __enter__(self) -> ArpSocket:
         return self
@@ -119,11 +154,18 @@ class ArpSocket:
                     yield parsed[2], parsed[1]
 
 
+def _fprog(prog: list[tuple[int, int, int, int]]) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
+    """struct sock_fprog for setsockopt, and the buffer it points to (keep it alive until then)."""
+    buf = ctypes.create_string_buffer(b"".join(_BPF.pack(*ins) for ins in prog))
+    return struct.pack("HL", len(prog), ctypes.addressof(buf)), buf
+
+
 def probe(iface: str, ip: str, tries: int = 3, spacing: float = 0.05, wait: float = 0.15) -> set[str]:
     """MACs other than ours that claim `ip` (RFC 5227 probes: sender IP 0.0.0.0)."""
     target = ipaddress.IPv4Address(ip).packed
     found: set[str] = set()
     with ArpSocket(iface) as arp:
+        arp.only_senders([target])
         frame = build_frame(ARP_REQUEST, arp.mac, ZERO_IP, ZERO_MAC, target)
         for i in range(tries):
             arp.send(frame)
@@ -310,6 +352,7 @@ class Defender:
                     claim.announce_now()  # a frame or a defence may have been lost
 
     def _serve(self, arp: ArpSocket) -> None:
+        filtered: set[bytes] | None = None
         while True:
             live = self._live()
             if not live:
@@ -320,6 +363,9 @@ class Defender:
             wake = min([c.due[0] for c in live if c.due] + [now + self.poll])
             with self._lock:
                 by_addr = dict(self._claims)
+            if set(by_addr) != filtered:  # the kernel passes frames claiming our addresses only
+                arp.only_senders(by_addr)
+                filtered = set(by_addr)
             for addr, mac in arp.claims_until(wake):
                 claim = by_addr.get(addr)
                 if claim is not None:

@@ -23,6 +23,9 @@ class FakeSocket:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def only_senders(self, addrs: object) -> bool:
+        return True
+
     def send(self, frame: bytes) -> None:
         FakeSocket.sent.append(frame)
 
@@ -143,3 +146,43 @@ def test_a_claim_whose_check_keeps_failing_waits_and_the_others_go_on(monkeypatc
     assert calls["bad"] <= 8  # once per retry pause (0.1 s), not in a tight loop
     good = [p for p in (arp.parse_frame(f) for f in FakeSocket.sent) if p and p[2] == bytes([10, 77, 0, 101])]
     assert len(good) == 4  # both of the other claim's announcements went out
+
+
+def run_bpf(prog: list[tuple[int, int, int, int]], frame: bytes) -> int:
+    """The classic BPF subset sender_filter uses (ldh/ld absolute, jeq, ret), as the kernel runs it."""
+    import struct
+
+    acc, pc = 0, 0
+    while True:
+        code, jt, jf, k = prog[pc]
+        if code == 0x28:
+            acc = struct.unpack("!H", frame[k:k + 2])[0] if k + 2 <= len(frame) else None
+        elif code == 0x20:
+            acc = struct.unpack("!I", frame[k:k + 4])[0] if k + 4 <= len(frame) else None
+        elif code == 0x15:
+            pc += jt if acc == k else jf
+        elif code == 0x06:
+            return k
+        else:
+            raise AssertionError(f"unexpected BPF code {code:#x}")
+        if acc is None:
+            return 0  # a load past the end drops the frame, as in the kernel
+        pc += 1
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, arp.MAX_FILTERED])
+def test_the_kernel_filter_passes_exactly_the_frames_claiming_our_addresses(count: int) -> None:
+    import ipaddress
+
+    ours = [ipaddress.IPv4Address(f"10.77.{100 + i // 250}.{i % 250 + 1}").packed for i in range(count)]
+    prog = arp.sender_filter(ours)
+    mac = bytes.fromhex("020000000002")
+    for addr in ours:
+        assert run_bpf(prog, arp.build_frame(arp.ARP_REQUEST, mac, addr, arp.ZERO_MAC, addr)) > 0
+        assert run_bpf(prog, arp.build_frame(arp.ARP_REPLY, mac, addr, arp.BROADCAST, b"\x0a\x4d\x00\x32")) > 0
+    other = bytes([10, 77, 0, 50])  # a client asking for one of our VIPs: not a claim of it
+    target = ours[0] if ours else bytes([10, 77, 100, 1])
+    assert run_bpf(prog, arp.build_frame(arp.ARP_REQUEST, mac, other, arp.ZERO_MAC, target)) == 0
+    ipv4 = arp.build_frame(arp.ARP_REQUEST, mac, target, arp.ZERO_MAC, target)[:12] + b"\x08\x00" + b"\x00" * 28
+    assert run_bpf(prog, ipv4) == 0  # not ARP at all
+    assert run_bpf(prog, b"\x00" * 13) == 0  # a runt frame

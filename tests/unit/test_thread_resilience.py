@@ -250,6 +250,9 @@ class FlakySocket:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def only_senders(self, addrs: object) -> bool:
+        return True
+
     def send(self, frame: bytes) -> None:
         FlakySocket.sent.append((time.monotonic(), frame))
 
