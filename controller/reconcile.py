@@ -62,9 +62,10 @@ RETRY_SECONDS = 1.0
 HEALTH_SECONDS = 1.0  # how often a held VFS's NFS server is checked
 RESTARTS_ALLOWED = 3  # NFS server restarts per RESTART_WINDOW before the VFS is released
 RESTART_WINDOW = 60.0
-# A busy first candidate gets this long per VFS it has still to take over (~16 at once, ~0.8 s each
+# A busy first candidate gets this long per VFS it has still to take over (~32 at once, ~0.8 s each
 # on a loaded 2-core node, bench/scale), at most MAX_BACKLOG_WAIT, before a lower-ranked one steps in.
 BACKLOG_SECONDS = 0.05
+BUSY_SECONDS = 1.0
 MAX_BACKLOG_WAIT = 15.0
 
 
@@ -419,7 +420,11 @@ class VfsReconciler:
         head = view.index.waiting_on.get(self.vfs)
         if head is None or head == self.ctx.me:
             return 0.0
-        return min(MAX_BACKLOG_WAIT, view.index.backlog.get(head, 0) * BACKLOG_SECONDS)
+        backlog = view.index.backlog.get(head, 0)
+        # A VFS leaves the backlog when its takeover starts (the owner key), not when it ends: a node
+        # with others still to do gets one takeover's time more for the slot and the takeover itself.
+        busy = BUSY_SECONDS if backlog > 1 else 0.0
+        return min(MAX_BACKLOG_WAIT, backlog * BACKLOG_SECONDS + busy)
 
     def _still_to_acquire(self) -> VfsSpec | None:
         """The spec to acquire with, if the newest view still says this node should (else None)."""

@@ -97,7 +97,7 @@ def test_what_changed_while_waiting_for_a_slot_is_decided_again() -> None:
 def test_a_lower_ranked_candidate_gives_a_busy_first_candidate_time_per_vfs_it_has_to_take_over() -> None:
     import json
 
-    from controller.reconcile import BACKLOG_SECONDS
+    from controller.reconcile import BACKLOG_SECONDS, BUSY_SECONDS
     from controller.view import ClusterView, KeyRecord
     from tests.unit.test_disk_bound import KS, setup
 
@@ -110,11 +110,11 @@ def test_a_lower_ranked_candidate_gives_a_busy_first_candidate_time_per_vfs_it_h
     _store, rec, _mount = setup(None)
     rec.vfs = "v3"
     rec.ctx.view = lambda: view
-    assert rec._backlog_wait(1) == 20 * BACKLOG_SECONDS  # node-a is second for v3
+    assert rec._backlog_wait(1) == 20 * BACKLOG_SECONDS + BUSY_SECONDS  # node-a is second for v3
     assert rec._backlog_wait(0) == 0.0
     owned = view.applied(0, [(KS.owner("v5"), KeyRecord(b'{"node": "node-b"}', 51, 51, 9), 51)])
     rec.ctx.view = lambda: owned
-    assert rec._backlog_wait(1) == 19 * BACKLOG_SECONDS  # one fewer to go
+    assert rec._backlog_wait(1) == 19 * BACKLOG_SECONDS + BUSY_SECONDS  # one fewer to go
     gone = owned.applied(0, [(KS.node("node-b"), None, 52)])
     rec.ctx.view = lambda: gone
     assert rec._backlog_wait(1) == 0.0  # node-b left: node-a is first now
