@@ -62,7 +62,7 @@ RETRY_SECONDS = 1.0
 HEALTH_SECONDS = 1.0  # how often a held VFS's NFS server is checked
 RESTARTS_ALLOWED = 3  # NFS server restarts per RESTART_WINDOW before the VFS is released
 RESTART_WINDOW = 60.0
-# A busy first candidate gets this long per VFS it has still to take over (~32 at once, ~0.8 s each
+# A busy first candidate gets this long per VFS it has still to take over (~16 at once, ~0.8 s each
 # on a loaded 2-core node, bench/scale), at most MAX_BACKLOG_WAIT, before a lower-ranked one steps in.
 BACKLOG_SECONDS = 0.05
 BUSY_SECONDS = 1.0

@@ -41,13 +41,14 @@ class AgentConfig:
     # after its lease could expire; a new owner of a lost node's VFS waits this long before mounting.
     release_bound: float = 10.0
     reset_command: tuple[str, ...] = ()  # argv the fence guard runs as its last escalation (power cycle)
-    # Takeovers this agent runs at once (0: 16 per CPU). Most of a VIP takeover is waiting for the ARP
-    # probe; an unbounded storm of them starves the keepalives (controller/reconcile.py TakeoverGate).
+    # Takeovers this agent runs at once (0: 8 per CPU). Most of a VIP takeover is waiting for the ARP
+    # probe, but an unbounded storm of them starves the keepalives (controller/reconcile.py TakeoverGate);
+    # 16 per CPU already did on the loaded 2-core lab (bench/scale).
     parallel_takeovers: int = 0
 
     def takeover_limit(self) -> int:
         # The CPUs this process may run on (a container's cgroup cpuset), not the host's.
-        return self.parallel_takeovers or 16 * max(1, len(os.sched_getaffinity(0)))
+        return self.parallel_takeovers or 8 * max(1, len(os.sched_getaffinity(0)))
 
     def validate(self) -> AgentConfig:
         """This config, if every field is usable; ValueError naming the field otherwise (never another error)."""
@@ -197,7 +198,7 @@ def load(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--reset-command", help='JSON argv the fence guard runs when a disk cannot be released '
                         'in time, e.g. \'["/usr/local/sbin/nfs-ha-sysrq-reboot"]\'')
     parser.add_argument("--parallel-takeovers", type=int,
-                        help="takeovers run at once (default 0: 16 per CPU)")
+                        help="takeovers run at once (default 0: 8 per CPU)")
     parser.add_argument("--watchdog", help="hardware watchdog device (e.g. /dev/watchdog), armed while this "
                         "node holds a VFS; see docs/safety.md")
     args = parser.parse_args(argv)
