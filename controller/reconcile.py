@@ -151,9 +151,10 @@ class TakeoverGate:
 
 
 class GateSlot:
-    """One takeover's use of the gate: entered once, left once, and left for the duration of a
-    release-bound wait (a takeover sleeping T_release must not keep VIP-only and other takeovers
-    waiting). No gate: every call does nothing."""
+    """One takeover's use of the gate: entered once, left once, and left for the duration of a wait
+    (a takeover sleeping T_release must not keep VIP-only and other takeovers waiting; fifty ARP
+    probes of a node that lost a peer wait for answers together, not sixteen at a time). No gate:
+    every call does nothing."""
 
     def __init__(self, gate: TakeoverGate | None, rank: int, cancelled: Callable[[], bool]) -> None:
         self.gate, self.rank, self.cancelled = gate, rank, cancelled

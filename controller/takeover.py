@@ -112,7 +112,7 @@ class TakeoverContext:
     not_before: float = 0.0  # monotonic time before which nothing is mounted (0: no wait)
     sleep: Callable[[float], None] = time.sleep  # injectable for tests
     cancelled: Callable[[], bool] = lambda: False  # the agent is stopping: give up waiting
-    # Wraps a long wait (the release bound): the takeover gives its gate slot back meanwhile.
+    # Wraps a wait (the release bound, the ARP probe): the takeover gives its gate slot back meanwhile.
     waiting: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
 
     @property
@@ -193,7 +193,8 @@ class ProbeStep(NothingToUndo):
         misfit = vip_fits(ctx.spec.vip, own)
         if misfit:
             raise StepFailed(misfit)
-        macs = self.host.foreign_macs(ctx.spec.vip)
+        with ctx.waiting():  # ~0.27 s of waiting for answers: no reason to hold a takeover slot meanwhile
+            macs = self.host.foreign_macs(ctx.spec.vip)
         if macs:
             raise StepFailed(f"VIP {ctx.spec.vip_address} still answers ARP from {', '.join(sorted(macs))}; "
                              "not raising it (is the previous owner still up?)")

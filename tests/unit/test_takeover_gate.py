@@ -118,3 +118,25 @@ def test_a_lower_ranked_candidate_gives_a_busy_first_candidate_time_per_vfs_it_h
     gone = owned.applied(0, [(KS.node("node-b"), None, 52)])
     rec.ctx.view = lambda: gone
     assert rec._backlog_wait(1) == 0.0  # node-b left: node-a is first now
+
+
+def test_the_arp_probe_waits_for_answers_without_a_slot() -> None:
+    from controller.takeover import ProbeStep
+    from tests.unit.test_disk_bound import setup
+
+    _store, rec, mount = setup(None)
+    gate = rec.ctx.takeovers = TakeoverGate(1)
+    free_during_probe: list[bool] = []
+
+    class Host:
+        def foreign_macs(self, vip: object) -> set[str]:
+            got = gate.enter(0, timeout=0.05)  # another takeover could have the only slot now
+            free_during_probe.append(got)
+            if got:
+                gate.leave(0)
+            return set()
+
+    rec.ctx.steps = [ProbeStep(Host()), *rec.ctx.steps]  # type: ignore[list-item]
+    rec.reconcile()
+    assert free_during_probe == [True] and rec.holding is not None and len(mount.up_at) == 1
+    assert gate.enter(0, timeout=0.1)  # given back at the end
