@@ -129,6 +129,11 @@ def test_the_arp_probe_waits_for_answers_without_a_slot() -> None:
     free_during_probe: list[bool] = []
 
     class Host:
+        def interface_networks(self) -> set[object]:
+            import ipaddress
+
+            return {ipaddress.IPv4Interface("10.77.0.1/24")}
+
         def foreign_macs(self, vip: object) -> set[str]:
             got = gate.enter(0, timeout=0.05)  # another takeover could have the only slot now
             free_during_probe.append(got)
