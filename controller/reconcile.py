@@ -483,7 +483,7 @@ class VfsReconciler:
                      "vip": spec.vip_cidr}
         lost = risk.nodes[0] if risk.nodes else None
         status = make_status("acquiring", me, 0, "", vip=spec.vip_cidr, cause=cause, previous=previous,
-                             release_bound=self.ctx.release_bound, **risk.carried())
+                             release_bound=self.ctx.release_bound, disk=spec.storage is not None, **risk.carried())
         try:
             with tracing.child(root, "owner_txn", span_attrs):
                 # Only if the status is still the one the risk and the wait were read from: a lost
@@ -583,7 +583,7 @@ class VfsReconciler:
         retry = self._must_release is not None  # a stuck release retried every second: no new trace
         root, move = (None, None) if retry else self.trace.start_release(spec, h, reason)
         self._put_status(h.epoch, make_status("releasing", self.ctx.me, h.epoch, error, vip=spec.vip_cidr,
-                                              cause=reason), quiet=True)
+                                              cause=reason, disk=h.holds_disk), quiet=True)
         tctx = TakeoverContext(spec, h, span=root, node=self.ctx.me)
         result = bring_down(self.ctx.steps, tctx)
         if root is not None and result.errors:

@@ -688,6 +688,8 @@ class Fencer:
     def escalate(self, job: FenceJob) -> bool:
         """Rule 4: the disk is not released by t0 + T_release/2. Idempotent; called by the worker
         and by the timer thread, whichever sees the time first. True if this call escalated."""
+        if job.held.mountpoint is None and job.held.device is None:
+            return False  # no disk, no bound to enforce: a slow fence of a VIP-only VFS resets nothing
         with job.lock:
             if job.escalated or job.done.is_set() or job.superseded_by() is not None:
                 return False
@@ -753,7 +755,9 @@ class Fencer:
         threads = []
         for i, job in enumerate(jobs):
             threads.append(threading.Thread(target=run, args=(i,), name=f"fence-{job.held.vfs}"))
-            threading.Thread(target=self.backstop, args=(job,), name=f"bound-{job.held.vfs}", daemon=True).start()
+            if job.held.mountpoint is not None or job.held.device is not None:  # the disk bound's timer
+                threading.Thread(target=self.backstop, args=(job,), name=f"bound-{job.held.vfs}",
+                                 daemon=True).start()
         for t in threads:
             t.start()
         for t in threads:

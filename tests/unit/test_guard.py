@@ -958,3 +958,24 @@ def test_sigterm_fences_everything(tmp_path: Path) -> None:
             client.proc.kill()
     (record,) = read_actions(tmp_path)
     assert record["reason"] == "guard stopped by SIGTERM"
+
+
+def test_a_slow_fence_of_a_vip_only_vfs_resets_nothing(tmp_path: Path) -> None:
+    """No disk, no disk bound: however long the rest of its fence takes (a /proc scan for strays on a
+    busy node), a VIP-only VFS never escalates to the reset command."""
+    host = FakeHost(clock=None)
+    resets: list[float] = []
+
+    def slow_find(conf: str) -> list[int]:
+        time.sleep(0.5)  # past half the bound (0.4 s / 2)
+        return []
+
+    def reset(argv: Sequence[str], timeout: float) -> dict[str, Any]:
+        resets.append(time.monotonic())
+        return {"exit": 0, "output": "", "error": None}
+
+    actions = Actions(**{**host.actions().__dict__, "find_servers": slow_find, "reset": reset})
+    f = Fencer(actions, tmp_path, release_bound=0.4, reset_command=["/sbin/reset-node"])
+    (rec,) = f.complete_all(f.start([held(nfs_pid=None, mountpoint=None, device=None)], lambda _h: "deadline"))
+    time.sleep(0.1)
+    assert resets == [] and rec["reset"] is None
