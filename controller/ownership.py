@@ -230,9 +230,9 @@ class LeaseKeeper:
     lease's request, and 100 leases cost what one does); the stream's reader applies answers, each
     matched to the oldest unanswered request of its lease on the same stream generation (invariant 2:
     the deadline comes from that request's send time); and the fence monitor, which never touches the
-    network, so a hung etcd cannot delay a fence. A request unanswered for its interval (TTL/4) resets
-    the stream (to another endpoint when there is one); answers of a reset stream never count. None of
-    them ends before stop(), whatever one holding raises (invariant 8).
+    network, so a hung etcd cannot delay a fence. A stream that answers nothing for an interval (TTL/4)
+    while a request waits is reset (to another endpoint when there is one); answers of a reset stream
+    never count. None of them ends before stop(), whatever one holding raises (invariant 8).
     """
 
     def __init__(self, store: Coordination, on_deadline: Callable[[Holding], None] | None = None,
@@ -371,8 +371,9 @@ class LeaseKeeper:
     def _keepalive_pass(self, next_due: dict[int, float]) -> None:
         """Send a keepalive for every lease that is due, over the one stream (store.LeaseStream).
 
-        A request unanswered for its lease's interval (TTL/4) means the stream is stuck: it is reset
-        and every request left on it counts as lost. A lost or failed keepalive is retried soon, not
+        A stream that answers nothing for a lease's interval (TTL/4) while that lease's request waits is
+        stuck: it is reset and every request left on it counts as lost. A lost or failed keepalive is
+        retried soon, not
         an interval later (waiting timeout + interval would leave a single lost keepalive no second
         chance before the self-fence deadline, TTL - margin); further failures in a row back off,
         doubling up to the interval: etcd is down, not slow."""

@@ -287,8 +287,8 @@ class LeaseStream:
     later request would stretch a deadline), and the next send() opens a new stream, on another
     endpoint when there is one. `on_ended(generation)` is told whenever a generation ends (an error
     or reset()): none of its unanswered requests will ever be answered. Not guaranteed: that a
-    request is answered at all; the caller treats a request unanswered for its keepalive interval
-    as lost and resets.
+    request is answered at all, or in time; the caller resets a stream that answers nothing for a
+    keepalive interval while a request waits.
     """
 
     def __init__(self, store: EtcdStore, on_answer: Callable[[int, int, int], None],
