@@ -28,6 +28,8 @@ Rules kept here (the ownership invariants themselves are in ownership.py):
   one fenced. The old node has unmounted or been reset by then (its guard's and watchdog's
   rule). The gone-time is "now" when the status changed after this node first saw no owner
   key (an owner came and went between two passes).
+  A VIP-only takeover (it mounts nothing) skips the wait only when the lost owner's own status
+  said `"disk": false` (owners publish whether their disk may be mounted) and no risk is carried.
 - A dead NFS server of a held VFS is restarted a few times; after that the VFS is
   released with an error, so another candidate can serve it.
 """
