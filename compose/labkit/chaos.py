@@ -328,6 +328,12 @@ class Chaos:
                                  "squash": "none"}],
                        nfs={"backend": "ganesha", "grace_seconds": GRACE, "lease_seconds": GRACE})
             self.vfs[name] = {"vip": vip, "device": device, "pseudo": pseudo, "candidates": list(candidates)}
+        if self.cfg.vip_vfs:
+            # The NFS VFS first: a hundred VIP takeovers on top of four Ganesha starts, on a 2-core
+            # machine under libfaketime, starved the agents' keepalives at set-up (not a fault).
+            took, bad = self.wait_all_serving(self.cfg.setup_timeout)
+            if took is None:
+                raise RuntimeError(f"NFS VFS not serving after set-up: {bad}")
         for i in range(self.cfg.vip_vfs):
             name, vip = f"p{i:03d}", f"10.77.{100 + i // 250}.{i % 250 + 1}"
             first = NODE_NAMES[i % 3]
