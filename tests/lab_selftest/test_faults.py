@@ -75,12 +75,18 @@ def test_restart_all_etcd(lab: Lab) -> None:
 def test_sigstop_then_sigcont(lab: Lab, tmp_path: Path) -> None:
     pid = lab.spawn("node-a", ["sleep", "60"], tmp_path / "sleep.log")
     try:
-        lab.agent_sigstop(pid, 0.5)
+        lab.agent_sigstop(pid, 2.0)
+        # SIGSTOP is delivered when the target is next scheduled: on a loaded machine not at once.
+        deadline = time.monotonic() + 1.0
+        while _state(pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert _state(pid) == "T"
-        time.sleep(1.0)
+        time.sleep(2.5)
         assert _state(pid) != "T"
         lab.agent_sigstop(pid)  # no timer: stays stopped until heal()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 1.0
+        while _state(pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert _state(pid) == "T" and lab.stopped_pids() == [pid]
         lab.heal()
         assert _state(pid) != "T" and lab.stopped_pids() == []
