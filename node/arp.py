@@ -292,10 +292,6 @@ class Defender:
                     self._thread = None
                     raise
 
-    def addresses(self) -> list[str]:
-        with self._lock:
-            return [str(ipaddress.IPv4Address(a)) for a in self._claims]
-
     def join(self, timeout: float | None = None) -> None:
         """Wait until no claim is left (the thread has ended)."""
         with self._lock:
