@@ -14,6 +14,7 @@ import pytest
 from controller.ownership import Holding, LeaseKeeper, fence_margin
 from controller.store import EtcdStore
 from tests.unit.conftest import needs_etcd
+from tests.unit.test_thread_resilience import wait_for
 
 
 class ManualStream:
@@ -50,15 +51,6 @@ class StreamStore:
                      on_ended: Callable[[int], None]) -> ManualStream:
         self.streams.append(ManualStream(on_answer, on_ended))
         return self.streams[-1]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
 
 
 @pytest.fixture
@@ -152,7 +144,7 @@ def test_many_leases_are_kept_alive_over_one_stream(etcd: str) -> None:
         assert len(grants.load("/t/lease/")[1]) == 60
         assert keeper._stream is not None and keeper._stream.generation == 1  # one stream throughout
         grants.revoke(holdings[0].lease_id)
-        assert wait_for(lambda: holdings[0].fenced)  # etcd's TTL 0 answer on the stream
+        assert wait_for(lambda: holdings[0].fenced, timeout=3.0)  # etcd's TTL 0 answer on the stream
         assert "lease is gone" in holdings[0].fence_reason
     finally:
         keeper.stop()
