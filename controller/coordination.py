@@ -23,9 +23,9 @@ Terms used below (etcd's MVCC model):
 - lease: a TTL in seconds; a key put with a lease is deleted (in one revision with every other key
   of that lease) when the lease is revoked or expires, i.e. when no keepalive arrived for a TTL.
 
-Not part of the contract: EtcdStore.lease_stream(), one LeaseKeepAlive stream for all leases,
-which the lease keeper uses when the store has it (found by getattr) and otherwise makes of
-keepalive() calls (store.CallingLeaseStream).
+lease_stream() is how the lease keeper renews leases: EtcdStore's is one LeaseKeepAlive stream
+for all leases (store.LeaseStream), MemStore's a keepalive() call per request
+(store.CallingLeaseStream).
 
 The domain types stay where they are: KeyRecord (controller.view), WatchBatch, OwnerCreated and
 StoreError (controller.store).
@@ -121,6 +121,19 @@ class Coordination(Protocol):
         Guarantees: id != 0; granted TTL >= 1.
         Non-guarantees: granted == ttl. etcd raises a TTL to its minimum (with default timings
         2 s, with a 500 ms election timeout 1 s; MemStore's `min_ttl`, default 1).
+        """
+        ...
+
+    def lease_stream(self, on_answer: Callable[[int, int, int], None],
+                     on_ended: Callable[[int], None]) -> Any:
+        """Keepalives for many leases (see store.LeaseStream): `send(lease_id, sending)` queues one and
+        tells `sending(generation)` first; `on_answer(lease_id, ttl, generation)` comes for each answer,
+        in the order of the requests of that generation; `on_ended(generation)` when a generation ends
+        (an error or `reset()`), after which none of its requests is answered; `close()`.
+
+        Guarantees: answers of a generation come in request order and never after its on_ended.
+        Non-guarantees: that a request is answered, or when; on which thread the callbacks run
+        (MemStore's: the sender's, before send() returns).
         """
         ...
 

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from controller.store import OwnerCreated, StoreError, WatchBatch
+from controller.store import CallingLeaseStream, OwnerCreated, StoreError, WatchBatch
 from controller.view import KeyRecord
 
 Event = tuple[str, KeyRecord | None, int]
@@ -326,6 +326,10 @@ class MemStore:
             lease = next(etcd.lease_ids)
             etcd.leases[lease] = _Lease(ttl, etcd.clock() + ttl)
             return lease, ttl
+
+    def lease_stream(self, on_answer: Callable[[int, int, int], None],
+                     on_ended: Callable[[int], None]) -> CallingLeaseStream:
+        return CallingLeaseStream(self.keepalive, on_answer, on_ended)
 
     def keepalive(self, lease_id: int, client: object = None) -> int:
         with self._op() as etcd:

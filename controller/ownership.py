@@ -45,7 +45,7 @@ from typing import Protocol
 
 from controller import loops
 from controller.coordination import Coordination
-from controller.store import CallingLeaseStream, StoreError
+from controller.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ KEEPALIVE_RETRY = 0.05  # after a keepalive got no answer (at most the interval,
 
 
 class LeaseStreamLike(Protocol):
-    """What the keeper needs of store.LeaseStream (store.CallingLeaseStream for stores without one)."""
+    """What the keeper needs of a store's lease_stream() (store.LeaseStream, store.CallingLeaseStream)."""
 
     def send(self, lease_id: int, sending: Callable[[int], None]) -> None: ...
 
@@ -423,11 +423,7 @@ class LeaseKeeper:
                     self._inflight.pop(lease_id, None)
 
     def _new_stream(self) -> LeaseStreamLike:
-        """The store's keepalive stream; a store without one gets a keepalive() call per request."""
-        make = getattr(self._store, "lease_stream", None)
-        if make is not None:
-            return make(self._answered, self._stream_ended)  # type: ignore[no-any-return]
-        return CallingLeaseStream(self._store.keepalive, self._answered, self._stream_ended)
+        return self._store.lease_stream(self._answered, self._stream_ended)  # type: ignore[no-any-return]
 
     def _sending(self, lease_id: int, generation: int, sent_at: float,
                  owner: Holding | Callable[[int], None]) -> None:

@@ -493,3 +493,30 @@ def test_what_etcd_refuses_is_refused_and_writes_nothing(env: Env) -> None:
         assert s.get(k("big")) is None and env.revision() == rev
     finally:
         s.revoke(lease)
+
+
+def test_a_lease_stream_answers_each_request_in_order_and_a_gone_lease_with_no_ttl(env: Env) -> None:
+    s = env.store
+    a, _ = s.grant(5)
+    b, _ = s.grant(5)
+    got: list[tuple[int, int, int]] = []
+    lock = threading.Lock()
+
+    def on_answer(lease: int, ttl: int, generation: int) -> None:
+        with lock:
+            got.append((lease, ttl, generation))
+
+    stream = s.lease_stream(on_answer, lambda _generation: None)
+    generations: list[int] = []
+    try:
+        for lease in (a, b, a):
+            stream.send(lease, generations.append)
+        assert env.eventually(lambda: len(got) == 3)
+        assert [lease for lease, _, _ in got] == [a, b, a]  # the order of the requests
+        assert all(ttl > 0 for _, ttl, _ in got) and [g for _, _, g in got] == generations
+        s.revoke(a)
+        stream.send(a, generations.append)
+        assert env.eventually(lambda: len(got) == 4)
+        assert got[3][0] == a and got[3][1] <= 0  # gone: etcd answers TTL 0 on the stream too
+    finally:
+        stream.close()

@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from controller import loops
 from controller.ownership import FENCE_CHECK_SECONDS, Fenced, Holding, LeaseKeeper, fence_margin
-from controller.store import StoreError
+from controller.store import CallingLeaseStream, StoreError
 from node import arp
 from node.host import Host
 
@@ -38,6 +38,10 @@ class FakeStore:
         self.fail: dict[int, BaseException] = {}
         self.calls: Counter[int] = Counter()
         self._lock = threading.Lock()
+
+    def lease_stream(self, on_answer: Callable[[int, int, int], None],
+                     on_ended: Callable[[int], None]) -> CallingLeaseStream:
+        return CallingLeaseStream(self.keepalive, on_answer, on_ended)  # as MemStore's
 
     def keepalive(self, lease_id: int, client: object = None) -> int:
         with self._lock:
