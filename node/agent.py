@@ -203,9 +203,9 @@ class Agent:
                 # they publish now may lengthen the hold. Only during the hold: it parses every spec.
                 self._quiet_until = max(self._quiet_until, self._went_back_at + restore_hold(
                     view, self.cfg.lease_ttl, self.cfg.release_bound))
-            junk = view.index.junk
-            if len(junk) != len(self._junk_seen) or any(key not in self._junk_seen for key in junk):
-                for key in sorted(set(junk) - self._junk_seen):
+            junk = view.index.junk.keys()
+            if junk != self._junk_seen:
+                for key in sorted(junk - self._junk_seen):
                     log.warning("ignoring key %r: not an nfs-ha key (invalid name or unknown field)", key[:200])
                 self._junk_seen = set(junk)
             names = sorted(view.index.fields) + sorted(self.reconcilers) if affected is None else sorted(affected)

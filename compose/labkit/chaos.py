@@ -40,7 +40,16 @@ from typing import Any
 
 from . import diskcheck, etcd, netns
 from .arpscan import ArpScan
-from .cluster import CLIENT_IP, NODE_NAMES, LabCluster, MountSampler, agent_supports, cli_supports
+from .cluster import (
+    CLIENT_IP,
+    NODE_NAMES,
+    LabCluster,
+    MountSampler,
+    agent_supports,
+    cli_supports,
+    many_vip,
+    spread_candidates,
+)
 from .errors import LabError
 from .lab import Lab
 
@@ -336,12 +345,8 @@ class Chaos:
             if took is None:
                 raise RuntimeError(f"NFS VFS not serving after set-up: {bad}")
         for i in range(self.cfg.vip_vfs):
-            name, vip = f"p{i:03d}", f"10.77.{100 + i // 250}.{i % 250 + 1}"
-            first = NODE_NAMES[i % 3]
-            others = [n for n in NODE_NAMES if n != first]
-            # A /32 fits any interface; the second choice alternates, so a dead node's VFS spread out.
-            c.put(c.key(name, "spec"), json.dumps({"vip": f"{vip}/32", "candidates": [
-                first, *(others if (i // 3) % 2 == 0 else others[::-1])]}))
+            name, vip = f"p{i:03d}", many_vip(i)
+            c.put(c.key(name, "spec"), json.dumps({"vip": f"{vip}/32", "candidates": spread_candidates(i)}))
             self.vip_only[name] = vip
         took, bad = self.wait_all_serving(self.cfg.setup_timeout)
         if took is None:

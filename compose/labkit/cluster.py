@@ -35,6 +35,20 @@ _vips = itertools.count(100)
 _prefixes = itertools.count(1)
 
 
+def many_vip(i: int) -> str:
+    """The i-th of up to 1000 VIP-only addresses (/32s in 10.77.100.0/22: a lab /24 has too few
+    free ones; a /32 fits any interface and answers ARP the same way)."""
+    return f"10.77.{100 + i // 250}.{i % 250 + 1}"
+
+
+def spread_candidates(i: int) -> list[str]:
+    """First candidate by i mod 3; the second alternates between the other two (by i // 3), so a
+    node's VFS are spread over both survivors when it dies, as an admin would set them up."""
+    first = NODE_NAMES[i % 3]
+    others = [n for n in NODE_NAMES if n != first]
+    return [first, *(others if (i // 3) % 2 == 0 else others[::-1])]
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll until `predicate` returns something truthy; return it, or raise AssertionError."""
     deadline = time.monotonic() + timeout

@@ -126,6 +126,17 @@ def test_a_lease_etcd_no_longer_has_fences_its_holding(keeper) -> None:
 # --- against a real etcd ---------------------------------------------------------------------------
 
 
+def granted(grants: EtcdStore, count: int, ttl: int, spacing: float = 0.0) -> list[Holding]:
+    """Holdings of fresh leases, each dated from its grant request (as the agent's are)."""
+    holdings = []
+    for i in range(count):
+        sent_at = time.monotonic()
+        lease, got = grants.grant(ttl)
+        holdings.append(Holding(vfs=f"v{i}", lease_id=lease, ttl=got, granted_at=sent_at, drop=lambda: None))
+        time.sleep(spacing)
+    return holdings
+
+
 @needs_etcd
 def test_many_leases_are_kept_alive_over_one_stream(etcd: str) -> None:
     grants = EtcdStore(etcd)
@@ -162,12 +173,8 @@ def test_a_hung_endpoint_holds_no_keepalive_up_past_a_deadline(etcd: str, monkey
     hole.listen(64)  # the kernel completes handshakes; nobody ever reads
     grants = EtcdStore(etcd)
     keeper = LeaseKeeper(EtcdStore([f"http://127.0.0.1:{hole.getsockname()[1]}", etcd]))
-    holdings = []
     try:
-        for i in range(20):
-            sent_at = time.monotonic()
-            lease, ttl = grants.grant(2)
-            holdings.append(Holding(vfs=f"v{i}", lease_id=lease, ttl=ttl, granted_at=sent_at, drop=lambda: None))
+        holdings = granted(grants, 20, ttl=2)
         first = [h.deadline for h in holdings]
         for h in holdings:
             keeper.add(h)
@@ -194,13 +201,9 @@ def test_a_refusing_endpoint_is_left_for_good_and_no_lease_runs_out(etcd: str, m
     grants = EtcdStore(etcd)
     keeper = LeaseKeeper(EtcdStore([f"http://127.0.0.1:{refused}", etcd]))
     lost: list[int] = []
-    holdings = []
+    holdings: list[Holding] = []
     try:
-        for i in range(10):
-            sent_at = time.monotonic()
-            lease, ttl = grants.grant(5)
-            holdings.append(Holding(vfs=f"v{i}", lease_id=lease, ttl=ttl, granted_at=sent_at, drop=lambda: None))
-            time.sleep(0.13)  # out of phase, as real holdings are
+        holdings = granted(grants, 10, ttl=5, spacing=0.13)  # out of phase, as real holdings are
         plain, _ = grants.grant(5)
         keeper.add_plain(plain, 5, lost.append)
         for h in holdings:
