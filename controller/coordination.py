@@ -24,7 +24,7 @@ Terms used below (etcd's MVCC model):
   of that lease) when the lease is revoked or expires, i.e. when no keepalive arrived for a TTL.
 
 lease_stream() is how the lease keeper renews leases: EtcdStore's is one LeaseKeepAlive stream
-for all leases (store.LeaseStream), MemStore's a keepalive() call per request
+for all leases (controller/leasestream.py), MemStore's a keepalive() call per request
 (store.CallingLeaseStream).
 
 The domain types stay where they are: KeyRecord (controller.view), WatchBatch, OwnerCreated and
@@ -126,10 +126,11 @@ class Coordination(Protocol):
 
     def lease_stream(self, on_answer: Callable[[int, int, int], None],
                      on_ended: Callable[[int], None]) -> Any:
-        """Keepalives for many leases (see store.LeaseStream): `send(lease_id, sending)` queues one and
-        tells `sending(generation)` first; `on_answer(lease_id, ttl, generation)` comes for each answer,
-        in the order of the requests of that generation; `on_ended(generation)` when a generation ends
-        (an error or `reset()`), after which none of its requests is answered; `close()`.
+        """Keepalives for many leases (see controller/leasestream.py): `send_many(lease_ids, sending)`
+        sends one for each (`send(lease_id, sending)` for one) and tells `sending(generation)` first;
+        `on_answer(lease_id, ttl, generation)` comes for each answer, in the order of the requests of
+        that generation; `on_ended(generation)` when a generation ends (an error or `reset()`), after
+        which none of its requests is answered; `close()`.
 
         Guarantees: answers of a generation come in request order and never after its on_ended.
         Non-guarantees: that a request is answered, or when; on which thread the callbacks run

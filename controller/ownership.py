@@ -39,7 +39,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,13 +50,14 @@ from controller.store import StoreError
 log = logging.getLogger(__name__)
 
 FENCE_CHECK_SECONDS = 0.02
+FULL_SCAN_SECONDS = 0.25  # at the latest, the fence monitor looks at every holding (drops to retry)
 KEEPALIVE_RETRY = 0.05  # after a keepalive got no answer (at most the interval, TTL/4)
 
 
 class LeaseStreamLike(Protocol):
-    """What the keeper needs of a store's lease_stream() (store.LeaseStream, store.CallingLeaseStream)."""
+    """What the keeper needs of a store's lease_stream() (leasestream.H2LeaseStream, store.CallingLeaseStream)."""
 
-    def send(self, lease_id: int, sending: Callable[[int], None]) -> None: ...
+    def send_many(self, lease_ids: Sequence[int], sending: Callable[[int], None]) -> None: ...
 
     def reset(self) -> None:
         """End the current generation; the stream tells its on_ended callback so."""
@@ -225,22 +226,31 @@ class Holding:
 class LeaseKeeper:
     """Keeps every lease of this agent alive and fences holdings whose deadline passes.
 
-    Threads: the keepalive loop queues the keepalives that are due on one stream for all leases
-    (store.LeaseStream; it never waits for an answer, so one lease's slow answer delays no other
-    lease's request, and 100 leases cost what one does); the stream's reader applies answers, each
-    matched to the oldest unanswered request of its lease on the same stream generation (invariant 2:
-    the deadline comes from that request's send time); and the fence monitor, which never touches the
-    network, so a hung etcd cannot delay a fence. A stream that answers nothing for an interval (TTL/4)
-    while a request waits is reset (to another endpoint when there is one); answers of a reset stream
-    never count. None of them ends before stop(), whatever one holding raises (invariant 8).
+    Threads: the keepalive loop sends the keepalives that are due, in one batch, on one stream for all
+    leases (controller/leasestream.py; it never waits for an answer, so one lease's slow answer delays
+    no other lease's request); the stream's reader applies answers, each matched to the oldest
+    unanswered request of its lease on the same stream generation (invariant 2: the deadline comes
+    from that request's send time); and the fence monitor, which never touches the network, so a hung
+    etcd cannot delay a fence (it also tells the guard the renewed deadlines, in batches). A stream that
+    answers nothing for an interval (TTL/4) while a request waits is reset (to another endpoint when
+    there is one); answers of a reset stream never count. None of them ends before stop(), whatever one
+    holding raises (invariant 8).
     """
 
     def __init__(self, store: Coordination, on_deadline: Callable[[Holding], None] | None = None,
                  on_removed: Callable[[Holding], None] | None = None,
-                 on_drop_failed: Callable[[Holding, BaseException], None] | None = None) -> None:
+                 on_drop_failed: Callable[[Holding, BaseException], None] | None = None,
+                 on_deadlines: Callable[[list[Holding]], None] | None = None) -> None:
         self._store = store
-        # Told every new deadline of a holding, and when one ends (the fence guard listens).
+        # Told every new deadline of a holding, and when one ends (the fence guard listens). Renewals
+        # are told in batches by the fence monitor, within FENCE_CHECK_SECONDS (on_deadlines, or
+        # on_deadline for each): the guard acts fence_margin/2 (>= 0.15 s) after a deadline.
         self._on_deadline = on_deadline or (lambda _h: None)
+        self._on_deadlines = on_deadlines or self._each_deadline
+        self._renewed: dict[str, Holding] = {}  # acknowledged since the last batch (under _ka_lock)
+        # The fence monitor scans every holding only when one can be due: at the earliest deadline it
+        # saw, after add(), or every FULL_SCAN_SECONDS (a VIP drop to retry). Deadlines only grow.
+        self._scan_from = 0.0
         self._on_removed = on_removed or (lambda _h: None)
         # Told once per holding that its VIP could not be removed (the agent has the guard fence it).
         self._on_drop_failed = on_drop_failed or _drop_failed_critical
@@ -264,6 +274,11 @@ class LeaseKeeper:
         self._lost: set[int] = set()  # leases whose request went down with a stream: retry soon
         self._last_answer_at = time.monotonic()  # of any answer on the current stream (stuck or slow?)
 
+    def _each_deadline(self, holdings: list[Holding]) -> None:
+        for h in holdings:
+            with loops.guarded("guard-hold", h.vfs, log):
+                self._on_deadline(h)
+
     def start(self) -> None:
         for target, name in ((self._keepalive_loop, "keepalive"), (self._fence_loop, "fence-monitor")):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -282,6 +297,7 @@ class LeaseKeeper:
         with self._retry_lock, self._lock:
             old = self._undropped.pop(holding.vfs, None)
             self._holdings[holding.vfs] = holding
+            self._scan_from = 0.0
         if old is not None and old is not holding:
             log.warning("%s: the new holding (epoch %d) takes over the VIP whose removal for epoch %d kept "
                         "failing (%s)", holding.vfs, holding.epoch, old.epoch, old.drop_error)
@@ -327,8 +343,17 @@ class LeaseKeeper:
                 loops.record("fence-monitor", exc, logger=log)
 
     def _fence_tick(self, now: float) -> None:
+        with self._ka_lock:
+            renewed, self._renewed = list(self._renewed.values()), {}
+        if renewed:
+            with loops.guarded("guard-hold", f"{len(renewed)} renewals", log):
+                self._on_deadlines([h for h in renewed if not h.fenced])
         with self._lock:
+            if now < self._scan_from:
+                return
             held = list(self._holdings.values())
+            self._scan_from = min((h.deadline for h in held if not h.fenced), default=now + FULL_SCAN_SECONDS)
+            self._scan_from = min(self._scan_from, now + FULL_SCAN_SECONDS)
         # Fences first: a retried drop (a netlink call) must not delay another holding's fence.
         just_fenced: set[int] = set()
         for h in held:
@@ -369,14 +394,15 @@ class LeaseKeeper:
             self._stream.close()
 
     def _keepalive_pass(self, next_due: dict[int, float]) -> None:
-        """Send a keepalive for every lease that is due, over the one stream (store.LeaseStream).
+        """Send the keepalives that are due, in one batch over the one stream (controller/leasestream.py).
 
-        A stream that answers nothing for a lease's interval (TTL/4) while that lease's request waits is
-        stuck: it is reset and every request left on it counts as lost. A lost or failed keepalive is
-        retried soon, not
-        an interval later (waiting timeout + interval would leave a single lost keepalive no second
-        chance before the self-fence deadline, TTL - margin); further failures in a row back off,
-        doubling up to the interval: etcd is down, not slow."""
+        A lease due within half an interval goes with the batch (early is always safe: the deadline
+        comes from the send time), so the leases fall into step and a round of 100 costs one write and
+        one wake-up instead of 100. A stream that answers nothing for a lease's interval (TTL/4) while
+        that lease's request waits is stuck: it is reset and every request left on it counts as lost.
+        A lost or failed keepalive is retried soon, not an interval later (waiting timeout + interval
+        would leave a single lost keepalive no second chance before the self-fence deadline, TTL -
+        margin); further failures in a row back off, doubling up to the interval: etcd is down, not slow."""
         with self._lock:
             leases: dict[int, tuple[int, Holding | Callable[[int], None]]] = {
                 h.lease_id: (h.ttl, h) for h in self._holdings.values() if not h.fenced}
@@ -386,13 +412,14 @@ class LeaseKeeper:
             self._stream = self._new_stream()
         with self._ka_lock:
             lost, self._lost = self._lost, set()
+        due: dict[int, tuple[float, Holding | Callable[[int], None]]] = {}
         for lease_id, (ttl, owner) in leases.items():
             interval = max(0.1, ttl / 4)
             if lease_id in lost:  # its request went down with a stream: retried soon, not an interval later
                 next_due[lease_id] = min(next_due.get(lease_id, now), now + self._retry_after(lease_id, interval))
-            if next_due.get(lease_id, 0.0) > now:
-                continue
-            if self._oldest_unanswered(lease_id, now) > interval and now - self._last_answer_at > interval:
+            due_at = next_due.get(lease_id, 0.0)
+            if due_at <= now and self._oldest_unanswered(lease_id, now) >= interval \
+                    and now - self._last_answer_at >= interval:
                 # Nothing answered on the stream for an interval while this request waits: the stream
                 # (or its endpoint) is stuck, not merely slow (a slow one still answers in order; giving
                 # it up would lose every lease's answer in flight). Its end makes every request on it
@@ -401,20 +428,12 @@ class LeaseKeeper:
                           interval, lease_id)
                 self._stream.reset()
                 self._wake.set()
-                continue
-            what = owner.vfs if isinstance(owner, Holding) else f"lease {lease_id:x}"
-            sent = False
-            # Any failure of one lease (etcd client, guard, a bug) is that lease's alone: it is
-            # retried, and its holding self-fences if no keepalive is answered in time.
-            with loops.guarded("keepalive", what, log):
-                try:
-                    self._stream.send(lease_id, lambda gen, o=owner, i=lease_id, t=now: self._sending(i, gen, t, o))
-                    sent = True
-                except StoreError as exc:
-                    log.debug("keepalive of lease %x failed: %s", lease_id, exc)
-            if not sent:
-                self._forget_request(lease_id, now)
-            next_due[lease_id] = now + (interval if sent else self._retry_after(lease_id, interval))
+                return
+            # Early only while it is not failing: a retry keeps its backoff.
+            if due_at <= now + (0.0 if self._failing(lease_id) else interval / 2):
+                due[lease_id] = (interval, owner)
+        if due:
+            self._send(due, now, next_due)
         with self._ka_lock:
             for lease_id in list(next_due):
                 if lease_id not in leases:
@@ -422,27 +441,47 @@ class LeaseKeeper:
                     self._failures.pop(lease_id, None)
                     self._inflight.pop(lease_id, None)
 
+    def _send(self, due: dict[int, tuple[float, Holding | Callable[[int], None]]], now: float,
+              next_due: dict[int, float]) -> None:
+        """One batch of keepalives, all sent at `now`. If no stream could be opened, each counts as a
+        failure of its lease and is retried soon; a stream that fails once they are queued tells
+        _stream_ended (they are then lost, and retried soon too)."""
+        assert self._stream is not None
+
+        def sending(generation: int) -> None:
+            with self._ka_lock:
+                for lease_id, (_interval, owner) in due.items():
+                    self._inflight.setdefault(lease_id, collections.deque()).append((generation, now, owner))
+
+        sent = False
+        with loops.guarded("keepalive", f"a batch of {len(due)}", log):
+            try:
+                self._stream.send_many(list(due), sending)
+                sent = True
+            except StoreError as exc:
+                log.debug("keepalives of %d leases failed: %s", len(due), exc)
+        if not sent:
+            with self._ka_lock:
+                for lease_id in due:
+                    pending = self._inflight.get(lease_id)
+                    if pending and pending[-1][1] == now:
+                        pending.pop()
+                    self._failures[lease_id] = self._failures.get(lease_id, 0) + 1
+        for lease_id, (interval, _owner) in due.items():
+            next_due[lease_id] = now + (interval if sent else self._retry_after(lease_id, interval))
+
     def _new_stream(self) -> LeaseStreamLike:
         return self._store.lease_stream(self._answered, self._stream_ended)  # type: ignore[no-any-return]
-
-    def _sending(self, lease_id: int, generation: int, sent_at: float,
-                 owner: Holding | Callable[[int], None]) -> None:
-        with self._ka_lock:
-            self._inflight.setdefault(lease_id, collections.deque()).append((generation, sent_at, owner))
-
-    def _forget_request(self, lease_id: int, sent_at: float) -> None:
-        """A send that failed: its request (if recorded) went nowhere and counts as a failure."""
-        with self._ka_lock:
-            pending = self._inflight.get(lease_id)
-            if pending and pending[-1][1] == sent_at:
-                pending.pop()
-            self._failures[lease_id] = self._failures.get(lease_id, 0) + 1
 
     def _oldest_unanswered(self, lease_id: int, now: float) -> float:
         """Seconds the oldest unanswered keepalive of a lease has waited (0: none)."""
         with self._ka_lock:
             pending = self._inflight.get(lease_id)
             return now - pending[0][1] if pending else 0.0
+
+    def _failing(self, lease_id: int) -> bool:
+        with self._ka_lock:
+            return self._failures.get(lease_id, 0) > 0
 
     def _retry_after(self, lease_id: int, interval: float) -> float:
         with self._ka_lock:
@@ -478,7 +517,8 @@ class LeaseKeeper:
             if isinstance(owner, Holding):
                 if ttl > 0:
                     owner.acked(sent_at, ttl)
-                    self._on_deadline(owner)
+                    with self._ka_lock:
+                        self._renewed[owner.vfs] = owner
                 else:
                     owner.fence("lease is gone in etcd (expired or revoked)")
             elif ttl <= 0:

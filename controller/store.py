@@ -5,28 +5,28 @@ All etcd traffic of nfs-ha goes through here, so the client's pitfalls are handl
   one error, which turns a brief etcd hiccup into a five-minute outage);
 - every call has a timeout, and every failure becomes a StoreError;
 - gRPC keepalive pings (no more often than etcd allows) detect a dead connection;
-- lease keepalives of all of a node's leases share one LeaseKeepAlive stream (LeaseStream),
-  as etcd's own client does: a request never waits for another lease's answer, and one
-  keepalive costs ~0.1 ms of CPU instead of ~1 ms for a stream per call (measured here).
+- lease keepalives of all of a node's leases share one LeaseKeepAlive stream, as etcd's own
+  client does, spoken with h2 rather than grpcio (controller/leasestream.py says why).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import grpc
 import pyetcd
-from pyetcd import etcdrpc
 from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
 
 from controller import loops
 from controller.view import KeyRecord
+
+if TYPE_CHECKING:
+    from controller.leasestream import H2LeaseStream
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,13 @@ class EtcdStore:
     # --- leases --------------------------------------------------------------------------
 
     def lease_stream(self, on_answer: Callable[[int, int, int], None],
-                     on_ended: Callable[[int], None]) -> LeaseStream:
+                     on_ended: Callable[[int], None]) -> H2LeaseStream:
         """A keepalive stream for many leases; `on_answer(lease_id, ttl, generation)`, `on_ended(generation)`
-        (see LeaseStream)."""
-        return LeaseStream(self, on_answer, on_ended)
+        (see controller/leasestream.py)."""
+        from controller.leasestream import H2LeaseStream  # it imports StoreError from here
+
+        self._check_open()
+        return H2LeaseStream(self._endpoints, on_answer, on_ended)
 
     def grant(self, ttl: int) -> tuple[int, int]:
         lease = self._call("lease grant", lambda: self._client.lease(ttl))
@@ -266,112 +269,6 @@ class EtcdStore:
         return bool(ok)
 
 
-def _requests(pending: queue.SimpleQueue[Any]) -> Iterator[Any]:
-    """The request side of a LeaseKeepAlive stream: whatever is queued, until None."""
-    while True:
-        item = pending.get()
-        if item is None:
-            return
-        yield item
-
-
-class LeaseStream:
-    """Keepalives of many leases over one LeaseKeepAlive stream, as etcd's clientv3 does.
-
-    send() queues a request and returns at once: one lease's slow answer delays no other
-    lease's request. etcd answers a stream's requests in order; the caller matches an answer
-    to the oldest unanswered request of that lease *sent on the same generation* of the
-    stream, and takes the self-fence deadline from that request's send time (taken before it
-    was queued, so never later than the real one). reset() gives a stuck stream up: its
-    generation ends, so no answer of it is ever reported again (an answer counted against a
-    later request would stretch a deadline), and the next send() opens a new stream, on another
-    endpoint when there is one. `on_ended(generation)` is told whenever a generation ends (an error
-    or reset()): none of its unanswered requests will ever be answered. Not guaranteed: that a
-    request is answered at all, or in time; the caller resets a stream that answers nothing for a
-    keepalive interval while a request waits.
-    """
-
-    def __init__(self, store: EtcdStore, on_answer: Callable[[int, int, int], None],
-                 on_ended: Callable[[int], None]) -> None:
-        self._on_answer = on_answer
-        self._on_ended = on_ended
-        self._client = store.new_client(store.timeout)  # its own channel: never queued behind other calls
-        self._lock = threading.Lock()
-        self.generation = 0
-        self._queue: queue.SimpleQueue[Any] | None = None
-        self._call: Any = None
-
-    def send(self, lease_id: int, sending: Callable[[int], None]) -> None:
-        """Queue one keepalive; `sending(generation)` is told first (so an answer always finds its
-        request recorded). StoreError if no stream can be opened."""
-        with self._lock:
-            if self._call is None:
-                self._open()
-            assert self._queue is not None
-            sending(self.generation)
-            self._queue.put(etcdrpc.LeaseKeepAliveRequest(ID=lease_id))
-
-    def _open(self) -> None:
-        self.generation += 1
-        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        try:
-            call = self._client.leasestub.LeaseKeepAlive(_requests(requests))
-        except (grpc.RpcError, pyetcd.exceptions.Etcd3Exception, ValueError) as exc:
-            raise StoreError(f"etcd lease keepalive stream failed: {type(exc).__name__} {exc}") from exc
-        self._queue, self._call = requests, call
-        threading.Thread(target=self._read, args=(call, self.generation), name="lease-stream", daemon=True).start()
-
-    def _read(self, call: Any, generation: int) -> None:
-        try:
-            for resp in call:
-                if generation != self.generation:  # given up on: none of its answers counts any more
-                    return
-                with loops.guarded("keepalive-answer", f"lease {resp.ID:x}", log):
-                    self._on_answer(int(resp.ID), int(resp.TTL), generation)
-        except grpc.RpcError as exc:
-            if generation == self.generation:
-                log.debug("lease keepalive stream ended: %s", exc)
-        except Exception as exc:  # a bug: counted; the requests left unanswered make the keeper reset
-            loops.record("keepalive-stream", exc, logger=log)
-        finally:
-            self._ended(generation, failed=True)
-
-    def _ended(self, generation: int, failed: bool) -> None:
-        with self._lock:
-            if generation != self.generation or self._call is None:
-                return
-            call, requests = self._call, self._queue
-            self._call = self._queue = None
-            self.generation += 1
-            if failed and len(self._client.endpoints) > 1:
-                self._next_endpoint()
-        assert requests is not None
-        requests.put(None)
-        call.cancel()
-        if failed:
-            with loops.guarded("keepalive-stream", "end of a stream", log):
-                self._on_ended(generation)
-
-    def _next_endpoint(self) -> None:
-        """Move to another endpoint now. pyetcd only leaves an endpoint while it counts as failed
-        (ENDPOINT_RETRY_SECONDS): opened later, the next stream would go back to a dead one. With a
-        single endpoint failing it would only block keepalives for that long."""
-        self._client.endpoint_in_use.fail()
-        self._client._clear_old_stubs()  # pyetcd caches the stub on the failed channel
-        try:
-            self._client.channel  # noqa: B018 - the property fails over to an endpoint not failed
-        except Exception as exc:  # every endpoint failed recently: the next send() tries again
-            log.debug("no other etcd endpoint for keepalives now: %s", exc)
-
-    def reset(self) -> None:
-        """Give the current stream up (no answer in time): a new one on the next send()."""
-        self._ended(self.generation, failed=True)
-
-    def close(self) -> None:
-        self._ended(self.generation, failed=False)
-        self._client.close()
-
-
 class CallingLeaseStream:
     """The LeaseStream interface made of one keepalive() call per send(), answered before send()
     returns: for stores that have no stream (the in-memory one, test doubles)."""
@@ -384,10 +281,28 @@ class CallingLeaseStream:
         self.generation = 1
 
     def send(self, lease_id: int, sending: Callable[[int], None]) -> None:
+        self.send_many([lease_id], sending)
+
+    def send_many(self, lease_ids: Sequence[int], sending: Callable[[int], None]) -> None:
+        """A lease whose keepalive fails fails alone: the others are answered, then the generation ends
+        (as a real stream's would), so the failed requests count as lost and are retried soon."""
         generation = self.generation
         sending(generation)
-        ttl = self._keepalive(lease_id)
-        self._on_answer(lease_id, ttl, generation)
+        failed = False
+        for lease_id in lease_ids:
+            try:
+                ttl = self._keepalive(lease_id)
+            except StoreError as exc:
+                log.debug("keepalive of lease %x failed: %s", lease_id, exc)
+                failed = True
+                continue
+            except Exception as exc:
+                loops.record("keepalive", exc, f"lease {lease_id:x}", log)
+                failed = True
+                continue
+            self._on_answer(lease_id, ttl, generation)
+        if failed:
+            self.reset()
 
     def reset(self) -> None:
         self.generation += 1

@@ -76,7 +76,8 @@ class Agent:
         self.ks = Keyspace(cfg.prefix)
         self.store = EtcdStore(cfg.etcd)
         self.host = Host(cfg.interface, cfg.node_state_dir)
-        self.keeper = LeaseKeeper(self.store, on_deadline=self._guard_hold, on_removed=self._guard_release,
+        self.keeper = LeaseKeeper(self.store, on_deadline=self._guard_hold, on_deadlines=self._guard_holds,
+                                  on_removed=self._guard_release,
                                   on_drop_failed=self._vip_drop_failed)
         self.guard: GuardClient | None = None
         self.watchdog = (WatchdogArm(WatchdogDevice(cfg.watchdog), self.keeper.holdings,
@@ -264,15 +265,28 @@ class Agent:
                 self._guard_hold(rec.holding)
 
     def _guard_hold(self, h: Holding) -> None:
-        with self._lock:
-            rec = self.reconcilers.get(h.vfs)
-        spec = rec.held_spec if rec is not None else None
-        if self.guard is None or spec is None or h.fenced:
+        self._guard_holds([h])
+
+    def _guard_holds(self, holdings: list[Holding]) -> None:
+        """Tell the guard these holdings' deadlines (the keeper's renewals come in batches)."""
+        if self.guard is None:
             return
-        mountpoint = str(self.host.storage.mountpoint(h.vfs)) if spec.storage is not None else None
-        device = spec.storage.device if spec.storage is not None else None
-        self.guard.hold(h.vfs, spec.vip_cidr, guard_deadline(h), mountpoint, self.host.nfs_pid(h.vfs), h.epoch,
-                        device=device)
+        with self._lock:
+            recs = [(h, self.reconcilers.get(h.vfs)) for h in holdings]
+        holds = []
+        for h, rec in recs:
+            spec = rec.held_spec if rec is not None else None
+            if spec is None or h.fenced:
+                continue
+            storage = spec.storage
+            holds.append({"vfs": h.vfs, "vip": spec.vip_cidr, "deadline": guard_deadline(h),
+                          "mountpoint": str(self.host.storage.mountpoint(h.vfs)) if storage is not None else None,
+                          "nfs_pid": self.host.nfs_pid(h.vfs), "epoch": h.epoch,
+                          "device": storage.device if storage is not None else None})
+        if len(holds) == 1:
+            self.guard.hold(**holds[0])
+        elif holds:
+            self.guard.hold_many(holds)
 
     def _guard_hold_vfs(self, vfs: str) -> None:
         with self._lock:

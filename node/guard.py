@@ -29,6 +29,9 @@ Messages: newline-delimited JSON objects on stdin, one per line (extra keys are 
         started an NFS server (so the guard knows the new pid at once). The newest hold replaces the
         previous one as is (a new acquire may carry an earlier deadline). `epoch` is the holding's
         epoch (optional; rule 7); `device` the VFS's shared block device (optional; rule 3).
+    {"op": "holds", "holds": [{...a hold without "op"...}, ...]}
+        several holds at once (the agent's keepalive renewals, in batches, each line < PIPE_BUF). Each
+        is checked and applied on its own: a bad one is logged and ignored, the others still count.
     {"op": "release", "vfs": "home", "epoch": 42}   the agent released the VFS itself: forget it.
     {"op": "fence", "vfs": "home", "epoch": 42, "reason": "..."}
         the agent could not fence this holding itself (e.g. the VIP would not go): fence it now.
@@ -172,6 +175,7 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import ipaddress
 import json
 import logging
@@ -195,6 +199,8 @@ log = logging.getLogger("nfs-ha-guard")
 ACTIONS_FILE = "guard-actions.jsonl"
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")  # same rule as controller/keyspace.check_name
 MAX_LINE = 64 * 1024  # a longer line is garbage, not a message
+MAX_HOLDS = 1000  # in one "holds" message
+HOLDS_BYTES = 3500  # GuardClient.hold_many: the holds of one message, so a line stays below PIPE_BUF (4096)
 IDLE_TICK = 1.0  # longest select() wait when nothing is due
 DEFAULT_RELEASE_BOUND = 10.0
 MAX_RELEASE_BOUND = 3600.0
@@ -256,6 +262,8 @@ class Message:
     held: Held | None = None
     epoch: int = 0
     reason: str = ""
+    helds: tuple[Held, ...] = ()  # op holds: the ones that validated
+    errors: tuple[str, ...] = ()  # op holds: why each of the others did not
 
 
 @dataclass(eq=False)
@@ -310,24 +318,47 @@ def validate(raw: Any) -> Message:
             raise BadMessage(f"reason must be a string or null, not {reason!r}")
         return Message(op, vfs=_vfs_name(raw.get("vfs")), epoch=_epoch(raw.get("epoch")),
                        reason=(reason or "").replace("\n", " ")[:300])
+    if op == "holds":
+        items = raw.get("holds")
+        if not isinstance(items, list) or len(items) > MAX_HOLDS:
+            raise BadMessage(f"holds must be a list of at most {MAX_HOLDS} holds")
+        helds, errors = [], []
+        for item in items:
+            try:
+                if not isinstance(item, Mapping):
+                    raise BadMessage("a hold must be a JSON object")
+                helds.append(_held(item))
+            except BadMessage as exc:
+                errors.append(f"{str(item)[:200]}: {exc}")
+        return Message(op, helds=tuple(helds), errors=tuple(errors))
     if op != "hold":
         raise BadMessage(f"unknown op {op!r}")
+    held = _held(raw)
+    return Message(op, vfs=held.vfs, held=held, epoch=held.epoch)
+
+
+@functools.lru_cache(maxsize=4096)
+def _vip(text: str) -> ipaddress.IPv4Interface:
+    # Cached: the same few VIPs come with every renewal (an IPv4Interface is immutable).
+    try:
+        return ipaddress.IPv4Interface(text)
+    except ValueError as exc:
+        raise BadMessage(f"invalid vip {text!r}: {exc}") from None
+
+
+def _held(raw: Mapping[str, Any]) -> Held:
     vfs = _vfs_name(raw.get("vfs"))
     vip_text = raw.get("vip")
     if not isinstance(vip_text, str):
         raise BadMessage(f"vip must be a string, not {vip_text!r}")
-    try:
-        vip = ipaddress.IPv4Interface(vip_text)
-    except ValueError as exc:
-        raise BadMessage(f"invalid vip {vip_text!r}: {exc}") from None
+    vip = _vip(vip_text)
     deadline = _number(raw.get("deadline"), "deadline")
     mountpoint = _abs_path(raw.get("mountpoint"), "mountpoint")
     device = _abs_path(raw.get("device"), "device")
     nfs_pid = raw.get("nfs_pid")
     if nfs_pid is not None and (isinstance(nfs_pid, bool) or not isinstance(nfs_pid, int) or nfs_pid <= 1):
         raise BadMessage(f"nfs_pid must be a pid > 1 or null, not {nfs_pid!r}")
-    epoch = _epoch(raw.get("epoch"))
-    return Message(op, vfs=vfs, held=Held(vfs, vip, deadline, mountpoint, nfs_pid, epoch, device), epoch=epoch)
+    return Held(vfs, vip, deadline, mountpoint, nfs_pid, _epoch(raw.get("epoch")), device)
 
 
 def parse_line(line: bytes | str) -> Message:
@@ -366,6 +397,9 @@ class GuardState:
             if msg.op == "hold":
                 assert msg.held is not None
                 return self._hold(msg.held, now)
+            if msg.op == "holds":
+                armed = [self._hold(held, now) for held in msg.helds]
+                return any(armed) or not armed
             if msg.op == "release":
                 assert msg.vfs is not None
                 if self._stale(msg.vfs, msg.epoch, hold=False):
@@ -1185,6 +1219,8 @@ class Guard:
                 continue
             try:
                 msg = parse_line(line)
+                for error in msg.errors:
+                    log.error("ignoring a bad hold: %s", error)
                 if not self.state.apply(msg, self.clock()):
                     log.debug("ignoring %s of %s epoch %d (an older or fenced holding, or nothing held)",
                               msg.op, msg.vfs, msg.epoch)
@@ -1383,6 +1419,21 @@ class GuardClient:
              epoch: int = 0, device: str | None = None) -> bool:
         return self._send({"op": "hold", "vfs": vfs, "vip": vip, "deadline": deadline,
                            "mountpoint": mountpoint, "nfs_pid": nfs_pid, "epoch": epoch, "device": device})
+
+    def hold_many(self, holds: Sequence[dict[str, Any]]) -> bool:
+        """Several holds (dicts with the keys of hold()'s message), in as few messages as fit PIPE_BUF
+        (so each write is still all or nothing)."""
+        ok, batch, size = True, [], 0
+        for item in holds:
+            text = len(json.dumps(item, separators=(",", ":")))
+            if batch and size + text > HOLDS_BYTES:
+                ok = self._send({"op": "holds", "holds": batch}) and ok
+                batch, size = [], 0
+            batch.append(item)
+            size += text + 1
+        if batch:
+            ok = self._send({"op": "holds", "holds": batch}) and ok
+        return ok
 
     def release(self, vfs: str, epoch: int = 0) -> bool:
         return self._send({"op": "release", "vfs": vfs, "epoch": epoch})

@@ -246,6 +246,51 @@ def test_bad_lines_are_ignored_by_the_loop(tmp_path: Path) -> None:
     assert host.calls == []
 
 
+def holds(*items: dict[str, Any]) -> dict[str, Any]:
+    return {"op": "holds", "holds": [{k: v for k, v in item.items() if k != "op"} for item in items]}
+
+
+def test_a_batch_of_holds_is_the_same_as_each_hold_and_a_bad_one_spoils_only_itself(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The agent's renewals come in batches ("holds"); one bad entry must not leave the others'
+    deadlines unrenewed (the guard would fence VFS the agent still serves)."""
+    g = Guard(GuardState(), fencer(FakeHost(), tmp_path), stdin_fd=-1, clock=lambda: 0.0)
+    g.feed(json.dumps(hold("home", 10.0, epoch=3)).encode() + b"\n")
+    batch = holds(hold("home", 12.0, epoch=3), hold("bad_name", 1.0), {"vfs": "data"},
+                  hold("data", 11.0, vip="10.77.0.101/24", epoch=4))
+    with caplog.at_level(logging.ERROR, logger="node.guard"):
+        g.feed(json.dumps(batch).encode() + b"\n")
+    assert sorted((h.vfs, h.deadline, h.epoch) for h in g.state.all_held()) == [("data", 11.0, 4), ("home", 12.0, 3)]
+    assert sum("ignoring a bad hold" in r.message for r in caplog.records) == 2
+    st = GuardState()
+    assert st.apply(holds(), now=0.0) and st.all_held() == []  # an empty batch changes nothing
+    for bad in ({"op": "holds"}, {"op": "holds", "holds": {"vfs": "home"}},
+                {"op": "holds", "holds": [hold("home", 1.0)] * (guard.MAX_HOLDS + 1)}):
+        with pytest.raises(BadMessage):
+            st.apply(bad, now=0.0)
+
+
+def test_the_client_sends_a_batch_in_lines_each_below_pipe_buf(tmp_path: Path) -> None:
+    client = GuardClient(tmp_path, "eth-test", dry_run=True)
+    sent: list[dict[str, Any]] = []
+    client._send = lambda msg, wait=0.0: sent.append(msg) or True  # type: ignore[method-assign]
+    try:
+        items = [{k: v for k, v in hold(f"vfs-{i:03d}", 100.0 + i, vip=f"10.77.{i // 250}.{i % 250 + 1}/32",
+                                        mountpoint=f"/run/nfs-ha/node-a/mnt/vfs-{i:03d}", epoch=1000 + i,
+                                        device=f"/dev/disk/by-id/wwn-0x{i:016x}").items() if k != "op"}
+                 for i in range(300)]
+        assert client.hold_many(items)
+        assert len(sent) > 1 and all(len(json.dumps(m, separators=(",", ":"))) + 1 < 4096 for m in sent)
+        assert [h for m in sent for h in m["holds"]] == items  # all of them, in order, once
+        st = GuardState()
+        for m in sent:
+            st.apply(m, now=0.0)
+        assert len(st.all_held()) == 300
+    finally:
+        client.proc.kill()
+        client.proc.wait()
+
+
 def test_hold_with_null_mount_and_pid() -> None:
     st = GuardState()
     st.apply(hold("home", 1.0, mountpoint=None, nfs_pid=None), now=0.0)

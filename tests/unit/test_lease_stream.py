@@ -1,16 +1,16 @@
-"""Keepalives of all leases over one stream (controller/store.py LeaseStream, LeaseKeeper): the
+"""Keepalives of all leases over one stream (controller/leasestream.py, LeaseKeeper): the
 deadline only ever comes from the send time of the request an answer belongs to, an answer of a
 stream given up on never counts, and a hung etcd endpoint holds nobody's keepalives up for long."""
 
 from __future__ import annotations
 
-import importlib
 import socket
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from controller import leasestream
 from controller.ownership import Holding, LeaseKeeper, fence_margin
 from controller.store import EtcdStore
 from tests.unit.conftest import needs_etcd
@@ -25,11 +25,13 @@ class ManualStream:
         self.on_ended = on_ended
         self.generation = 1
         self.sent: list[tuple[int, int]] = []  # (lease, generation)
+        self.batches: list[list[int]] = []
         self.resets = 0
 
-    def send(self, lease_id: int, sending: Callable[[int], None]) -> None:
+    def send_many(self, lease_ids: list[int], sending: Callable[[int], None]) -> None:
         sending(self.generation)
-        self.sent.append((lease_id, self.generation))
+        self.sent += [(lease_id, self.generation) for lease_id in lease_ids]
+        self.batches.append(list(lease_ids))
 
     def answer(self, lease_id: int, ttl: int, generation: int | None = None) -> None:
         self.on_answer(lease_id, ttl, self.generation if generation is None else generation)
@@ -113,6 +115,28 @@ def test_a_slow_stream_that_still_answers_is_not_given_up(keeper) -> None:
     assert stream.resets == 1
 
 
+def test_leases_fall_into_step_and_go_in_one_batch(keeper) -> None:
+    """A round of keepalives is one write: a lease due within half an interval goes along (early is
+    safe, its deadline comes from the send time), so leases added at different times fall into step."""
+    k, store = keeper
+    next_due: dict[int, float] = {}
+    t0 = time.monotonic()
+    k.add(Holding(vfs="a", lease_id=1, ttl=2, granted_at=t0, drop=lambda: None))
+    k._keepalive_pass(next_due)
+    stream = store.streams[0]
+    time.sleep(0.2)  # b comes 0.2 s later (interval 0.5 s)
+    k.add(Holding(vfs="b", lease_id=2, ttl=2, granted_at=time.monotonic(), drop=lambda: None))
+    k._keepalive_pass(next_due)
+    assert stream.batches == [[1], [2]]
+    for lease in (1, 2):
+        stream.answer(lease, 2)
+    time.sleep(max(0.0, next_due[1] - time.monotonic()) + 0.01)  # a is due, b in 0.2 s
+    k._keepalive_pass(next_due)
+    assert stream.batches[-1] == [1, 2] and next_due[1] == next_due[2]  # in step from now on
+    k._keepalive_pass(next_due)
+    assert len(stream.batches) == 3  # nothing due: nothing sent
+
+
 def test_a_lease_etcd_no_longer_has_fences_its_holding(keeper) -> None:
     k, store = keeper
     fenced: list[str] = []
@@ -166,8 +190,7 @@ def test_many_leases_are_kept_alive_over_one_stream(etcd: str) -> None:
 def test_a_hung_endpoint_holds_no_keepalive_up_past_a_deadline(etcd: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first endpoint accepts connections and never answers (a frozen member): the stream on it
     is given up after one interval and the keepalives go to the next endpoint in time."""
-    client_module = importlib.import_module("pyetcd.client")  # `pyetcd.client` the attribute is a function
-    monkeypatch.setattr(client_module.random, "choice", lambda seq: seq[0])  # pyetcd starts at a random one
+    monkeypatch.setattr(leasestream, "first_endpoint", lambda _count: 0)  # it starts at a random one
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)  # the kernel completes handshakes; nobody ever reads
@@ -191,10 +214,8 @@ def test_a_hung_endpoint_holds_no_keepalive_up_past_a_deadline(etcd: str, monkey
 @needs_etcd
 def test_a_refusing_endpoint_is_left_for_good_and_no_lease_runs_out(etcd: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first endpoint refuses connections (a stopped member on a live host): each stream on it
-    dies at once. Its requests are retried at once, on another endpoint, and the keeper stays there
-    (pyetcd would go back to the dead one once it stops counting as failed, 1 s later)."""
-    client_module = importlib.import_module("pyetcd.client")
-    monkeypatch.setattr(client_module.random, "choice", lambda seq: seq[0])
+    dies at once. Its requests are retried at once, on another endpoint, and the keeper stays there."""
+    monkeypatch.setattr(leasestream, "first_endpoint", lambda _count: 0)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         refused = probe.getsockname()[1]  # closed again below: connecting is refused
