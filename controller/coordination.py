@@ -132,7 +132,8 @@ class Coordination(Protocol):
         that generation; `on_ended(generation)` when a generation ends (an error or `reset()`), after
         which none of its requests is answered; `close()`.
 
-        Guarantees: answers of a generation come in request order and never after its on_ended.
+        Guarantees: answers of a generation come in request order, and none is begun after its on_ended
+        (one being reported while the generation ends may still come just after: match generations).
         Non-guarantees: that a request is answered, or when; on which thread the callbacks run
         (MemStore's: the sender's, before send() returns).
         """

@@ -14,7 +14,9 @@ Contract (coordination.Coordination.lease_stream, as etcd's clientv3 keeps lease
   always finds its request recorded) and returns without waiting for answers. StoreError only if no
   connection could be opened (nothing was sent; `sending` was not called).
 - `on_answer(lease_id, ttl, generation)` for every answer, in etcd's order (a stream is answered in
-  order); ttl <= 0: etcd no longer has the lease.
+  order); ttl <= 0: etcd no longer has the lease. An answer being reported while its generation
+  ends (a reset() on another thread) can still come just after on_ended: the caller matches answers
+  to its own record of each generation's requests (ownership.LeaseKeeper does).
 - A generation is one connection. When it ends (an error, a failed write, the peer's end, reset())
   `on_ended(generation)` is told once, no answer of it is reported after that, and the next send
   opens a new connection on the next endpoint. close() ends it without on_ended.
@@ -32,6 +34,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -60,8 +63,15 @@ def first_endpoint(count: int) -> int:
 class _Connection:
     """One TCP connection carrying one LeaseKeepAlive call. `io` guards the h2 state and socket writes."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    def __init__(self, host: str, port: int, address: tuple[Any, ...]) -> None:
+        self.sock = socket.create_connection(address[:2], timeout=CONNECT_TIMEOUT)
+        try:
+            self._start(host, port)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _start(self, host: str, port: int) -> None:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(None)  # reads block until data or shutdown(); writes have SO_SNDTIMEO
         secs = int(SEND_TIMEOUT)
@@ -97,10 +107,11 @@ class _Connection:
                 self.sock.sendall(out)
         return events
 
-    def close(self) -> None:
+    def shut(self) -> None:
+        """End it from any thread: wakes the reader blocked in recv(), which then closes the socket
+        (closing it here could hand its descriptor number to the next connection under the reader)."""
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader blocked in recv()
-        self.sock.close()
+            self.sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Ended(Exception):
@@ -111,6 +122,7 @@ class H2LeaseStream:
     def __init__(self, endpoints: Sequence[tuple[str, int]], on_answer: Callable[[int, int, int], None],
                  on_ended: Callable[[int], None]) -> None:
         self._endpoints = list(endpoints)
+        self._addresses: dict[tuple[str, int], tuple[Any, ...]] = {}  # resolved once (see _address)
         self._at = first_endpoint(len(self._endpoints))
         self._on_answer = on_answer
         self._on_ended = on_ended
@@ -144,13 +156,29 @@ class H2LeaseStream:
         """Connect to the current endpoint (the next one after a failure). Under self._lock."""
         host, port = self._endpoints[self._at]
         try:
-            conn = _Connection(host, port)
+            conn = _Connection(host, port, self._address(host, port))
         except (OSError, h2.exceptions.H2Error) as exc:
             self._at = (self._at + 1) % len(self._endpoints)
             raise StoreError(f"etcd lease keepalive stream to {host}:{port} failed: {exc}") from exc
+        reader = threading.Thread(target=self._read, args=(conn, self.generation + 1), name="lease-stream",
+                                  daemon=True)
         self.generation += 1
         self._conn = conn
-        threading.Thread(target=self._read, args=(conn, self.generation), name="lease-stream", daemon=True).start()
+        try:
+            reader.start()
+        except RuntimeError as exc:  # "can't start new thread": nobody would ever read it
+            self._conn = None
+            conn.sock.close()
+            raise StoreError(f"etcd lease keepalive stream: no reader thread: {exc}") from exc
+
+    def _address(self, host: str, port: int) -> tuple[Any, ...]:
+        """The endpoint's socket address, looked up once: a name lookup has no timeout and this runs on
+        the keeper's thread (every lease would wait for a slow DNS server). Endpoints are normally
+        addresses; a name is resolved at the first connection to it and kept."""
+        if (host, port) not in self._addresses:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            self._addresses[(host, port)] = info[0][4]
+        return self._addresses[(host, port)]
 
     def _read(self, conn: _Connection, generation: int) -> None:
         pending = bytearray()
@@ -177,6 +205,7 @@ class H2LeaseStream:
             loops.record("keepalive-stream", exc, logger=log)
         finally:
             self._ended(generation, failed=True)
+            conn.sock.close()
 
     def _answers(self, pending: bytearray, generation: int) -> None:
         """Report every whole message in `pending` and remove it."""
@@ -200,7 +229,7 @@ class H2LeaseStream:
             self.generation += 1
             if failed:
                 self._at = (self._at + 1) % len(self._endpoints)
-        conn.close()
+        conn.shut()
         if failed:
             with loops.guarded("keepalive-stream", "end of a stream", log):
                 self._on_ended(generation)

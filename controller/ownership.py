@@ -23,7 +23,8 @@ Invariants (the safety argument is in docs/protocol.md):
    deadline (never racing its fence monitor), still before the lease can expire.
 7. A fenced holding whose VIP could not be removed is never forgotten. fence() marks it fenced
    first (so it never serves again, invariant 3) and records the error in `drop_error`; the fence
-   monitor retries the drop on every tick until it succeeds, even after the holding was removed
+   monitor retries the drop on every tick (within FULL_SCAN_SECONDS of a failure on another thread)
+   until it succeeds, even after the holding was removed
    from the keeper (until a new holding of the same VFS is added: the VIP is then that one's), and
    keeps it in holdings() so the watchdog keeps protecting it. The first failure is escalated at
    once through `on_drop_failed` (the agent has the guard fence the VFS). `dropped_at_ns` is set
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 FENCE_CHECK_SECONDS = 0.02
 FULL_SCAN_SECONDS = 0.25  # at the latest, the fence monitor looks at every holding (drops to retry)
+RENEWAL_GATHER = 0.005  # renewals told to the guard together: one round's answers arrive within ms
 KEEPALIVE_RETRY = 0.05  # after a keepalive got no answer (at most the interval, TTL/4)
 
 
@@ -243,14 +245,18 @@ class LeaseKeeper:
                  on_deadlines: Callable[[list[Holding]], None] | None = None) -> None:
         self._store = store
         # Told every new deadline of a holding, and when one ends (the fence guard listens). Renewals
-        # are told in batches by the fence monitor, within FENCE_CHECK_SECONDS (on_deadlines, or
-        # on_deadline for each): the guard acts fence_margin/2 (>= 0.15 s) after a deadline.
+        # are told in batches, RENEWAL_GATHER after the first answer, by a thread of their own
+        # (on_deadlines, or on_deadline for each): the guard acts fence_margin/2 (>= 0.15 s) after a
+        # deadline, so a renewal told a few ms late still comes in time.
         self._on_deadline = on_deadline or (lambda _h: None)
         self._on_deadlines = on_deadlines or self._each_deadline
-        self._renewed: dict[str, Holding] = {}  # acknowledged since the last batch (under _ka_lock)
+        self._renewed: dict[int, Holding] = {}  # acknowledged since the last batch (under _ka_lock)
+        self._renewal = threading.Event()
         # The fence monitor scans every holding only when one can be due: at the earliest deadline it
-        # saw, after add(), or every FULL_SCAN_SECONDS (a VIP drop to retry). Deadlines only grow.
+        # saw, after add(), while a VIP drop is to be retried, and every FULL_SCAN_SECONDS at the
+        # latest (a holding fenced on another thread whose drop failed). Deadlines only grow.
         self._scan_from = 0.0
+        self._drops_pending = False
         self._on_removed = on_removed or (lambda _h: None)
         # Told once per holding that its VIP could not be removed (the agent has the guard fence it).
         self._on_drop_failed = on_drop_failed or _drop_failed_critical
@@ -280,7 +286,8 @@ class LeaseKeeper:
                 self._on_deadline(h)
 
     def start(self) -> None:
-        for target, name in ((self._keepalive_loop, "keepalive"), (self._fence_loop, "fence-monitor")):
+        for target, name in ((self._keepalive_loop, "keepalive"), (self._fence_loop, "fence-monitor"),
+                             (self._renewals_loop, "guard-renewals")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -288,6 +295,7 @@ class LeaseKeeper:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._renewal.set()
         for t in self._threads:
             t.join(timeout=5)
 
@@ -343,17 +351,12 @@ class LeaseKeeper:
                 loops.record("fence-monitor", exc, logger=log)
 
     def _fence_tick(self, now: float) -> None:
-        with self._ka_lock:
-            renewed, self._renewed = list(self._renewed.values()), {}
-        if renewed:
-            with loops.guarded("guard-hold", f"{len(renewed)} renewals", log):
-                self._on_deadlines([h for h in renewed if not h.fenced])
         with self._lock:
-            if now < self._scan_from:
+            if now < self._scan_from and not self._drops_pending:
                 return
             held = list(self._holdings.values())
-            self._scan_from = min((h.deadline for h in held if not h.fenced), default=now + FULL_SCAN_SECONDS)
-            self._scan_from = min(self._scan_from, now + FULL_SCAN_SECONDS)
+            self._scan_from = min(min((h.deadline for h in held if not h.fenced), default=now + FULL_SCAN_SECONDS),
+                                  now + FULL_SCAN_SECONDS)
         # Fences first: a retried drop (a netlink call) must not delay another holding's fence.
         just_fenced: set[int] = set()
         for h in held:
@@ -377,6 +380,22 @@ class LeaseKeeper:
                         with self._lock:
                             if self._undropped.get(h.vfs) is h:
                                 del self._undropped[h.vfs]
+            with self._lock:  # retried on every tick from now on, until every VIP is down
+                self._drops_pending = any(h.vip_pending for h in (*self._holdings.values(), *self._undropped.values()))
+
+    def _renewals_loop(self) -> None:
+        """Tell the guard the renewed deadlines, in batches: its own thread, so a stalled guard pipe
+        (GuardClient waits up to 1 s for a fence request) delays no fence and no keepalive."""
+        while not self._stop.is_set():
+            self._renewal.wait()
+            self._stop.wait(RENEWAL_GATHER)  # the rest of a round's answers, which come together
+            self._renewal.clear()
+            with self._ka_lock:
+                renewed, self._renewed = list(self._renewed.values()), {}
+            live = [h for h in renewed if not h.fenced]
+            if live:
+                with loops.guarded("guard-hold", f"{len(live)} renewals", log):
+                    self._on_deadlines(live)
 
     def _keepalive_loop(self) -> None:
         next_due: dict[int, float] = {}
@@ -518,7 +537,9 @@ class LeaseKeeper:
                 if ttl > 0:
                     owner.acked(sent_at, ttl)
                     with self._ka_lock:
-                        self._renewed[owner.vfs] = owner
+                        # by holding: an old holding's late answer must not hide a new one's
+                        self._renewed[id(owner)] = owner
+                    self._renewal.set()
                 else:
                     owner.fence("lease is gone in etcd (expired or revoked)")
             elif ttl <= 0:

@@ -279,10 +279,11 @@ class Agent:
             if spec is None or h.fenced:
                 continue
             storage = spec.storage
-            holds.append({"vfs": h.vfs, "vip": spec.vip_cidr, "deadline": guard_deadline(h),
-                          "mountpoint": str(self.host.storage.mountpoint(h.vfs)) if storage is not None else None,
-                          "nfs_pid": self.host.nfs_pid(h.vfs), "epoch": h.epoch,
-                          "device": storage.device if storage is not None else None})
+            with loops.guarded("guard-hold", h.vfs, log):  # one holding's error spoils only its own renewal
+                holds.append({"vfs": h.vfs, "vip": spec.vip_cidr, "deadline": guard_deadline(h),
+                              "mountpoint": str(self.host.storage.mountpoint(h.vfs)) if storage is not None else None,
+                              "nfs_pid": self.host.nfs_pid(h.vfs), "epoch": h.epoch,
+                              "device": storage.device if storage is not None else None})
         if len(holds) == 1:
             self.guard.hold(**holds[0])
         elif holds:

@@ -5,6 +5,7 @@ stream given up on never counts, and a hung etcd endpoint holds nobody's keepali
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -135,6 +136,33 @@ def test_leases_fall_into_step_and_go_in_one_batch(keeper) -> None:
     assert stream.batches[-1] == [1, 2] and next_due[1] == next_due[2]  # in step from now on
     k._keepalive_pass(next_due)
     assert len(stream.batches) == 3  # nothing due: nothing sent
+
+
+def test_a_guard_that_does_not_read_delays_no_fence() -> None:
+    """Renewals go to the guard on a thread of their own: telling it can wait up to 1 s for pipe room
+    (GuardClient.fence_now), and the fence monitor must not wait with it past a deadline."""
+    store = StreamStore()
+    stuck = threading.Event()
+
+    def slow_guard(_holdings: list[Holding]) -> None:
+        stuck.set()
+        time.sleep(1.0)
+
+    k = LeaseKeeper(store, on_deadlines=slow_guard)  # type: ignore[arg-type]
+    try:
+        now = time.monotonic()
+        renewed = Holding(vfs="renewed", lease_id=1, ttl=2, granted_at=now, drop=lambda: None)
+        doomed = Holding(vfs="doomed", lease_id=2, ttl=1, granted_at=now - 0.65, drop=lambda: None)  # due in 0.1 s
+        k.add(renewed)
+        k.add(doomed)
+        k.start()
+        assert wait_for(lambda: store.streams and store.streams[0].sent, timeout=1.0)
+        store.streams[0].answer(1, 2)  # renewed's answer: the guard is told, and hangs
+        assert stuck.wait(1.0)
+        assert wait_for(lambda: doomed.fenced, timeout=0.5)  # not 1 s later, with the guard
+        assert doomed.fenced_at_ns and not renewed.fenced
+    finally:
+        k.stop()
 
 
 def test_a_lease_etcd_no_longer_has_fences_its_holding(keeper) -> None:
