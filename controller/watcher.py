@@ -150,7 +150,13 @@ class ViewKeeper:
             self._on_went_back(view)
             self._publish(view)
             return True
-        self._publish(ClusterView.loaded(self._ks, revision, keys, previous=self._view))
+        # Only what differs from the view wakes reconcilers: a periodic resync that found nothing new
+        # (the usual case) costs one comparison per key, not a reconcile pass of every VFS.
+        old = self._view.keys
+        changed = {key for key, record in keys.items()
+                   if (seen := old.get(key)) is None or seen.mod_revision != record.mod_revision}
+        changed.update(old.keys() - keys.keys())
+        self._publish(ClusterView.loaded(self._ks, revision, keys, previous=self._view), frozenset(changed))
         return True
 
     def _reload_later(self) -> None:

@@ -161,3 +161,19 @@ def test_etcd_restored_from_a_snapshot_is_followed_after_the_next_resync():
         assert went_back == [(snapshot_rev, snapshot_rev + 40)]
     finally:
         vk.stop()
+
+
+def test_a_resync_wakes_only_the_vfs_whose_keys_it_finds_changed() -> None:
+    """The periodic full load is a safety net for a watch that hangs silently; when it finds what the
+    view already has (the usual case) it must not wake every reconciler (O(VFS) every 10 s)."""
+    store = FakeEtcd()
+    vk = ViewKeeper(store, KS, lambda _view: None, resync_seconds=3600)
+    for i, name in enumerate(("a", "b", "c")):  # VIPs of their own: no clash check ties them together
+        store.put(KS.spec(name), f'{{"vip": "10.77.0.{10 + i}/24", "candidates": ["n1"]}}')
+    vk.load()
+    assert vk.affected is None  # the first load: anything may have changed
+    assert vk._reload_quietly() and vk.affected == set()  # nothing new
+    store.put(KS.status("b"), '{"phase": "serving"}')  # a change the (unstarted) watch missed
+    store.delete(KS.spec("c"))
+    assert vk._reload_quietly() and vk.affected == {"b", "c"}
+    assert vk.view.status("b") == {"phase": "serving"}
