@@ -218,8 +218,10 @@ class H2LeaseStream:
                 return
             resp = rpc_pb2.LeaseKeepAliveResponse.FromString(bytes(pending[PREFIX.size:end]))
             del pending[:end]
-            with loops.guarded("keepalive-answer", f"lease {resp.ID:x}", log):
-                self._on_answer(int(resp.ID), int(resp.TTL), generation)
+            try:  # not loops.guarded: this is the hot path (hundreds a second), an error the exception
+                self._on_answer(resp.ID, resp.TTL, generation)
+            except Exception as exc:
+                loops.record("keepalive-answer", exc, f"lease {resp.ID:x}", log)
 
     def _ended(self, generation: int, failed: bool) -> None:
         with self._lock:

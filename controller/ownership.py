@@ -531,21 +531,23 @@ class LeaseKeeper:
             _gen, sent_at, owner = pending.popleft()
             self._failures[lease_id] = 0
             self._last_answer_at = time.monotonic()
-        what = owner.vfs if isinstance(owner, Holding) else f"lease {lease_id:x}"
-        with loops.guarded("keepalive", what, log):
+        try:  # not loops.guarded: this runs 200 times a second at 100 leases, and an error is rare
             if isinstance(owner, Holding):
                 if ttl > 0:
-                    owner.acked(sent_at, ttl)
+                    owner.acked(sent_at, ttl)  # before the guard can be told: it reads the new deadline
                     with self._ka_lock:
                         # by holding: an old holding's late answer must not hide a new one's
                         self._renewed[id(owner)] = owner
-                    self._renewal.set()
+                    if not self._renewal.is_set():
+                        self._renewal.set()
                 else:
                     owner.fence("lease is gone in etcd (expired or revoked)")
             elif ttl <= 0:
                 with self._lock:
                     self._extra.pop(lease_id, None)
                 owner(lease_id)
+        except Exception as exc:
+            loops.record("keepalive", exc, owner.vfs if isinstance(owner, Holding) else f"lease {lease_id:x}", log)
 
 
 def _drop_failed_critical(h: Holding, exc: BaseException) -> None:
