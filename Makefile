@@ -7,7 +7,7 @@ APT_PACKAGES := python3 python3-venv python3-pip etcd-server etcd-client iproute
 STAMP_APT := .deps-apt
 STAMP_VENV := $(VENV)/.installed
 
-.PHONY: deps test lint unit demo bench bench-scale chaos lab-down clean
+.PHONY: deps test lint unit demo bench bench-scale bench-keepalive chaos lab-down clean
 
 deps: $(STAMP_APT) $(STAMP_VENV)
 
@@ -22,8 +22,9 @@ $(STAMP_VENV): pyproject.toml $(STAMP_APT)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The scripts without a .py suffix are named: `ruff check .` would skip them.
 lint: deps
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check . bench/failover bench/scale bench/events bench/keepalive compose/chaos compose/lab compose/demo
 
 unit: deps
 	$(VENV)/bin/pytest -q tests/unit
@@ -43,6 +44,9 @@ bench: deps
 
 bench-scale: deps
 	$(PY) bench/scale
+
+bench-keepalive: deps
+	$(PY) bench/keepalive
 
 chaos: deps
 	$(PY) compose/chaos --faults 200 --seed 1

@@ -18,8 +18,9 @@ Threads (issue 9: threads only where they pay for themselves; a node with 100 VF
   NFS VFS checks its server every second), so 100 idle ones cost memory, not CPU. A thread per
   VFS keeps a slow step (a mount, a release-bound wait, a stuck unmount) from delaying any
   other VFS; how many of them run a takeover at once is bounded (TakeoverGate, parallel_takeovers);
-- "keepalive" queues the keepalives of all leases on one stream, "lease-stream" applies etcd's
-  answers, "fence-monitor" fences holdings past their deadline (controller/ownership.py);
+- "keepalive" sends the keepalives of all leases, in rounds, on one stream (controller/leasestream.py),
+  "lease-stream" applies etcd's answers, "fence-monitor" fences holdings past their deadline,
+  "guard-renewals" tells the fence guard the renewed deadlines in batches (controller/ownership.py);
 - one ARP defender per interface (node/arp.py Defender, "arp-defence-<if>") announces and defends
   every held VIP, while any is held; NFS server supervisors (node/ganesha.py), one per server;
 - short-lived: retiring a deleted VFS's reconciler, handing every VFS over on SIGTERM.
