@@ -118,6 +118,10 @@ class Holding:
     # The hardware watchdog covers a fenced holding until this is False (node/watchdog.py).
     holds_disk: bool = False
     last_ack: float = 0.0
+    # What the fence guard needs to fence this holding on its own, fixed at acquire (the spec held):
+    # the VIP with its prefix length, and the shared block device (None: a VIP-only VFS).
+    vip: str = ""
+    device: str | None = None
 
     def __post_init__(self) -> None:
         self._deadline = self.granted_at + self.ttl - fence_margin(self.ttl)

@@ -480,7 +480,8 @@ class VfsReconciler:
             lease_id, granted = store.grant(ttl)
         h = Holding(vfs=self.vfs, lease_id=lease_id, ttl=granted, granted_at=sent_at,
                     drop=lambda: self.ctx.vip_down(spec.vip), on_fence=lambda _h: self.wake(),
-                    holds_disk=spec.storage is not None)
+                    holds_disk=spec.storage is not None, vip=spec.vip_cidr,
+                    device=spec.storage.device if spec.storage is not None else None)
         owner_doc = {"node": me, "since": wall_clock(), "lease": f"{lease_id:x}", "ttl": granted,
                      "vip": spec.vip_cidr}
         lost = risk.nodes[0] if risk.nodes else None
@@ -504,7 +505,7 @@ class VfsReconciler:
         epoch = created.epoch
         root.set_attribute("nfs_ha.epoch", epoch)
         h.epoch = epoch
-        self.holding, self.held_spec = h, spec  # before add(): listeners look the spec up
+        self.holding, self.held_spec = h, spec
         self.ctx.keeper.add(h)
         self._restarts = []
         log.info("%s: owner with epoch %d (lease %x, cause %s)", self.vfs, epoch, lease_id, cause)

@@ -269,22 +269,18 @@ class Agent:
         self._guard_holds([h])
 
     def _guard_holds(self, holdings: list[Holding]) -> None:
-        """Tell the guard these holdings' deadlines (the keeper's renewals come in batches)."""
+        """Tell the guard these holdings' deadlines (the keeper's renewals come in batches). What it needs
+        comes from each holding itself (its VIP and disk, fixed at acquire), not from reconciler state."""
         if self.guard is None:
             return
-        with self._lock:
-            recs = [(h, self.reconcilers.get(h.vfs)) for h in holdings]
         holds = []
-        for h, rec in recs:
-            spec = rec.held_spec if rec is not None else None
-            if spec is None or h.fenced:
+        for h in holdings:
+            if h.fenced or not h.vip:
                 continue
-            storage = spec.storage
             with loops.guarded("guard-hold", h.vfs, log):  # one holding's error spoils only its own renewal
-                holds.append({"vfs": h.vfs, "vip": spec.vip_cidr, "deadline": guard_deadline(h),
-                              "mountpoint": str(self.host.storage.mountpoint(h.vfs)) if storage is not None else None,
-                              "nfs_pid": self.host.nfs_pid(h.vfs), "epoch": h.epoch,
-                              "device": storage.device if storage is not None else None})
+                holds.append({"vfs": h.vfs, "vip": h.vip, "deadline": guard_deadline(h),
+                              "mountpoint": str(self.host.storage.mountpoint(h.vfs)) if h.device else None,
+                              "nfs_pid": self.host.nfs_pid(h.vfs), "epoch": h.epoch, "device": h.device})
         if len(holds) == 1:
             self.guard.hold(**holds[0])
         elif holds:

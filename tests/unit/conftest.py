@@ -9,6 +9,7 @@ raft timings (50 ms heartbeat, 500 ms election): it is up in about a second, and
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -93,7 +94,13 @@ def etcd() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def etcd_module() -> Iterator[str]:
-    """One etcd for all tests of a module (each test keeps to its own key prefix)."""
+    """One etcd for all tests of a module (each test keeps to its own key prefix). With
+    NFS_HA_TEST_ETCD set (comma-separated endpoints), that etcd instead: tests/lab runs the
+    coordination contract against the lab's three members that way."""
+    given = os.environ.get("NFS_HA_TEST_ETCD")
+    if given:
+        yield given
+        return
     if ETCD is None:
         pytest.skip("needs the etcd binary (make deps)")
     with etcd_server() as url:

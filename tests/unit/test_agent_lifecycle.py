@@ -372,3 +372,39 @@ def test_a_status_write_wakes_only_its_own_vfs(running) -> None:
     assert "home" not in woken, store.revision - settled_at[0]
     store.put(KS.spec("home"), SPEC)  # a spec: every reconciler
     wait_until(lambda: "home" in woken, "home's reconciler to be woken")
+
+
+def test_the_guard_hears_of_a_holding_from_the_holding_itself() -> None:
+    """Renewals are told from what each holding carries (its VIP and disk, fixed at acquire), with no
+    reconciler looked up: a holding released meanwhile is still described right (the guard's epoch
+    rules drop it), a fenced one or one without a VIP is not told, and one holding whose facts cannot
+    be read spoils only its own renewal."""
+    from types import SimpleNamespace
+
+    from controller.ownership import Holding, guard_deadline
+
+    sent: list[list[dict[str, Any]]] = []
+    guard = SimpleNamespace(hold=lambda **kw: sent.append([kw]), hold_many=lambda holds: sent.append(list(holds)))
+
+    def nfs_pid(vfs: str) -> int | None:
+        if vfs == "broken":
+            raise OSError("pid file unreadable")
+        return 4242 if vfs == "home" else None
+
+    host = SimpleNamespace(nfs_pid=nfs_pid, storage=SimpleNamespace(mountpoint=lambda vfs: Path("/run/m") / vfs))
+    fake = SimpleNamespace(guard=guard, host=host)
+    now = time.monotonic()
+
+    def holding(vfs: str, vip: str = "10.77.0.100/24", device: str | None = None, epoch: int = 7) -> Holding:
+        return Holding(vfs=vfs, lease_id=1, ttl=2, granted_at=now, drop=lambda: None, epoch=epoch, vip=vip,
+                       device=device, holds_disk=device is not None)
+
+    home, web = holding("home", device="/dev/loop7"), holding("web", vip="10.77.0.101/32", epoch=8)
+    fenced, broken, unknown = holding("gone"), holding("broken"), holding("novip", vip="")
+    fenced.fence("test")
+    agent_mod.Agent._guard_holds(fake, [home, fenced, broken, unknown, web])  # type: ignore[arg-type]
+    assert sent == [[
+        {"vfs": "home", "vip": "10.77.0.100/24", "deadline": guard_deadline(home), "mountpoint": "/run/m/home",
+         "nfs_pid": 4242, "epoch": 7, "device": "/dev/loop7"},
+        {"vfs": "web", "vip": "10.77.0.101/32", "deadline": guard_deadline(web), "mountpoint": None,
+         "nfs_pid": None, "epoch": 8, "device": None}]]
