@@ -63,8 +63,8 @@ def first_endpoint(count: int) -> int:
 class _Connection:
     """One TCP connection carrying one LeaseKeepAlive call. `io` guards the h2 state and socket writes."""
 
-    def __init__(self, host: str, port: int, address: tuple[Any, ...]) -> None:
-        self.sock = socket.create_connection(address[:2], timeout=CONNECT_TIMEOUT)
+    def __init__(self, host: str, port: int, addresses: list[tuple[int, tuple[Any, ...]]]) -> None:
+        self.sock = _connect(addresses)
         try:
             self._start(host, port)
         except BaseException:
@@ -122,7 +122,7 @@ class H2LeaseStream:
     def __init__(self, endpoints: Sequence[tuple[str, int]], on_answer: Callable[[int, int, int], None],
                  on_ended: Callable[[int], None]) -> None:
         self._endpoints = list(endpoints)
-        self._addresses: dict[tuple[str, int], tuple[Any, ...]] = {}  # resolved once (see _address)
+        self._addresses: dict[tuple[str, int], list[tuple[int, tuple[Any, ...]]]] = {}  # see _resolved
         self._at = first_endpoint(len(self._endpoints))
         self._on_answer = on_answer
         self._on_ended = on_ended
@@ -156,8 +156,9 @@ class H2LeaseStream:
         """Connect to the current endpoint (the next one after a failure). Under self._lock."""
         host, port = self._endpoints[self._at]
         try:
-            conn = _Connection(host, port, self._address(host, port))
+            conn = _Connection(host, port, self._resolved(host, port))
         except (OSError, h2.exceptions.H2Error) as exc:
+            self._addresses.pop((host, port), None)  # a name may have moved: looked up again next time
             self._at = (self._at + 1) % len(self._endpoints)
             raise StoreError(f"etcd lease keepalive stream to {host}:{port} failed: {exc}") from exc
         reader = threading.Thread(target=self._read, args=(conn, self.generation + 1), name="lease-stream",
@@ -171,13 +172,13 @@ class H2LeaseStream:
             conn.sock.close()
             raise StoreError(f"etcd lease keepalive stream: no reader thread: {exc}") from exc
 
-    def _address(self, host: str, port: int) -> tuple[Any, ...]:
-        """The endpoint's socket address, looked up once: a name lookup has no timeout and this runs on
-        the keeper's thread (every lease would wait for a slow DNS server). Endpoints are normally
-        addresses; a name is resolved at the first connection to it and kept."""
+    def _resolved(self, host: str, port: int) -> list[tuple[int, tuple[Any, ...]]]:
+        """The endpoint's socket addresses (family, sockaddr), looked up once and kept until connecting to
+        all of them fails: a name lookup has no timeout and this runs on the keeper's thread (every
+        lease would wait for a slow DNS server). Endpoints are normally addresses."""
         if (host, port) not in self._addresses:
-            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            self._addresses[(host, port)] = info[0][4]
+            self._addresses[(host, port)] = [(family, sockaddr) for family, _type, _proto, _name, sockaddr
+                                             in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
         return self._addresses[(host, port)]
 
     def _read(self, conn: _Connection, generation: int) -> None:
@@ -242,6 +243,23 @@ class H2LeaseStream:
 
     def close(self) -> None:
         self._ended(self.generation, failed=False)
+
+
+def _connect(addresses: list[tuple[int, tuple[Any, ...]]]) -> socket.socket:
+    """A connected socket to the first of `addresses` that accepts within CONNECT_TIMEOUT each (as
+    socket.create_connection, but with the addresses already looked up; the whole sockaddr, so an
+    IPv6 scope id is kept)."""
+    error: OSError = OSError("no address to connect to")
+    for family, sockaddr in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
 
 
 def _message(body: bytes) -> bytes:

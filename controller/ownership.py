@@ -23,11 +23,12 @@ Invariants (the safety argument is in docs/protocol.md):
    deadline (never racing its fence monitor), still before the lease can expire.
 7. A fenced holding whose VIP could not be removed is never forgotten. fence() marks it fenced
    first (so it never serves again, invariant 3) and records the error in `drop_error`; the fence
-   monitor retries the drop on every tick (within FULL_SCAN_SECONDS of a failure on another thread)
-   until it succeeds, even after the holding was removed
+   monitor retries the drop until it succeeds (20 ms after a failure, doubling up to
+   FULL_SCAN_SECONDS, so many failing VIPs cannot crowd out a new fence), even after the holding was removed
    from the keeper (until a new holding of the same VFS is added: the VIP is then that one's), and
    keeps it in holdings() so the watchdog keeps protecting it. The first failure is escalated at
-   once through `on_drop_failed` (the agent has the guard fence the VFS). `dropped_at_ns` is set
+   once through `on_drop_failed` (the agent has the guard fence the VFS), on a thread of its own:
+   the fence monitor and the answer reader never wait for the guard. `dropped_at_ns` is set
    only once the VIP is really down.
 8. No holding can stop the others being kept alive or fenced: the keepalive loop and the fence
    monitor catch, log and count (controller.loops) any exception per holding, and per pass, and go
@@ -109,6 +110,7 @@ class Holding:
     dropped_at_ns: int = 0  # wall clock; 0 until the VIP is really down (invariant 7)
     drop_error: str = ""  # the last failure to take the VIP down, kept after a retry succeeds
     drop_failures: int = 0
+    drop_retry_at: float = 0.0  # monotonic; the fence monitor's next retry (backing off, invariant 7)
     _deadline: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _fenced: bool = False
@@ -199,6 +201,9 @@ class Holding:
             else:
                 self.dropped_at_ns = time.time_ns()
                 failed, first = None, False
+            if failed is not None:  # the next retry: 20 ms after the first failure, doubling up to 0.25 s
+                self.drop_retry_at = time.monotonic() + min(
+                    FULL_SCAN_SECONDS, FENCE_CHECK_SECONDS * 2 ** min(self.drop_failures - 1, 8))
         if failed is not None:
             loops.record("vip-drop", failed, self.vfs, log)
             if first:
@@ -237,7 +242,7 @@ class LeaseKeeper:
     no other lease's request); the stream's reader applies answers, each matched to the oldest
     unanswered request of its lease on the same stream generation (invariant 2: the deadline comes
     from that request's send time); and the fence monitor, which never touches the network, so a hung
-    etcd cannot delay a fence (it also tells the guard the renewed deadlines, in batches). A stream that
+    etcd cannot delay a fence; "guard-renewals" tells the guard the renewed deadlines, in batches. A stream that
     answers nothing for an interval (TTL/4) while a request waits is reset (to another endpoint when
     there is one); answers of a reset stream never count. None of them ends before stop(), whatever one
     holding raises (invariant 8).
@@ -284,6 +289,20 @@ class LeaseKeeper:
         self._lost: set[int] = set()  # leases whose request went down with a stream: retry soon
         self._last_answer_at = time.monotonic()  # of any answer on the current stream (stuck or slow?)
 
+    def _escalate_elsewhere(self, h: Holding, exc: BaseException) -> None:
+        """on_drop_failed runs on a thread of its own: telling the guard may wait for pipe room (up to 1 s,
+        GuardClient.fence_now), and the thread that found the failure is the fence monitor or the
+        keepalive answer reader, neither of which may wait (another holding's fence, every answer)."""
+        def escalate() -> None:
+            with loops.guarded("vip-drop-escalation", h.vfs, log):
+                self._on_drop_failed(h, exc)
+
+        try:
+            threading.Thread(target=escalate, name=f"escalate-{h.vfs}", daemon=True).start()
+        except RuntimeError as err:  # "can't start new thread": say so loudly; the drop is still retried
+            log.critical("%s: fenced, its VIP could not be removed (%s), and the fence guard could not be asked "
+                         "(%s); retrying the drop", h.vfs, exc, err)
+
     def _each_deadline(self, holdings: list[Holding]) -> None:
         for h in holdings:
             with loops.guarded("guard-hold", h.vfs, log):
@@ -305,7 +324,7 @@ class LeaseKeeper:
 
     def add(self, holding: Holding) -> None:
         if holding.on_drop_failed is None:
-            holding.on_drop_failed = self._on_drop_failed
+            holding.on_drop_failed = self._escalate_elsewhere
         with self._retry_lock, self._lock:
             old = self._undropped.pop(holding.vfs, None)
             self._holdings[holding.vfs] = holding
@@ -377,7 +396,7 @@ class LeaseKeeper:
                     if not h.vip_pending:
                         del self._undropped[vfs]
                 pending = [h for h in (*self._holdings.values(), *self._undropped.values())
-                           if h.vip_pending and id(h) not in just_fenced]
+                           if h.vip_pending and id(h) not in just_fenced and h.drop_retry_at <= now]
             for h in pending:
                 with loops.guarded("fence-monitor", h.vfs, log):
                     if h.retry_drop():

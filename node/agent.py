@@ -227,8 +227,8 @@ class Agent:
     def _retire(self, name: str, rec: VfsReconciler) -> None:
         """Stop the reconciler of a deleted VFS once it holds nothing, then drop it.
 
-        It stays in self.reconcilers until its thread has ended, so the fence guard still finds
-        its spec should it (re)acquire meanwhile, and no second reconciler starts beside it.
+        It stays in self.reconcilers until its thread has ended, so no second reconciler starts
+        beside it should it (re)acquire meanwhile.
         """
         while not rec.stop(release=False, timeout=5.0):
             if self._stopping.is_set():

@@ -276,6 +276,7 @@ class Defender:
         self.poll = poll
         self.retry_pause = RETRY_PAUSE if retry_pause is None else retry_pause
         self._claims: dict[bytes, _Claim] = {}
+        self._version = 0  # bumped whenever a claim is added or dropped: _serve then looks again at once
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -284,6 +285,7 @@ class Defender:
         claim = _Claim(ipaddress.IPv4Address(ip).packed, announce_at, still_valid, has_ip, on_defend)
         with self._lock:
             self._claims[claim.addr] = claim
+            self._version += 1
             if self._thread is None:
                 thread = threading.Thread(target=self._run, name=f"arp-defence-{self.iface}", daemon=True)
                 self._thread = thread
@@ -330,6 +332,7 @@ class Defender:
         with self._lock:
             if self._claims.get(claim.addr) is claim:
                 del self._claims[claim.addr]
+                self._version += 1
 
     def _run(self) -> None:
         while True:
@@ -351,12 +354,14 @@ class Defender:
     def _serve(self, arp: ArpSocket) -> None:
         filtered: set[bytes] | None = None
         live: list[_Claim] = []
-        checked = float("-inf")
+        checked, seen = float("-inf"), -1
         while True:
             now = time.monotonic()
-            if now - checked >= LIVE_CHECK or len(live) != len(self._claims):
+            if now - checked >= LIVE_CHECK or seen != self._version:
                 # Validity is asked again right before anything is sent (_Claim.step), so this only
-                # tidies up; every 0.1 s for 100 claims was most of this thread's CPU.
+                # tidies up; every 0.1 s for 100 claims was most of this thread's CPU. A claim added,
+                # replaced or dropped is seen at once (the version).
+                seen = self._version
                 live, checked = self._live(), now
             if not live:
                 if not self._keep_running():

@@ -186,3 +186,22 @@ def test_the_kernel_filter_passes_exactly_the_frames_claiming_our_addresses(coun
     ipv4 = arp.build_frame(arp.ARP_REQUEST, mac, target, arp.ZERO_MAC, target)[:12] + b"\x08\x00" + b"\x00" * 28
     assert run_bpf(prog, ipv4) == 0  # not ARP at all
     assert run_bpf(prog, b"\x00" * 13) == 0  # a runt frame
+
+
+def test_a_claim_that_replaces_another_for_the_same_address_is_served_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new holding's claim on an address whose old claim is still listed (re-acquired on this node)
+    is announced at once, not at the defender's next validity check (LIVE_CHECK, 0.5 s)."""
+    monkeypatch.setattr(arp, "ArpSocket", ClaimSocket)
+    ClaimSocket.claims = []
+    d = arp.Defender("eth0", poll=0.01, min_interval=0.2)
+    end = time.monotonic() + 1.0
+    old = {"valid": True}
+    d.add("10.77.0.100", lambda: old["valid"], [], lambda: True)
+    time.sleep(0.05)  # the defender has looked at its claims
+    old["valid"] = False
+    t0 = time.monotonic()
+    d.add("10.77.0.100", lambda: time.monotonic() < end, [t0], lambda: True)
+    while not FakeSocket.sent and time.monotonic() < t0 + 1.0:
+        time.sleep(0.002)
+    assert FakeSocket.sent and time.monotonic() - t0 < arp.LIVE_CHECK - 0.1
+    d.join(timeout=3)

@@ -165,6 +165,34 @@ def test_a_guard_that_does_not_read_delays_no_fence() -> None:
         k.stop()
 
 
+def test_asking_a_stalled_guard_to_fence_delays_no_other_fence() -> None:
+    """A VIP that will not go is escalated to the guard (the agent's fence_now waits up to 1 s for pipe
+    room); that wait is not the fence monitor's: the next holding due is fenced on time."""
+    store = StreamStore()
+    asked = threading.Event()
+
+    def drop_fails() -> None:
+        raise OSError("netlink: EBUSY")
+
+    def stalled_guard(_h: Holding, _exc: BaseException) -> None:
+        asked.set()
+        time.sleep(1.0)
+
+    k = LeaseKeeper(store, on_drop_failed=stalled_guard)  # type: ignore[arg-type]
+    now = time.monotonic()
+    a = Holding(vfs="a", lease_id=1, ttl=1, granted_at=now - 0.65, drop=drop_fails)  # due in 0.05 s
+    b = Holding(vfs="b", lease_id=2, ttl=1, granted_at=now - 0.60, drop=lambda: None)  # due in 0.1 s
+    try:
+        k.add(a)
+        k.add(b)
+        k.start()
+        assert wait_for(lambda: b.fenced, timeout=1.0)
+        assert asked.is_set() and a.fenced and a.vip_pending  # a's escalation is still waiting
+        assert wait_for(lambda: a.drop_failures >= 3, timeout=1.0)  # and its drop is still retried
+    finally:
+        k.stop()
+
+
 def test_a_lease_etcd_no_longer_has_fences_its_holding(keeper) -> None:
     k, store = keeper
     fenced: list[str] = []
@@ -264,3 +292,33 @@ def test_a_refusing_endpoint_is_left_for_good_and_no_lease_runs_out(etcd: str, m
     finally:
         keeper.stop()
         grants.close()
+
+
+def test_every_address_of_a_named_endpoint_is_tried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name is looked up once (no DNS wait on the keeper's thread each time), but every address it
+    has is tried: `localhost` is usually ::1 first while etcd listens on 127.0.0.1 only."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(5)
+    port = server.getsockname()[1]
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, port_: int, *args: object, **kw: object) -> list:  # type: ignore[type-arg]
+        if host == "etcd.test":
+            lookups.append(host)
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port_, 0, 0)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
+        return real(host, port_, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    stream = leasestream.H2LeaseStream([("etcd.test", port)], lambda *_a: None, lambda _g: None)
+    generations: list[int] = []
+    try:
+        stream.send_many([1], generations.append)  # connects (to 127.0.0.1, after ::1 refused)
+        stream.reset()
+        stream.send_many([1], generations.append)  # a new connection: no second lookup
+        assert generations == [1, 3] and lookups == ["etcd.test"]
+    finally:
+        stream.close()
+        server.close()
