@@ -76,8 +76,13 @@ class FakeGuard:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.held: dict[str, int] = {}
 
-    def hold(self, vfs: str, *args: Any, **kwargs: Any) -> None:
-        self.held[vfs] = args[-1]
+    def hold(self, vfs: str, vip: str, deadline: float, mountpoint: str | None, nfs_pid: int | None,
+             epoch: int = 0, device: str | None = None) -> None:
+        self.held[vfs] = epoch
+
+    def hold_many(self, holds: list[dict[str, Any]]) -> None:
+        for item in holds:
+            self.hold(**item)
 
     def release(self, vfs: str, epoch: int) -> None:
         self.held.pop(vfs, None)
@@ -408,3 +413,58 @@ def test_the_guard_hears_of_a_holding_from_the_holding_itself() -> None:
          "nfs_pid": 4242, "epoch": 7, "device": "/dev/loop7"},
         {"vfs": "web", "vip": "10.77.0.101/32", "deadline": guard_deadline(web), "mountpoint": None,
          "nfs_pid": None, "epoch": 8, "device": None}]]
+
+
+def test_a_thousand_vfs_agent_wakes_per_event_only_what_the_event_concerns(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Issue 9's simulation, the whole agent (view keeper, reconcilers, lease keeper) on the in-memory
+    store with 1000 VFS held: the work of one watch event, counted as the reconcilers it wakes (each
+    wake is a reconcile pass), is the VFS it concerns, not the 1000. A node registration concerns every
+    placement, so it wakes all (once)."""
+    from controller.reconcile import VfsReconciler
+
+    store = FakeEtcd()
+    monkeypatch.setattr(agent_mod, "EtcdStore", lambda *a, **kw: store)
+    monkeypatch.setattr(agent_mod, "Host", FakeHost)
+    monkeypatch.setattr(agent_mod, "GuardClient", FakeGuard)
+    woken: list[str] = []
+    real_wake = VfsReconciler.wake
+
+    def counted_wake(self: VfsReconciler) -> None:
+        woken.append(self.vfs)
+        real_wake(self)
+
+    monkeypatch.setattr(VfsReconciler, "wake", counted_wake)
+    cfg = AgentConfig(name="node-a", etcd="http://127.0.0.1:1", interface="lo", prefix="/t",
+                      state_dir=str(tmp_path), rank_delay=0.0, lease_ttl=30)
+    agent = agent_mod.Agent(cfg)
+    agent.ctx.steps = []  # ownership and status only: no VIP, disk or NFS server
+    names = [f"v{i:04d}" for i in range(1000)]
+    try:
+        agent.start()
+        for i, name in enumerate(names):
+            store.put(KS.spec(name), json.dumps({"vip": f"10.{i // 250}.{i % 250}.1/32", "candidates": ["node-a"]}))
+        wait_until(lambda: all(owner_node(store, n) == "node-a" for n in names), "1000 VFS held", timeout=120)
+
+        def woken_by(write: Callable[[], None], expect: set[str]) -> list[str]:
+            time.sleep(0.3)  # the takeovers' own status writes have been applied
+            woken.clear()
+            write()
+            wait_until(lambda: expect <= set(woken), f"{expect} woken")
+            time.sleep(0.3)  # anything else the event would wake has been woken by now
+            return list(woken)
+
+        # (a wake may come twice: the event, then the reconciler's own answer to it, e.g. its status)
+        status = json.loads(store.keys[KS.status("v0500")].value)
+        one = woken_by(lambda: store.put(KS.status("v0500"), json.dumps({**status, "note": "x"})), {"v0500"})
+        assert set(one) == {"v0500"} and len(one) <= 3
+        intent = woken_by(lambda: store.put(KS.intent("v0777"), "node-a"), {"v0777"})
+        assert set(intent) == {"v0777"} and len(intent) <= 3
+        clash = woken_by(lambda: store.put(KS.spec("v1000"), json.dumps({"vip": "10.0.7.1/32",
+                                                                         "candidates": ["node-a"]})),
+                         {"v1000", "v0007"})
+        assert set(clash) == {"v1000", "v0007"}  # a new spec with v0007's VIP: the two whose clash check changes
+        everything = woken_by(lambda: store.put(KS.node("node-z"), "{}"), set(names))
+        assert len(set(everything)) >= 1000 and len(everything) <= 2 * 1001
+    finally:
+        agent.stop()
