@@ -24,8 +24,9 @@ Invariants (the safety argument is in docs/protocol.md):
 7. A fenced holding whose VIP could not be removed is never forgotten. fence() marks it fenced
    first (so it never serves again, invariant 3) and records the error in `drop_error`; the fence
    monitor retries the drop until it succeeds (20 ms after a failure, doubling up to
-   FULL_SCAN_SECONDS, so many failing VIPs cannot crowd out a new fence), even after the holding was removed
-   from the keeper (until a new holding of the same VFS is added: the VIP is then that one's), and
+   FULL_SCAN_SECONDS, so many failing VIPs cannot crowd out a new fence), even after the holding
+   was removed from the keeper (until a new holding of the same VFS is added: the VIP is then
+   that one's), and
    keeps it in holdings() so the watchdog keeps protecting it. The first failure is escalated at
    once through `on_drop_failed` (the agent has the guard fence the VFS), on a thread of its own:
    the fence monitor and the answer reader never wait for the guard. `dropped_at_ns` is set
@@ -241,11 +242,11 @@ class LeaseKeeper:
     leases (controller/leasestream.py; it never waits for an answer, so one lease's slow answer delays
     no other lease's request); the stream's reader applies answers, each matched to the oldest
     unanswered request of its lease on the same stream generation (invariant 2: the deadline comes
-    from that request's send time); and the fence monitor, which never touches the network, so a hung
-    etcd cannot delay a fence; "guard-renewals" tells the guard the renewed deadlines, in batches. A stream that
-    answers nothing for an interval (TTL/4) while a request waits is reset (to another endpoint when
-    there is one); answers of a reset stream never count. None of them ends before stop(), whatever one
-    holding raises (invariant 8).
+    from that request's send time); the fence monitor, which never touches the network, so a hung
+    etcd cannot delay a fence; and "guard-renewals", which tells the guard the renewed deadlines in
+    batches. A stream that answers nothing for an interval (TTL/4) while a request waits is reset (to
+    another endpoint when there is one); answers of a reset stream never count. None of them ends
+    before stop(), whatever one holding raises (invariant 8).
     """
 
     def __init__(self, store: Coordination, on_deadline: Callable[[Holding], None] | None = None,
@@ -403,7 +404,7 @@ class LeaseKeeper:
                         with self._lock:
                             if self._undropped.get(h.vfs) is h:
                                 del self._undropped[h.vfs]
-            with self._lock:  # retried on every tick from now on, until every VIP is down
+            with self._lock:  # looked at on every tick while any is pending (each at its own backoff)
                 self._drops_pending = any(h.vip_pending for h in (*self._holdings.values(), *self._undropped.values()))
 
     def _renewals_loop(self) -> None:

@@ -151,10 +151,11 @@ class ViewKeeper:
             self._publish(view)
             return True
         # Only what differs from the view wakes reconcilers: a periodic resync that found nothing new
-        # (the usual case) costs one comparison per key, not a reconcile pass of every VFS.
+        # (the usual case) costs one comparison per key, not a reconcile pass of every VFS. Whole
+        # records are compared: a restored etcd that climbed back past our revision can reuse a
+        # mod_revision for other content.
         old = self._view.keys
-        changed = {key for key, record in keys.items() if old.get(key) != record}  # value too: a restored
-        # etcd that climbed back past our revision can reuse a mod_revision for other content
+        changed = {key for key, record in keys.items() if old.get(key) != record}
         changed.update(old.keys() - keys.keys())
         self._publish(ClusterView.loaded(self._ks, revision, keys, previous=self._view), frozenset(changed))
         return True
