@@ -281,9 +281,7 @@ class Agent:
                 holds.append({"vfs": h.vfs, "vip": h.vip, "deadline": guard_deadline(h),
                               "mountpoint": str(self.host.storage.mountpoint(h.vfs)) if h.device else None,
                               "nfs_pid": self.host.nfs_pid(h.vfs), "epoch": h.epoch, "device": h.device})
-        if len(holds) == 1:
-            self.guard.hold(**holds[0])
-        elif holds:
+        if holds:
             self.guard.hold_many(holds)
 
     def _guard_hold_vfs(self, vfs: str) -> None:

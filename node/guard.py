@@ -1391,7 +1391,10 @@ class GuardClient:
         self._stalled = False
 
     def _send(self, msg: dict[str, Any], wait: float = 0.0) -> bool:
-        data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+        return self._write((json.dumps(msg, separators=(",", ":")) + "\n").encode(), wait)
+
+    def _write(self, data: bytes, wait: float = 0.0) -> bool:
+        """One message line; False if it could not be written (see the class docstring)."""
         end = time.monotonic() + wait
         with self._lock:
             if self._broken or self.proc.stdin is None or self.proc.stdin.closed:
@@ -1421,19 +1424,22 @@ class GuardClient:
                            "mountpoint": mountpoint, "nfs_pid": nfs_pid, "epoch": epoch, "device": device})
 
     def hold_many(self, holds: Sequence[dict[str, Any]]) -> bool:
-        """Several holds (dicts with the keys of hold()'s message), in as few messages as fit PIPE_BUF
-        (so each write is still all or nothing)."""
+        """Several holds (dicts with the keys of hold()'s message), in as few "holds" lines as fit
+        PIPE_BUF (so each write is still all or nothing); each hold is encoded once."""
         ok, batch, size = True, [], 0
         for item in holds:
-            text = len(json.dumps(item, separators=(",", ":")))
-            if batch and size + text > HOLDS_BYTES:
-                ok = self._send({"op": "holds", "holds": batch}) and ok
+            text = json.dumps(item, separators=(",", ":"))
+            if batch and size + len(text) > HOLDS_BYTES:
+                ok = self._write_holds(batch) and ok
                 batch, size = [], 0
-            batch.append(item)
-            size += text + 1
+            batch.append(text)
+            size += len(text) + 1
         if batch:
-            ok = self._send({"op": "holds", "holds": batch}) and ok
+            ok = self._write_holds(batch) and ok
         return ok
+
+    def _write_holds(self, texts: list[str]) -> bool:
+        return self._write(('{"op":"holds","holds":[' + ",".join(texts) + "]}\n").encode())
 
     def release(self, vfs: str, epoch: int = 0) -> bool:
         return self._send({"op": "release", "vfs": vfs, "epoch": epoch})

@@ -272,16 +272,18 @@ def test_a_batch_of_holds_is_the_same_as_each_hold_and_a_bad_one_spoils_only_its
 
 def test_the_client_sends_a_batch_in_lines_each_below_pipe_buf(tmp_path: Path) -> None:
     client = GuardClient(tmp_path, "eth-test", dry_run=True)
-    sent: list[dict[str, Any]] = []
-    client._send = lambda msg, wait=0.0: sent.append(msg) or True  # type: ignore[method-assign]
+    lines: list[bytes] = []
+    client._write = lambda data, wait=0.0: lines.append(data) or True  # type: ignore[method-assign]
     try:
         items = [{k: v for k, v in hold(f"vfs-{i:03d}", 100.0 + i, vip=f"10.77.{i // 250}.{i % 250 + 1}/32",
                                         mountpoint=f"/run/nfs-ha/node-a/mnt/vfs-{i:03d}", epoch=1000 + i,
                                         device=f"/dev/disk/by-id/wwn-0x{i:016x}").items() if k != "op"}
                  for i in range(300)]
         assert client.hold_many(items)
-        assert len(sent) > 1 and all(len(json.dumps(m, separators=(",", ":"))) + 1 < 4096 for m in sent)
-        assert [h for m in sent for h in m["holds"]] == items  # all of them, in order, once
+        assert len(lines) > 1 and all(len(line) < 4096 and line.endswith(b"\n") for line in lines)
+        sent = [guard.parse_line(line) for line in lines]  # what the guard reads, as it reads it
+        assert [h.vfs for m in sent for h in m.helds] == [i["vfs"] for i in items]  # all, in order, once
+        assert all(m.op == "holds" and not m.errors for m in sent)
         st = GuardState()
         for m in sent:
             st.apply(m, now=0.0)
@@ -978,6 +980,26 @@ def test_process_deadline_passes_and_guard_keeps_running(tmp_path: Path) -> None
         if client.proc.poll() is None:
             client.proc.kill()
     assert len(read_actions(tmp_path)) == 1  # neither release nor the clean exit fenced anything
+
+
+def test_process_renewals_in_a_batch_keep_a_holding_and_let_another_lapse(tmp_path: Path) -> None:
+    """The agent's renewals as it sends them (hold_many, op holds) to a real guard process: a holding
+    renewed in a batch is kept, one the batch no longer renews is fenced when its deadline passes."""
+    client = GuardClient(tmp_path, "eth-test", dry_run=True)
+    try:
+        now = time.monotonic()
+        items = [{"vfs": vfs, "vip": vip, "deadline": now + 0.5, "mountpoint": None, "nfs_pid": None,
+                  "epoch": epoch, "device": None}
+                 for vfs, vip, epoch in (("home", VIP, 3), ("data", "10.77.0.101/24", 4))]
+        assert client.hold_many(items)
+        assert client.hold_many([{**items[1], "deadline": now + 60}])  # only data is renewed
+        assert wait_for(lambda: read_actions(tmp_path), 3.0)
+        time.sleep(0.3)  # data's old deadline has passed too
+        assert [r["vfs"] for r in read_actions(tmp_path)] == ["home"]
+        assert client.close_clean() == 0
+    finally:
+        if client.proc.poll() is None:
+            client.proc.kill()
 
 
 def test_close_clean_fences_nothing(tmp_path: Path) -> None:
