@@ -43,6 +43,19 @@ def guard_records(cluster: LabCluster, node: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+def final_guard_record(cluster: LabCluster, node: str, vfs: str, timeout: float = 10) -> dict:
+    """The guard's last final record for `vfs` on `node`, waited for: the guard writes it after its
+    host actions, so a test that saw the VIP go or the disk unmounted may be a moment early."""
+    found: list[dict] = []
+
+    def final() -> bool:
+        found[:] = [r for r in guard_records(cluster, node) if r["vfs"] == vfs and r.get("final")]
+        return bool(found)
+
+    wait_for(final, timeout, f"the guard's final record for {vfs} on {node}")
+    return found[-1]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if os.geteuid() != 0:
         for item in items:

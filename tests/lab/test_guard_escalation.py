@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from node import guard as guard_mod
-from tests.lab.conftest import Cluster, guard_records, wait_for
+from tests.lab.conftest import Cluster, final_guard_record, wait_for
 from tests.lab.test_fileserver import fileserver, mounted_on
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,8 +61,7 @@ def test_frozen_agent_guard_kills_a_holder_and_unmounts(cluster: Cluster) -> Non
         assert node_holders(cluster, "node-a", device) == []  # not detached-but-alive: released
         assert not cluster.vip_on("node-a", vip)
         assert not any(proc_state(p) not in (None, "Z") for p in ganesha)
-        records = [r for r in guard_records(cluster, "node-a") if r["vfs"] == "home"]
-        rec = records[-1]
+        rec = final_guard_record(cluster, "node-a", "home")
         assert rec["final"] is True and "deadline passed" in rec["reason"], rec
         assert {"pid": holder, "comm": "sleep"} in rec["killed"], rec
         assert any(a.startswith(f"unmounted {mountpoint} (after: ") for a in rec["actions"]), rec  # it was busy

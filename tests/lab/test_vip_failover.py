@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from tests.lab.conftest import NODES, Cluster, guard_pid, guard_records, wait_for
+from tests.lab.conftest import NODES, Cluster, final_guard_record, guard_pid, wait_for
 
 
 def two_mac_samples(samples: list[dict]) -> list[dict]:
@@ -148,8 +148,7 @@ def test_stopped_agent_does_not_keep_serving(cluster: Cluster) -> None:
     wait_for(lambda: "self-fence" in cluster.agent_log("node-a").read_text(), 10, "node-a self-fence")
     time.sleep(2)
     assert cluster.holders(vip) == [row["owner"]] and cluster.vfs_status("home")["owner"] == row["owner"]
-    records = guard_records(cluster, "node-a")
-    assert records and records[-1]["vfs"] == "home" and "deadline passed" in records[-1]["reason"]
+    assert "deadline passed" in final_guard_record(cluster, "node-a", "home")["reason"]
     samples = sampler.stop()
     assert two_mac_samples(samples) == []
     new_mac = cluster.lab.mac_of(row["owner"])
@@ -166,7 +165,7 @@ def test_killed_agent_is_fenced_by_its_guard(cluster: Cluster) -> None:
     row = cluster.wait_serving("home", "node-b", timeout=30)
     assert row["epoch"] > first["epoch"]
     cluster.wait_served_by(vip, "node-b")
-    assert guard_records(cluster, "node-a")[-1]["reason"] == "agent exited"
+    assert final_guard_record(cluster, "node-a", "home")["reason"] == "agent exited"
     cluster.start_agent("node-a")  # it reports what its guard did, in its registration
     wait_for(lambda: any(n["node"] == "node-a" and n.get("guard") for n in cluster.status()["nodes"]), 20,
              "guard record in nfs-ha status")
