@@ -8,11 +8,12 @@ import os
 import sys
 from typing import Any
 
+from controller.coordination import Coordination
 from controller.keyspace import DEFAULT_PREFIX, InvalidName, Keyspace, check_name
 from controller.spec import SpecError, parse_intent, parse_spec
 from controller.store import EtcdStore, StoreError
 from controller.timeline import add_timeline_parser, cmd_timeline
-from controller.view import ClusterView
+from controller.view import ClusterView, parse_epoch_base
 
 
 def collect(view: ClusterView) -> dict[str, Any]:
@@ -84,20 +85,20 @@ def render(data: dict[str, Any]) -> str:
     return _table(vfs) + "\n\n" + _table(nodes)
 
 
-def cmd_status(store: EtcdStore, ks: Keyspace, args: argparse.Namespace) -> int:
-    revision, keys = store.load(ks.root)
-    data = collect(ClusterView(ks, revision, keys))
+def cmd_status(store: Coordination, args: argparse.Namespace) -> int:
+    revision, keys = store.load()
+    data = collect(ClusterView(store.keyspace, revision, keys))
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else render(data))
     return 0
 
 
-def cmd_move(store: EtcdStore, ks: Keyspace, args: argparse.Namespace) -> int:
+def cmd_move(store: Coordination, args: argparse.Namespace) -> int:
     try:
         check_name(args.vfs, "VFS name")
         check_name(args.node, "node name")
     except InvalidName as exc:
         return _fail(str(exc))
-    rec = store.get(ks.spec(args.vfs))
+    rec = store.spec_record(args.vfs)
     if rec is None:
         return _fail(f"VFS {args.vfs!r} has no spec")
     try:
@@ -105,8 +106,8 @@ def cmd_move(store: EtcdStore, ks: Keyspace, args: argparse.Namespace) -> int:
         parse_intent(args.node, spec)
     except SpecError as exc:
         return _fail(str(exc))
-    store.put(ks.intent(args.vfs), args.node)
-    if store.get(ks.node(args.node)) is None:
+    store.put_intent(args.vfs, args.node)
+    if store.node_record(args.node) is None:
         print(f"warning: {args.node} is not alive; {args.vfs} moves there when it registers", file=sys.stderr)
     print(f"intent for {args.vfs}: {args.node}")
     return 0
@@ -115,7 +116,7 @@ def cmd_move(store: EtcdStore, ks: Keyspace, args: argparse.Namespace) -> int:
 MAX_EPOCH = 10**18 - 1  # the agents read at most 18 digits (controller/view.py epoch_base)
 
 
-def cmd_raise_epoch(store: EtcdStore, ks: Keyspace, args: argparse.Namespace) -> int:
+def cmd_raise_epoch(store: Coordination, args: argparse.Namespace) -> int:
     """Recovery after etcd was restored from a snapshot (docs/safety.md, "etcd restored from a
     snapshot"): every new owner's storage epoch becomes epoch-base + its owner revision, so with a
     base of at least the highest epoch on any disk every new owner's epoch is above it. The base
@@ -125,12 +126,12 @@ def cmd_raise_epoch(store: EtcdStore, ks: Keyspace, args: argparse.Namespace) ->
         return _fail(f"epoch must be a whole number from 1 to {MAX_EPOCH}, got {args.epoch!r}")
     wanted = int(text)
     for _ in range(10):
-        rec = store.get(ks.epoch_base)
-        current = ClusterView(ks, 0, {ks.epoch_base: rec} if rec else {}).epoch_base()
+        rec = store.epoch_base_record()
+        current = parse_epoch_base(rec.value if rec else None)
         if current >= wanted:
             print(f"epoch base is already {current} (>= {wanted}); nothing changed")
             return 0
-        if store.put_if_unchanged(ks.epoch_base, str(wanted), rec):
+        if store.set_epoch_base(wanted, rec):
             print(f"epoch base raised from {current} to {wanted}: new owners' storage epochs are above {wanted}")
             return 0
     return _fail("the epoch base kept changing under us; try again")
@@ -160,12 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "timeline":
         return cmd_timeline(args)  # reads span files or Jaeger, not etcd
     try:
-        store = EtcdStore(args.etcd, timeout=5.0)
-        ks = Keyspace(args.prefix)
+        store = Coordination(EtcdStore(args.etcd, timeout=5.0), Keyspace(args.prefix))
     except ValueError as exc:
         return _fail(str(exc))
     try:
-        return {"status": cmd_status, "move": cmd_move, "raise-epoch": cmd_raise_epoch}[args.cmd](store, ks, args)
+        return {"status": cmd_status, "move": cmd_move, "raise-epoch": cmd_raise_epoch}[args.cmd](store, args)
     except StoreError as exc:
         return _fail(str(exc))
     finally:

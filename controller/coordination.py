@@ -1,8 +1,14 @@
-"""The coordination boundary: everything nfs-ha asks of etcd, as one typed interface.
+"""The coordination boundary: everything nfs-ha asks of etcd, in two layers.
 
-The reconcile loop (controller/reconcile.py), the view keeper (controller/watcher.py), the lease
-keeper (controller/ownership.py) and the agent (node/agent.py) talk to etcd only through these
-methods. Two implementations keep the same contract:
+- `Coordination` (the class at the end) is what the rest of nfs-ha uses: VFS claims, epoch-guarded
+  status writes, releases, node registrations, leases, load and watch of the whole keyspace. Its
+  arguments and results are domain values (VFS and node names, epochs, lease ids, status
+  documents); it is the only code that builds a key (with controller/keyspace.py's layout) or
+  calls a store's writes. The reconcile loop (controller/reconcile.py), the view keeper
+  (controller/watcher.py), the agent (node/agent.py) and the CLI go through it; the lease keeper
+  (controller/ownership.py) needs only its lease calls.
+- `KeyStore` (the protocol below) is the etcd semantics it is built on: keys, revisions, leases,
+  transactions with compares, watch with catch-up. Two implementations keep the same contract:
 
 - controller.store.EtcdStore: the real thing, over gRPC (pyetcd);
 - controller.memstore.MemStore: in memory, with leases that expire on an injectable clock, so the
@@ -33,18 +39,23 @@ StoreError (controller.store).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from controller.keyspace import Keyspace
+from controller.status import encode
 from controller.store import OwnerCreated, StoreError, WatchBatch
-from controller.view import KeyRecord
+from controller.view import KeyRecord, parse_epoch_base
 
-__all__ = ["Coordination", "KeyRecord", "OwnerCreated", "StoreError", "WatchBatch"]
+__all__ = ["Claim", "Coordination", "KeyRecord", "KeyStore", "OwnerCreated", "StoreError", "WatchBatch",
+           "parse_epoch_base"]
 
 
 @runtime_checkable
-class Coordination(Protocol):
-    """What nfs-ha needs from its coordination store (see the module docstring for the terms).
+class KeyStore(Protocol):
+    """The etcd semantics Coordination is built on (see the module docstring for the terms).
 
     Every method may raise StoreError: the store could not be reached, timed out, or refused the
     request. After StoreError the effect of a write is unknown (it may have been applied), except
@@ -213,3 +224,112 @@ class Coordination(Protocol):
         from new_client() is the caller's, and is not closed by this.
         """
         ...
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A won owner transaction: the VFS's epoch (the owner key's create_revision) and the operator's
+    epoch base as read in that same transaction (storage epoch = base + epoch, docs/safety.md)."""
+
+    epoch: int
+    epoch_base: int
+
+
+class Coordination:
+    """nfs-ha's coordination in domain terms, over one KeyStore and one Keyspace (module docstring).
+
+    Every write that concerns a VFS is one transaction guarded by the VFS's owner key:
+    - claim: iff nobody owns the VFS and its status is still the one the caller decided on;
+    - write_status / release: iff the owner's epoch is still the caller's (0: iff nobody owns it),
+      so a node that lost a VFS can neither overwrite the new owner's status nor delete its key;
+    - remove_status: iff nobody owns the VFS and no spec was written again.
+    Raises StoreError as the KeyStore does (a write's effect is then unknown).
+    """
+
+    def __init__(self, store: KeyStore, keyspace: Keyspace) -> None:
+        self.store = store
+        self.keyspace = keyspace
+
+    @property
+    def timeout(self) -> float:
+        return self.store.timeout
+
+    # --- reads and watch: the whole keyspace (controller/view.py parses it) --------------------
+
+    def load(self) -> tuple[int, dict[str, KeyRecord]]:
+        return self.store.load(self.keyspace.root)
+
+    def watch(self, start_revision: int, on_batch: Callable[[WatchBatch | Exception], None]) -> int:
+        return self.store.watch(self.keyspace.root, start_revision, on_batch)
+
+    def spec_record(self, vfs: str) -> KeyRecord | None:
+        return self.store.get(self.keyspace.spec(vfs))
+
+    def node_record(self, node: str) -> KeyRecord | None:
+        return self.store.get(self.keyspace.node(node))
+
+    def epoch_base_record(self) -> KeyRecord | None:
+        return self.store.get(self.keyspace.epoch_base)
+
+    # --- leases ---------------------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        return self.store.grant(ttl)
+
+    def revoke(self, lease_id: int) -> None:
+        self.store.revoke(lease_id)
+
+    def keepalive(self, lease_id: int, client: Any = None) -> int:
+        return self.store.keepalive(lease_id, client)
+
+    def new_client(self, timeout: float) -> Any:
+        return self.store.new_client(timeout)
+
+    def lease_stream(self, on_answer: Callable[[int, int, int], None], on_ended: Callable[[int], None]) -> Any:
+        return self.store.lease_stream(on_answer, on_ended)
+
+    # --- a VFS's owner and status -----------------------------------------------------------------
+
+    def claim(self, vfs: str, owner: dict[str, Any], lease_id: int, status: dict[str, Any],
+              status_revision: int) -> Claim | None:
+        """Become the VFS's owner (the owner key bound to `lease_id`) and write `status`, iff nobody
+        owns it and its status key still has `status_revision` (0: absent), so a lost owner's risk
+        written meanwhile is never overwritten unseen. None: a condition failed, nothing written."""
+        ks = self.keyspace
+        created = self.store.create_owner(ks.owner(vfs), json.dumps(owner), lease_id, {ks.status(vfs): encode(status)},
+                                          read=ks.epoch_base, unchanged={ks.status(vfs): status_revision})
+        return None if created is None else Claim(created.epoch, parse_epoch_base(created.read))
+
+    def write_status(self, vfs: str, epoch: int, status: dict[str, Any]) -> bool:
+        """Write the VFS's status iff its owner's epoch is `epoch` (0: iff it has no owner)."""
+        ks = self.keyspace
+        return self.store.put_if_epoch(ks.owner(vfs), epoch, {ks.status(vfs): encode(status)})
+
+    def release(self, vfs: str, epoch: int, final_status: dict[str, Any]) -> bool:
+        """Delete the owner key with a final status, iff the owner's epoch is still `epoch`."""
+        ks = self.keyspace
+        return self.store.put_if_epoch(ks.owner(vfs), epoch, {ks.status(vfs): encode(final_status)},
+                                       delete_owner=True)
+
+    def remove_status(self, vfs: str) -> bool:
+        """Delete a deleted VFS's status, iff it has neither an owner nor a spec (written again)."""
+        ks = self.keyspace
+        return self.store.delete_if_no_owner(ks.owner(vfs), [ks.status(vfs)], absent=[ks.spec(vfs)])
+
+    # --- operator and node records ------------------------------------------------------------
+
+    def register(self, node: str, registration: str, lease_id: int) -> None:
+        self.store.put(self.keyspace.node(node), registration, lease=lease_id)
+
+    def put_spec(self, vfs: str, spec: str) -> None:
+        self.store.put(self.keyspace.spec(vfs), spec)
+
+    def put_intent(self, vfs: str, node: str) -> None:
+        self.store.put(self.keyspace.intent(vfs), node)
+
+    def set_epoch_base(self, value: int, seen: KeyRecord | None) -> bool:
+        """Compare-and-set the epoch base (`nfs-ha raise-epoch`): iff it is still as `seen`."""
+        return self.store.put_if_unchanged(self.keyspace.epoch_base, str(value), seen)
+
+    def close(self) -> None:
+        self.store.close()

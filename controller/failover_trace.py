@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from contextlib import AbstractContextManager
 from typing import Any
 
 from opentelemetry import trace
@@ -48,6 +50,10 @@ class FailoverTracer:
         return {"nfs_ha.vfs": self.vfs, "nfs_ha.node": self.node, "nfs_ha.epoch": epoch,
                 "nfs_ha.vip": spec.vip_cidr, **extra}
 
+    def untraced(self) -> Flow:
+        """A flow that records nothing (a stuck release or unmount retried every second)."""
+        return Flow(None, self.vfs, self.node)
+
     # --- called on every reconcile pass ---------------------------------------------------------
 
     def observe(self, view: ClusterView) -> None:
@@ -71,9 +77,8 @@ class FailoverTracer:
 
     # --- takeover -------------------------------------------------------------------------------
 
-    def start_takeover(self, spec: VfsSpec, status: dict[str, Any], cause: str,
-                       lost: str | None) -> tuple[Span, str]:
-        """Start `vfs.takeover`; returns it and the cause recorded on it.
+    def start_takeover(self, spec: VfsSpec, status: dict[str, Any], cause: str, lost: str | None) -> TakeoverFlow:
+        """Start `vfs.takeover`; the flow carries the cause recorded on it.
 
         `lost`: the owner this takeover replaces without it having let go, if any.
         """
@@ -98,13 +103,7 @@ class FailoverTracer:
             self._gap(root, "detect_loss", start, self._gone_ns)
             self._gap(root, "placement_wait", self._gone_ns, now)
         self._previous, self._gone_ns, self.restarted = None, None, False
-        return root, cause
-
-    def finish_takeover(self, root: Span, cause: str, previous: str | None, view: ClusterView) -> None:
-        """A node's own lease and its VFS lease expire within moments of each other, in either
-        order: only at the end of the takeover can `lease_expired` be told from `node_lost`."""
-        if cause == "lease_expired" and previous and previous not in view.live_nodes():
-            root.set_attribute("nfs_ha.cause", "node_lost")
+        return TakeoverFlow(root, self.vfs, self.node, cause)
 
     def _gap(self, root: Span, name: str, start: int, end: int) -> None:
         span = tracing.tracer().start_span(name, context=trace.set_span_in_context(root), start_time=start,
@@ -113,7 +112,7 @@ class FailoverTracer:
 
     # --- release and fence ----------------------------------------------------------------------
 
-    def start_release(self, spec: VfsSpec, h: Holding, reason: str) -> tuple[Span, Span | None]:
+    def start_release(self, spec: VfsSpec, h: Holding, reason: str) -> ReleaseFlow:
         """Start `vfs.release` (under a new `vfs.move` when the VFS is meant to move on)."""
         cause = cause_of(reason)
         attrs = self.attrs(spec, h.epoch, **{"nfs_ha.cause": cause, "nfs_ha.reason": reason})
@@ -121,21 +120,107 @@ class FailoverTracer:
         if cause in ("intent", "spec_changed", "shutdown"):
             move = tracing.tracer().start_span("vfs.move", attributes=attrs)
         parent = trace.set_span_in_context(move) if move is not None else None
-        return tracing.tracer().start_span("vfs.release", context=parent, attributes=attrs), move
+        root = tracing.tracer().start_span("vfs.release", context=parent, attributes=attrs)
+        return ReleaseFlow(root, self.vfs, self.node, move, self, h.epoch)
 
-    def release_done(self, move: Span | None, epoch: int) -> None:
+    def release_done(self, move: Span, epoch: int) -> None:
         """Keep `vfs.move` open until the VFS serves elsewhere (see observe)."""
-        if move is not None:
-            self._move = (move, epoch, time.monotonic() + MOVE_WAIT)
+        self._move = (move, epoch, time.monotonic() + MOVE_WAIT)
 
-    def start_fence(self, spec: VfsSpec, h: Holding) -> Span:
+    def start_fence(self, spec: VfsSpec, h: Holding) -> Flow:
         root = tracing.tracer().start_span("vfs.fence", start_time=h.fenced_at_ns or None, attributes=self.attrs(
             spec, h.epoch, **{"nfs_ha.cause": "self_fence", "nfs_ha.reason": h.fence_reason}))
         if h.fenced_at_ns:
             self._gap(root, "vip_down", h.fenced_at_ns, h.dropped_at_ns or h.fenced_at_ns)
-        return root
+        return Flow(root, self.vfs, self.node)
 
     def close(self) -> None:
         if self._move is not None:
             self._move[0].end()
             self._move = None
+
+
+class Flow:
+    """One traced flow of a VFS on this node (a takeover, a release, a self-fence): the reconciler
+    reports what happens, in domain terms, and this turns it into spans under the flow's root. A flow
+    without a root records nothing (FailoverTracer.untraced)."""
+
+    def __init__(self, root: Span | None, vfs: str, node: str) -> None:
+        self.root, self._attrs = root, {"nfs_ha.vfs": vfs, "nfs_ha.node": node}
+
+    def step(self, name: str) -> AbstractContextManager[Any]:
+        """A named step of the flow (ownership.Observe, TakeoverContext.observe): a child span."""
+        if self.root is None:
+            return contextlib.nullcontext()
+        return tracing.child(self.root, name, self._attrs)
+
+    def note(self, **attrs: Any) -> None:
+        """Facts about the flow (epoch, outcome, the release-bound wait), as `nfs_ha.*` attributes."""
+        if self.root is not None:
+            for key, value in attrs.items():
+                self.root.set_attribute(f"nfs_ha.{key}", value)
+
+    def failed(self, error: BaseException | str) -> None:
+        if self.root is not None:
+            tracing.fail(self.root, error)
+
+    def traceparent(self) -> str | None:
+        """The flow's trace context for the next owner to join (None: not traced)."""
+        return tracing.traceparent(self.root) if self.root is not None else None
+
+    def end(self) -> None:
+        if self.root is not None:
+            self.root.end()
+
+    def stuck(self) -> None:
+        """The flow could not finish (a release whose disk is still mounted): end it as it is."""
+        self.end()
+
+    def released(self) -> None:
+        """The flow let go of the VFS."""
+        self.end()
+
+
+class TakeoverFlow(Flow):
+    def __init__(self, root: Span, vfs: str, node: str, cause: str) -> None:
+        super().__init__(root, vfs, node)
+        self.cause = cause
+
+    def fence_hook(self, target: str, started_ns: int, ok: bool, detail: str) -> None:
+        """The fencing hook ran on the lost owner `target` from `started_ns` until now."""
+        assert self.root is not None
+        span = tracing.tracer().start_span("fence_hook", context=trace.set_span_in_context(self.root),
+                                           start_time=started_ns, attributes={
+                                               **self._attrs, "nfs_ha.fence.target": target, "nfs_ha.fence.ok": ok})
+        if not ok:
+            tracing.fail(span, detail)
+        span.end()
+
+    def finish(self, previous: str | None, view: ClusterView) -> None:
+        """End the takeover. A node's own lease and its VFS lease expire within moments of each other,
+        in either order: only now can `lease_expired` be told from `node_lost`."""
+        if self.cause == "lease_expired" and previous and previous not in view.live_nodes():
+            self.note(cause="node_lost")
+        self.end()
+
+
+class ReleaseFlow(Flow):
+    def __init__(self, root: Span, vfs: str, node: str, move: Span | None, tracer: FailoverTracer,
+                 epoch: int) -> None:
+        super().__init__(root, vfs, node)
+        self._move, self._tracer, self._epoch = move, tracer, epoch
+
+    def traceparent(self) -> str | None:
+        return tracing.traceparent(self._move) if self._move is not None else super().traceparent()
+
+    def stuck(self) -> None:
+        """The release could not finish (the disk is still mounted): end its spans as they are."""
+        self.end()
+        if self._move is not None:
+            self._move.end()
+
+    def released(self) -> None:
+        """Released; a move's span stays open until the VFS serves elsewhere."""
+        self.end()
+        if self._move is not None:
+            self._tracer.release_done(self._move, self._epoch)

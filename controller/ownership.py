@@ -39,15 +39,18 @@ Invariants (the safety argument is in docs/protocol.md):
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from controller import loops
-from controller.coordination import Coordination
+from controller.coordination import Coordination, KeyStore
+from controller.status import wall_clock
 from controller.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -125,6 +128,7 @@ class Holding:
     # the VIP with its prefix length, and the shared block device (None: a VIP-only VFS).
     vip: str = ""
     device: str | None = None
+    epoch_base: int = 0  # the operator's epoch base as read by the claim (storage epoch = base + epoch)
 
     def __post_init__(self) -> None:
         self._deadline = self.granted_at + self.ttl - fence_margin(self.ttl)
@@ -235,6 +239,61 @@ class Holding:
         return not self._fenced and now >= self._deadline
 
 
+# --- the steps of an ownership: acquire and release (renewal and fencing are the keeper's) -------
+
+Observe = Callable[[str], AbstractContextManager[Any]]  # a step's name -> a context around it (a span)
+
+
+def _unobserved(_step: str) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+def acquire(store: Coordination, vfs: str, node: str, ttl: int, status: dict[str, Any], status_revision: int,
+            new_holding: Callable[[int, int, float], Holding], observe: Observe = _unobserved) -> Holding | None:
+    """Grant a lease and claim the VFS with it (invariant 1): the new Holding, with its epoch; None if
+    another node owns the VFS or its status changed since `status_revision` (nothing written).
+
+    The holding's deadline counts from the grant's send time (invariant 2). The caller adds it to the
+    keeper. A lease that did not become an owner's is revoked; StoreError is raised after that."""
+    sent_at = time.monotonic()
+    with observe("lease_grant"):
+        lease_id, granted = store.grant(ttl)
+    h = new_holding(lease_id, granted, sent_at)
+    owner = {"node": node, "since": wall_clock(), "lease": f"{lease_id:x}", "ttl": granted, "vip": h.vip}
+    try:
+        with observe("owner_txn"):
+            claim = store.claim(vfs, owner, lease_id, status, status_revision)
+    except StoreError:
+        revoke_quietly(store, vfs, lease_id)
+        raise
+    if claim is None:
+        revoke_quietly(store, vfs, lease_id)  # somebody else won the race; fine
+        return None
+    h.epoch, h.epoch_base = claim.epoch, claim.epoch_base
+    return h
+
+
+def release(store: Coordination, vfs: str, epoch: int, lease_id: int, final_status: dict[str, Any],
+            observe: Observe = _unobserved) -> None:
+    """Delete the owner key, if it is still this epoch's, with a final status; then revoke the lease.
+    Only after the VIP is down and the disk unmounted (the caller's part). Never raises: a failure
+    leaves the key to the lease's expiry."""
+    with observe("owner_release"):
+        try:
+            store.release(vfs, epoch, final_status)
+        except StoreError as exc:
+            log.warning("%s: could not delete owner key: %s", vfs, exc)
+        if lease_id:
+            revoke_quietly(store, vfs, lease_id)
+
+
+def revoke_quietly(store: Coordination | KeyStore, vfs: str, lease_id: int) -> None:
+    try:
+        store.revoke(lease_id)
+    except StoreError as exc:
+        log.warning("%s: revoking lease %x failed (it will expire): %s", vfs, lease_id, exc)
+
+
 class LeaseKeeper:
     """Keeps every lease of this agent alive and fences holdings whose deadline passes.
 
@@ -249,7 +308,7 @@ class LeaseKeeper:
     before stop(), whatever one holding raises (invariant 8).
     """
 
-    def __init__(self, store: Coordination, on_deadline: Callable[[Holding], None] | None = None,
+    def __init__(self, store: Coordination | KeyStore, on_deadline: Callable[[Holding], None] | None = None,
                  on_removed: Callable[[Holding], None] | None = None,
                  on_drop_failed: Callable[[Holding, BaseException], None] | None = None,
                  on_deadlines: Callable[[list[Holding]], None] | None = None) -> None:
@@ -275,6 +334,7 @@ class LeaseKeeper:
         self._undropped: dict[str, Holding] = {}
         self._extra: dict[int, tuple[int, Callable[[int], None]]] = {}
         self._lock = threading.Lock()
+        self._guard_lock = threading.Lock()  # renewal batches to the guard vs. remove() (see there)
         # Held while retrying drops, and by add(): once add() of a new holding of a VFS returns, no
         # retry for an older holding of it can take the (same) VIP down any more.
         self._retry_lock = threading.Lock()
@@ -343,19 +403,23 @@ class LeaseKeeper:
             return [*self._holdings.values(), *(h for h in self._undropped.values() if h.vip_pending)]
 
     def remove(self, holding: Holding) -> None:
-        with self._lock:
-            removed = self._holdings.get(holding.vfs) is holding
+        """The holding has ended (released, or torn down after a loss): keep it alive no longer and tell
+        on_removed (the guard forgets it). Called by the VFS's reconcile thread only, never by the fence
+        monitor: it may wait for a renewal batch being sent to the guard (_guard_lock)."""
+        with self._guard_lock:  # no renewal batch read before this can reach the guard after it
+            with self._lock:
+                removed = self._holdings.get(holding.vfs) is holding
+                if removed:
+                    del self._holdings[holding.vfs]
+                    if holding.vip_pending:
+                        self._undropped[holding.vfs] = holding
             if removed:
-                del self._holdings[holding.vfs]
-                if holding.vip_pending:
-                    self._undropped[holding.vfs] = holding
-        if removed:
-            if holding.vip_pending and holding.drop_error:
-                log.error("%s: removed while its VIP could not be taken down (%s); still retrying",
-                          holding.vfs, holding.drop_error)
-            elif holding.vip_pending:  # a fence on another thread is taking it down right now
-                log.debug("%s: removed while its fence is still taking the VIP down", holding.vfs)
-            self._on_removed(holding)
+                if holding.vip_pending and holding.drop_error:
+                    log.error("%s: removed while its VIP could not be taken down (%s); still retrying",
+                              holding.vfs, holding.drop_error)
+                elif holding.vip_pending:  # a fence on another thread is taking it down right now
+                    log.debug("%s: removed while its fence is still taking the VIP down", holding.vfs)
+                self._on_removed(holding)
 
     def add_plain(self, lease_id: int, ttl: int, on_lost: Callable[[int], None]) -> None:
         """Keep a lease alive that guards no VIP (the node registration)."""
@@ -416,10 +480,15 @@ class LeaseKeeper:
             self._renewal.clear()
             with self._ka_lock:
                 renewed, self._renewed = list(self._renewed.values()), {}
-            live = [h for h in renewed if not h.fenced]
-            if live:
-                with loops.guarded("guard-hold", f"{len(live)} renewals", log):
-                    self._on_deadlines(live)
+            # Only holdings still kept, checked and sent under _guard_lock: a holding removed meanwhile
+            # has been released at the guard, and a renewal sent after that would hold it there again
+            # (the guard would then fence a VFS this node no longer serves at its old deadline).
+            with self._guard_lock:
+                with self._lock:
+                    live = [h for h in renewed if not h.fenced and self._holdings.get(h.vfs) is h]
+                if live:
+                    with loops.guarded("guard-hold", f"{len(live)} renewals", log):
+                        self._on_deadlines(live)
 
     def _keepalive_loop(self) -> None:
         next_due: dict[int, float] = {}

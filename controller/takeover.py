@@ -41,9 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from opentelemetry.trace import Span
-
-from controller import tracing
 from controller.ownership import Holding
 from controller.spec import VfsSpec, vip_fits
 
@@ -106,7 +103,8 @@ class TakeoverContext:
     spec: VfsSpec
     holding: Holding
     timings: dict[str, float] = field(default_factory=dict)  # step -> seconds, for status
-    span: Span | None = None  # the root span of this takeover/release; steps become its children
+    # Each step runs inside observe(name) (the flow's trace: failover_trace.Flow.step); nothing by default.
+    observe: Callable[[str], AbstractContextManager[object]] = lambda _name: contextlib.nullcontext()
     node: str = ""
     epoch_base: int = 0  # added to the holding's epoch for the storage epoch (see the docstring)
     not_before: float = 0.0  # monotonic time before which nothing is mounted (0: no wait)
@@ -120,9 +118,7 @@ class TakeoverContext:
         return self.epoch_base + self.holding.epoch
 
     def step_span(self, name: str) -> AbstractContextManager[object]:
-        if self.span is None:
-            return contextlib.nullcontext()
-        return tracing.child(self.span, name, {"nfs_ha.vfs": self.spec.name, "nfs_ha.node": self.node})
+        return self.observe(name)
 
 
 class Step(Protocol):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -276,6 +275,12 @@ class ViewIndex:
         return found
 
 
+def parse_epoch_base(value: bytes | None) -> int:
+    """An epoch-base value: 0 when unset or not a plain non-negative integer of at most 18 digits."""
+    text = value.decode(errors="replace").strip() if value else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else 0
+
+
 @dataclass(frozen=True)
 class ClusterView:
     keyspace: Keyspace
@@ -350,6 +355,18 @@ class ClusterView:
     def _get(self, key: str) -> KeyRecord | None:
         return self.keys.get(key)
 
+    def status_revision(self, vfs: str) -> int:
+        """The mod_revision of the VFS's status key; 0: it has none."""
+        rec = self.keys.get(self.keyspace.status(vfs))
+        return rec.mod_revision if rec is not None else 0
+
+    def has_spec(self, vfs: str) -> bool:
+        """A spec key exists (valid or not)."""
+        return self.keyspace.spec(vfs) in self.keys
+
+    def spec_record(self, vfs: str) -> KeyRecord | None:
+        return self.keys.get(self.keyspace.spec(vfs))
+
     def vfs_names(self) -> list[str]:
         return sorted(self.index.fields)
 
@@ -372,8 +389,7 @@ class ClusterView:
         """The storage epoch base (0 when unset or not a plain non-negative integer: a lower base
         only makes a takeover refuse a disk, never accept a stale one)."""
         rec = self._get(self.keyspace.epoch_base)
-        text = rec.value.decode(errors="replace").strip() if rec else ""
-        return int(text) if re.fullmatch(r"[0-9]{1,18}", text) else 0
+        return parse_epoch_base(rec.value if rec else None)
 
     def status(self, vfs: str) -> dict[str, Any] | None:
         rec = self._get(self.keyspace.status(vfs))

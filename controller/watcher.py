@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 from controller import loops
 from controller.coordination import Coordination
-from controller.keyspace import Keyspace
 from controller.store import StoreError, WatchBatch
 from controller.view import ClusterView
 
@@ -28,16 +27,16 @@ log = logging.getLogger(__name__)
 
 
 class ViewKeeper:
-    def __init__(self, store: Coordination, keyspace: Keyspace, on_change: Callable[[ClusterView], None],
+    def __init__(self, store: Coordination, on_change: Callable[[ClusterView], None],
                  resync_seconds: float = 10.0,
                  on_went_back: Callable[[ClusterView], None] | None = None) -> None:
         self._store = store
-        self._ks = keyspace
+        self._ks = store.keyspace  # for the view's parsing of keys; the store builds none here
         self._on_change = on_change
         self._on_went_back = on_went_back or (lambda _view: None)  # told before the view is published
         self._resync = resync_seconds
         self._events: queue.Queue[WatchBatch | Exception] = queue.Queue()
-        self._view = ClusterView(keyspace)
+        self._view = ClusterView(self._ks)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="watch", daemon=True)
         self._watching = False
@@ -51,7 +50,7 @@ class ViewKeeper:
 
     def load(self) -> ClusterView:
         """Load the whole prefix synchronously (used at start-up and on resync)."""
-        revision, keys = self._store.load(self._ks.root)
+        revision, keys = self._store.load()
         self._publish(ClusterView.loaded(self._ks, revision, keys, previous=self._view))
         return self._view
 
@@ -70,7 +69,7 @@ class ViewKeeper:
         self._on_change(view)
 
     def _start_watch(self) -> None:
-        self._store.watch(self._ks.root, self._view.revision + 1, self._events.put)
+        self._store.watch(self._view.revision + 1, self._events.put)
         self._watching = True
         log.debug("watching %s from revision %d", self._ks.root, self._view.revision + 1)
 
@@ -133,7 +132,7 @@ class ViewKeeper:
 
     def _reload_quietly(self) -> bool:
         try:
-            revision, keys = self._store.load(self._ks.root)
+            revision, keys = self._store.load()
         except StoreError as exc:
             log.warning("resync failed: %s", exc)
             return False

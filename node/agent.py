@@ -46,9 +46,12 @@ from importlib import metadata
 from typing import TypeVar
 
 from controller import loops, tracing
+from controller.coordination import Coordination
+from controller.diskrisk import restore_hold
+from controller.gate import Backoff, TakeoverGate
 from controller.keyspace import Keyspace
 from controller.ownership import Holding, LeaseKeeper, guard_deadline
-from controller.reconcile import AgentContext, Backoff, TakeoverGate, VfsReconciler, restore_hold
+from controller.reconcile import AgentContext, VfsReconciler
 from controller.spec import SpecError, parse_spec
 from controller.status import wall_clock
 from controller.store import EtcdStore, StoreError
@@ -74,8 +77,7 @@ class StopRequested(Exception):
 class Agent:
     def __init__(self, cfg: agent_config.AgentConfig) -> None:
         self.cfg = cfg
-        self.ks = Keyspace(cfg.prefix)
-        self.store = EtcdStore(cfg.etcd)
+        self.store = Coordination(EtcdStore(cfg.etcd), Keyspace(cfg.prefix))
         self.host = Host(cfg.interface, cfg.node_state_dir)
         self.keeper = LeaseKeeper(self.store, on_deadline=self._guard_hold, on_deadlines=self._guard_holds,
                                   on_removed=self._guard_release,
@@ -85,7 +87,7 @@ class Agent:
                                      release_bound=cfg.release_bound) if cfg.watchdog else None)
         self._guard_records: list[dict[str, object]] = []
         self.backoff = Backoff(on_change=self._register_soon)
-        self.views = ViewKeeper(self.store, self.ks, lambda view: self._on_view(view, self.views.affected),
+        self.views = ViewKeeper(self.store, lambda view: self._on_view(view, self.views.affected),
                                 on_went_back=self._etcd_went_back)
         self._quiet_until = 0.0  # monotonic; no takeover before (etcd restored from a snapshot)
         self._went_back_at: float | None = None  # monotonic; when etcd was last seen going back
@@ -99,7 +101,7 @@ class Agent:
         self._stopping = threading.Event()
         self._registration_due = threading.Event()
         self._ready = False  # no reconciler may run before leftovers are cleaned up
-        self.ctx = AgentContext(me=cfg.name, keyspace=self.ks, store=self.store, keeper=self.keeper,
+        self.ctx = AgentContext(me=cfg.name, store=self.store, keeper=self.keeper,
                                 steps=self._steps(), view=lambda: self.views.view,
                                 default_ttl=cfg.lease_ttl, rank_delay=cfg.rank_delay, backoff=self.backoff,
                                 vip_down=self.host.vip_down,
@@ -139,7 +141,7 @@ class Agent:
         if not self._node_lease:
             self._node_lease, ttl = self.store.grant(self.cfg.lease_ttl)
             self.keeper.add_plain(self._node_lease, ttl, self._node_lease_lost)
-        self.store.put(self.ks.node(self.cfg.name), self._registration(), lease=self._node_lease)
+        self.store.register(self.cfg.name, self._registration(), self._node_lease)
 
     def _node_lease_lost(self, _lease_id: int) -> None:
         log.warning("node lease lost; registering again")
@@ -178,7 +180,7 @@ class Agent:
         self.views.start()
         self._on_view(self.views.view)
         log.info("agent %s started on %s (lease TTL %ds, prefix %s)", self.cfg.name, self.cfg.interface,
-                 self.cfg.lease_ttl, self.ks.prefix)
+                 self.cfg.lease_ttl, self.store.keyspace.prefix)
 
     def request_stop(self) -> None:
         """Ask start-up (and the registration loop) to give up; safe from a signal handler."""
@@ -387,7 +389,7 @@ class Agent:
 def _managed_vips(view: ClusterView) -> list[ipaddress.IPv4Interface]:
     vips = []
     for name in view.vfs_names():
-        rec = view.keys.get(view.keyspace.spec(name))
+        rec = view.spec_record(name)
         if rec is None:
             continue
         try:

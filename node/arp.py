@@ -75,6 +75,7 @@ def parse_frame(frame: bytes) -> tuple[int, bytes, bytes, bytes, bytes] | None:
 
 
 SO_ATTACH_FILTER = 26  # linux/asm-generic/socket.h (Python's socket module does not name it)
+PROBE_POLL = 0.01  # how soon a probe that just came is served (its first frame is due at once)
 MAX_FILTERED = 250  # classic BPF jumps are 8-bit: more addresses than this get no kernel filter
 _BPF = struct.Struct("HBBI")  # struct sock_filter: code, jt, jf, k
 _ARP_SPA_OFFSET = 28  # Ethernet header (14) + ARP htype..sha (14): the sender protocol address
@@ -173,6 +174,100 @@ def probe(iface: str, ip: str, tries: int = 3, spacing: float = 0.05, wait: floa
             end = time.monotonic() + (spacing if i < tries - 1 else wait)
             found.update(mac_text(m) for m in arp.senders_of(target, end))
     return found
+
+
+class _Probe:
+    def __init__(self, addr: bytes, start: float, tries: int, spacing: float, wait: float) -> None:
+        self.addr = addr
+        self.due = [start + i * spacing for i in range(tries)]  # when each probe frame goes out
+        self.ends = start + (tries - 1) * spacing + wait
+        self.found: set[str] = set()
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class Prober:
+    """ARP probes of many addresses in one pass: one raw socket and one thread for all the probes of
+    this node that run at the same time (a node taking over a hundred VIPs at once probes them
+    together, where a socket and a thread per probe read every frame once per probe).
+
+    probe() asks exactly what the module's probe() asks (`tries` RFC 5227 probes, `spacing` apart,
+    then `wait` for late answers) and blocks until then; a frame claiming an address counts for every
+    probe of that address running when it arrives. The thread starts with the first probe and ends
+    when none is left. A socket error fails the probes that were running (their callers see it:
+    a takeover that cannot probe does not go on) and is counted ("arp-probe", controller.loops)."""
+
+    def __init__(self, iface: str, tries: int = 3, spacing: float = 0.05, wait: float = 0.15) -> None:
+        self.iface, self.tries, self.spacing, self.wait = iface, tries, spacing, wait
+        self._probes: list[_Probe] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def probe(self, ip: str) -> set[str]:
+        """MACs other than ours that claim `ip` while it is probed."""
+        job = _Probe(ipaddress.IPv4Address(ip).packed, time.monotonic(), self.tries, self.spacing, self.wait)
+        with self._lock:
+            self._probes.append(job)
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name=f"arp-probe-{self.iface}", daemon=True)
+                self._thread = thread
+                try:
+                    thread.start()
+                except BaseException:
+                    self._thread = None
+                    self._probes.remove(job)
+                    raise
+        # The thread ends every probe by its deadline; the extra second only covers a thread that
+        # could not get the CPU (then the probe fails rather than hang the takeover).
+        if not job.done.wait(job.ends - time.monotonic() + 1.0):
+            with self._lock:
+                if job in self._probes:
+                    self._probes.remove(job)
+            raise TimeoutError(f"ARP probe of {ip} did not finish")
+        if job.error is not None:
+            raise job.error
+        return job.found
+
+    def _run(self) -> None:
+        try:
+            with ArpSocket(self.iface) as arp:
+                self._serve(arp)
+        except Exception as exc:
+            loops.record("arp-probe", exc, f"socket on {self.iface}", log)
+            with self._lock:
+                failed, self._probes, self._thread = self._probes, [], None
+            for job in failed:
+                job.error = exc
+                job.done.set()
+
+    def _serve(self, arp: ArpSocket) -> None:
+        filtered: frozenset[bytes] | None = None
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                for job in [j for j in self._probes if j.ends <= now]:
+                    self._probes.remove(job)
+                    job.done.set()
+                if not self._probes:
+                    self._thread = None  # under the lock: a new probe() starts a new thread
+                    return
+                probes = list(self._probes)
+            addrs = frozenset(j.addr for j in probes)
+            if addrs != filtered:
+                arp.only_senders(addrs)
+                filtered = addrs
+            sent: set[bytes] = set()
+            for job in probes:
+                while job.due and job.due[0] <= now:
+                    job.due.pop(0)
+                    if job.addr not in sent:  # probes of one address due together: one frame
+                        arp.send(build_frame(ARP_REQUEST, arp.mac, ZERO_IP, ZERO_MAC, job.addr))
+                        sent.add(job.addr)
+            wake = min([j.due[0] for j in probes if j.due] + [j.ends for j in probes] + [now + PROBE_POLL])
+            for addr, mac in arp.claims_until(wake):
+                for job in probes:
+                    if job.addr == addr:
+                        job.found.add(mac_text(mac))
 
 
 def _claim_frames(mac: bytes, addr: bytes) -> tuple[bytes, bytes]:

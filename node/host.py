@@ -35,6 +35,7 @@ class Host:
     def __init__(self, ifname: str, state_dir: Path, nfs_backends: dict[str, NfsServer] | None = None) -> None:
         self.ifname = ifname
         self.iface = VipInterface(ifname)
+        self.prober = arp.Prober(ifname)  # one socket and thread for every probe running at once
         self.raised = RaisedVips(state_dir)
         self.storage = Storage(state_dir)
         self.nfs_workroot = state_dir / "nfs"
@@ -67,7 +68,7 @@ class Host:
         return {a for a in self.iface.addresses() if a.ip not in raised}
 
     def foreign_macs(self, vip: ipaddress.IPv4Interface) -> set[str]:
-        return arp.probe(self.ifname, str(vip.ip))
+        return self.prober.probe(str(vip.ip))
 
     def announce(self, vip: ipaddress.IPv4Interface, still_valid: Callable[[], bool]) -> None:
         """Gratuitous ARP now; then this node's ARP defender (one thread and socket for all VIPs,

@@ -23,9 +23,12 @@ from typing import Any
 import pytest
 
 import node.agent as agent_mod
+from controller.coordination import Coordination
+from controller.diskrisk import restore_hold
+from controller.gate import Backoff
 from controller.keyspace import Keyspace
 from controller.ownership import LeaseKeeper
-from controller.reconcile import AgentContext, Backoff, VfsReconciler, restore_hold
+from controller.reconcile import AgentContext, VfsReconciler
 from controller.view import ClusterView, KeyRecord
 from node.config import AgentConfig
 from tests.unit.fake_etcd import FakeEtcd
@@ -179,8 +182,9 @@ def test_intent_alone_and_junk_keys_start_no_reconciler_and_junk_is_logged_once(
 
 def make_reconciler(store: FakeEtcd, me: str = "node-a") -> tuple[VfsReconciler, Callable[[ClusterView], None]]:
     views: list[ClusterView] = []
-    ctx = AgentContext(me=me, keyspace=KS, store=store, keeper=LeaseKeeper(store), steps=[], view=lambda: views[-1],
-                       default_ttl=5, rank_delay=0.0, backoff=Backoff(), vip_down=lambda _vip: None)
+    ctx = AgentContext(me=me, store=Coordination(store, KS), keeper=LeaseKeeper(store), steps=[],
+                       view=lambda: views[-1], default_ttl=5, rank_delay=0.0, backoff=Backoff(),
+                       vip_down=lambda _vip: None)
     return VfsReconciler("home", ctx), views.append
 
 

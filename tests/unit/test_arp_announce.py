@@ -205,3 +205,101 @@ def test_a_claim_that_replaces_another_for_the_same_address_is_served_at_once(mo
         time.sleep(0.002)
     assert FakeSocket.sent and time.monotonic() - t0 < arp.LIVE_CHECK - 0.1
     d.join(timeout=3)
+
+
+class ProbeSocket(FakeSocket):
+    """Answers probes: each address in `answer` gets a reply from its MAC `delay` after a probe for it;
+    counts sockets opened and the addresses each filter passed."""
+
+    answer: ClassVar[dict[bytes, str]] = {}
+    delay = 0.02
+    opened: ClassVar[list[ProbeSocket]] = []
+
+    def __init__(self, iface: str) -> None:
+        super().__init__(iface)
+        self.replies: list[tuple[float, bytes, bytes]] = []
+        self.filters: list[frozenset[bytes]] = []
+        ProbeSocket.opened.append(self)
+
+    def only_senders(self, addrs: object) -> bool:
+        self.filters.append(frozenset(addrs))  # type: ignore[arg-type]
+        return True
+
+    def send(self, frame: bytes) -> None:
+        super().send(frame)
+        parsed = arp.parse_frame(frame)
+        assert parsed is not None and parsed[0] == arp.ARP_REQUEST and parsed[2] == arp.ZERO_IP  # an RFC 5227 probe
+        target = parsed[4]
+        if target in ProbeSocket.answer:
+            self.replies.append((time.monotonic() + self.delay, target, arp.mac_bytes(ProbeSocket.answer[target])))
+
+    def claims_until(self, until: float) -> Iterator[tuple[bytes, bytes]]:
+        while True:
+            now = time.monotonic()
+            due = [r for r in self.replies if r[0] <= now]
+            for r in due:
+                self.replies.remove(r)
+                if r[1] in self.filters[-1]:
+                    yield r[1], r[2]
+            if now >= until:
+                return
+            time.sleep(min(0.005, max(0.0, until - now)))
+
+
+def test_many_probes_at_once_share_one_socket_and_each_hears_only_its_own_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ipaddress
+    import threading
+
+    monkeypatch.setattr(arp, "ArpSocket", ProbeSocket)
+    ProbeSocket.opened = []
+    vips = [f"10.77.0.{100 + i}" for i in range(40)]
+    ProbeSocket.answer = {ipaddress.IPv4Address(v).packed: f"02:00:00:00:01:{i:02x}"
+                          for i, v in enumerate(vips) if i % 3 == 0}  # every third VIP is still answered
+    prober = arp.Prober("eth0")
+    results: dict[str, set[str]] = {}
+
+    def one(vip: str) -> None:
+        results[vip] = prober.probe(vip)
+
+    threads = [threading.Thread(target=one, args=(v,)) for v in vips]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert results == {v: ({f"02:00:00:00:01:{i:02x}"} if i % 3 == 0 else set()) for i, v in enumerate(vips)}
+    assert len(ProbeSocket.opened) == 1  # one socket for all forty
+    sent = [arp.parse_frame(f) for f in FakeSocket.sent]
+    per_vip = {v: sum(1 for p in sent if p and p[4] == ipaddress.IPv4Address(v).packed) for v in vips}
+    assert set(per_vip.values()) == {3}  # each probed three times, as a probe of its own would be
+    # Served together: the one socket's filter passed several probed addresses at once (each probe
+    # lasts 0.25 s; forty threads started back to back overlap).
+    assert max(len(f) for f in ProbeSocket.opened[0].filters) > 1
+
+
+def test_a_probe_after_the_others_ended_gets_a_new_thread_and_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arp, "ArpSocket", ProbeSocket)
+    ProbeSocket.opened, ProbeSocket.answer = [], {bytes([10, 77, 0, 100]): "02:00:00:00:00:09"}
+    prober = arp.Prober("eth0", spacing=0.01, wait=0.05)
+    assert prober.probe("10.77.0.100") == {"02:00:00:00:00:09"}
+    deadline = time.monotonic() + 1
+    while prober._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert prober._thread is None  # ended with its last probe
+    assert prober.probe("10.77.0.101") == set()
+    assert len(ProbeSocket.opened) == 2
+
+
+def test_a_socket_that_cannot_open_fails_the_probe_and_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from controller import loops
+
+    def broken(iface: str) -> FakeSocket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(arp, "ArpSocket", broken)
+    before = loops.ERRORS.count("arp-probe")
+    with pytest.raises(OSError, match="Too many open files"):
+        arp.Prober("eth0").probe("10.77.0.100")  # a takeover that cannot probe does not go on
+    assert loops.ERRORS.count("arp-probe") == before + 1

@@ -1,4 +1,4 @@
-"""The Coordination contract (controller/coordination.py): one set of tests, two implementations.
+"""The KeyStore contract (controller/coordination.py): one set of tests, two implementations.
 
 Every test runs against MemStore (on a fake clock) and against EtcdStore talking to a real etcd on
 loopback (tests/unit/conftest.py; skipped only without the etcd binary). What differs between the
@@ -13,6 +13,7 @@ deleted afterwards, so no lease of one test can expire (and move the revision) i
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from controller.coordination import Coordination
+from controller.coordination import Claim, Coordination, KeyStore
+from controller.keyspace import Keyspace
 from controller.memstore import MemStore
 from controller.store import EtcdStore, StoreError, WatchBatch
 from controller.view import KeyRecord
@@ -43,10 +45,10 @@ class FakeClock:
 class Env:
     """One implementation under test, and how time passes for it."""
 
-    store: Coordination
+    store: KeyStore
     prefix: str  # this test's keys
     sleep: Callable[[float], None]  # let `seconds` pass (and leases expire)
-    another: Callable[[], Coordination]  # another client of the same store
+    another: Callable[[], KeyStore]  # another client of the same store
     compact: Callable[[int], None]  # compact the store's history up to a revision (admin)
     patience: float  # how long to wait for something asynchronous
     quiet: float  # how long to wait to be sure that nothing more comes
@@ -134,14 +136,14 @@ class Batches:
         return self.events()
 
 
-def watch(env: Env, store: Coordination, prefix: str, start: int) -> Batches:
+def watch(env: Env, store: KeyStore, prefix: str, start: int) -> Batches:
     got = Batches()
     store.watch(prefix, start, got)
     return got
 
 
 def test_both_implement_the_protocol(env: Env) -> None:
-    assert isinstance(env.store, Coordination)
+    assert isinstance(env.store, KeyStore)
     assert isinstance(env.store.timeout, float) and env.store.timeout > 0
 
 
@@ -520,3 +522,123 @@ def test_a_lease_stream_answers_each_request_in_order_and_a_gone_lease_with_no_t
         assert got[3][0] == a and got[3][1] <= 0  # gone: etcd answers TTL 0 on the stream too
     finally:
         stream.close()
+
+
+# --- the domain layer (Coordination) over each KeyStore: the same guarantees on both -------------
+
+def coordination(env: Env, store: KeyStore | None = None) -> Coordination:
+    return Coordination(store or env.store, Keyspace(env.prefix))
+
+
+def test_claim_is_won_by_one_node_and_carries_its_epoch_and_the_epoch_base(env: Env) -> None:
+    a, b = coordination(env), coordination(env, env.another())
+    ks = a.keyspace
+    env.store.put(ks.epoch_base, "40")
+    leases = [a.grant(5)[0], b.grant(5)[0]]
+    try:
+        won = a.claim("home", {"node": "node-a"}, leases[0], {"phase": "acquiring"}, 0)
+        lost = b.claim("home", {"node": "node-b"}, leases[1], {"phase": "acquiring"}, 0)
+        assert won == Claim(epoch=won.epoch, epoch_base=40) and lost is None
+        owner = env.store.get(ks.owner("home"))
+        assert owner is not None and owner.create_revision == won.epoch and owner.lease == leases[0]
+        assert json.loads(owner.value) == {"node": "node-a"}
+        status = env.store.get(ks.status("home"))
+        assert status is not None and status.mod_revision == won.epoch  # one transaction
+        assert json.loads(status.value)["phase"] == "acquiring"
+    finally:
+        for lease in leases:
+            a.revoke(lease)
+
+
+def test_claim_refuses_a_status_changed_since_it_was_read(env: Env) -> None:
+    c = coordination(env)
+    ks = c.keyspace
+    env.store.put(ks.status("home"), json.dumps({"node": "node-b", "disk_at_risk": True}))
+    seen = env.store.get(ks.status("home"))
+    assert seen is not None
+    lease = c.grant(5)[0]
+    try:
+        before = env.revision()
+        assert c.claim("home", {"node": "node-a"}, lease, {"phase": "acquiring"}, 0) is None  # "absent": it is not
+        assert c.claim("home", {"node": "node-a"}, lease, {"phase": "acquiring"}, seen.mod_revision - 1) is None
+        assert env.revision() == before and env.store.get(ks.owner("home")) is None  # nothing written
+        assert c.claim("home", {"node": "node-a"}, lease, {"phase": "acquiring"}, seen.mod_revision) is not None
+    finally:
+        c.revoke(lease)
+
+
+def test_status_writes_and_release_are_guarded_by_the_epoch(env: Env) -> None:
+    c = coordination(env)
+    ks = c.keyspace
+    assert c.write_status("home", 0, {"phase": "unplaced"})  # no owner: epoch 0 holds
+    lease = c.grant(5)[0]
+    try:
+        claim = c.claim("home", {"node": "node-a"}, lease, {"phase": "acquiring"},
+                        env.store.get(ks.status("home")).mod_revision)  # type: ignore[union-attr]
+        assert claim is not None
+        assert not c.write_status("home", 0, {"phase": "unplaced"})  # an owner exists now
+        assert not c.write_status("home", claim.epoch - 1, {"phase": "stale"})
+        assert not c.release("home", claim.epoch - 1, {"phase": "stale"})
+        assert env.store.get(ks.owner("home")) is not None
+        assert c.write_status("home", claim.epoch, {"phase": "serving"})
+        assert json.loads(env.store.get(ks.status("home")).value)["phase"] == "serving"  # type: ignore[union-attr]
+        assert c.release("home", claim.epoch, {"phase": "unplaced", "node": None})
+        assert env.store.get(ks.owner("home")) is None
+        assert json.loads(env.store.get(ks.status("home")).value)["node"] is None  # type: ignore[union-attr]
+        assert not c.release("home", claim.epoch, {"phase": "again"})  # its epoch is over
+    finally:
+        c.revoke(lease)
+
+
+def test_an_expired_claim_frees_the_vfs_for_a_new_epoch(env: Env) -> None:
+    c = coordination(env)
+    lease = c.grant(1)[0]
+    first = c.claim("home", {"node": "node-a"}, lease, {"phase": "acquiring"}, 0)
+    assert first is not None
+    env.sleep(3.0)  # no keepalive: the lease and with it the owner key expire
+    assert env.eventually(lambda: env.store.get(c.keyspace.owner("home")) is None)
+    status_rev = env.store.get(c.keyspace.status("home")).mod_revision  # type: ignore[union-attr]
+    lease = c.grant(5)[0]
+    try:
+        second = c.claim("home", {"node": "node-b"}, lease, {"phase": "acquiring"}, status_rev)
+        assert second is not None and second.epoch > first.epoch and second.epoch_base == 0
+    finally:
+        c.revoke(lease)
+
+
+def test_a_deleted_vfs_status_goes_only_without_owner_and_spec(env: Env) -> None:
+    c = coordination(env)
+    ks = c.keyspace
+    c.put_spec("home", "{}")
+    assert c.write_status("home", 0, {"phase": "unplaced"})
+    assert not c.remove_status("home")  # the spec is there
+    env.store.delete(ks.spec("home"))
+    lease = c.grant(5)[0]
+    try:
+        claim = c.claim("home", {"node": "node-a"}, lease, {"phase": "acquiring"},
+                        env.store.get(ks.status("home")).mod_revision)  # type: ignore[union-attr]
+        assert claim is not None and not c.remove_status("home")  # owned
+        assert c.release("home", claim.epoch, {"phase": "unplaced", "node": None})
+    finally:
+        c.revoke(lease)
+    assert c.remove_status("home") and env.store.get(ks.status("home")) is None
+    assert set(env.store.load(env.prefix)[1]) == set()  # every key was the keyspace's: nothing else written
+
+
+def test_node_registration_intent_and_epoch_base_go_to_their_keys(env: Env) -> None:
+    c = coordination(env)
+    ks = c.keyspace
+    lease = c.grant(5)[0]
+    try:
+        c.register("node-a", '{"mac": "x"}', lease)
+        assert c.node_record("node-a") == env.store.get(ks.node("node-a"))
+        assert c.node_record("node-a").lease == lease  # type: ignore[union-attr]
+        c.put_intent("home", "node-b")
+        assert env.store.get(ks.intent("home")).value == b"node-b"  # type: ignore[union-attr]
+        assert c.epoch_base_record() is None and c.set_epoch_base(7, None)
+        seen = c.epoch_base_record()
+        assert seen is not None and not c.set_epoch_base(9, None)  # compare-and-set: it exists now
+        assert c.set_epoch_base(9, seen) and c.epoch_base_record().value == b"9"  # type: ignore[union-attr]
+    finally:
+        c.revoke(lease)
+    assert c.node_record("node-a") is None  # the registration went with its lease

@@ -18,9 +18,12 @@ from typing import Any
 
 import pytest
 
+from controller.coordination import Coordination
+from controller.diskrisk import DiskRisk, ReleaseBoundClock
+from controller.gate import Backoff
 from controller.keyspace import Keyspace
 from controller.ownership import Holding, LeaseKeeper
-from controller.reconcile import AgentContext, Backoff, VfsReconciler
+from controller.reconcile import AgentContext, VfsReconciler
 from controller.spec import parse_spec
 from controller.store import OwnerCreated
 from controller.takeover import (
@@ -124,7 +127,7 @@ def setup(status: dict[str, Any] | None, release_bound: float = 0.4, fence: Any 
     if status is not None:
         store._put(KS.status("home"), json.dumps(status))
     mount = Recorder()
-    ctx = AgentContext(me="node-a", keyspace=KS, store=store, keeper=LeaseKeeper(store),  # type: ignore[arg-type]
+    ctx = AgentContext(me="node-a", store=Coordination(store, KS), keeper=LeaseKeeper(store),  # type: ignore[arg-type]
                        steps=[ReleaseBoundWait(), mount], view=store.view, default_ttl=5, rank_delay=0.0,
                        backoff=Backoff(), vip_down=lambda _vip: None, fence=fence,
                        release_bound=release_bound)
@@ -197,10 +200,10 @@ def test_the_wait_counts_from_when_the_owner_key_was_first_seen_gone() -> None:
     store, rec, mount = setup({"phase": "serving", "node": "node-b"}, release_bound=0.5)
     store._put(KS.owner("home"), json.dumps({"node": "node-b"}), 7)
     rec.reconcile()  # owner present: nothing to do
-    assert rec._owner_gone_since is None
+    assert rec._bound._gone_since is None
     del store.keys[KS.owner("home")]
-    rec._note_owner(None, store.rev)
-    gone = rec._owner_gone_since
+    rec._bound.note_owner(False, store.rev)
+    gone = rec._bound._gone_since
     assert gone is not None
     time.sleep(0.3)
     rec.reconcile()
@@ -335,7 +338,7 @@ def test_any_status_naming_a_node_or_carrying_risk_waits(status: dict[str, Any])
 def test_an_unreadable_status_waits_the_longest_bound(junk: str) -> None:
     store, rec, _ = setup(None, release_bound=0.4)
     store._put(KS.status("home"), junk)
-    assert rec._release_bound_until(rec._risk(store.view()), {}, 0) - time.monotonic() > 599
+    assert rec._bound.until(rec._risk(store.view()), {}, 0) - time.monotonic() > 599
 
 
 def test_the_wait_is_the_larger_of_ours_and_the_lost_owners_published_bound() -> None:
@@ -349,7 +352,7 @@ def test_an_owner_that_came_and_went_between_two_passes_restarts_the_count() -> 
     store, rec, mount = setup(None, release_bound=0.5)
     store._put(KS.spec("home"), json.dumps({**SPEC, "candidates": ["node-b"]}))  # not ours for now
     rec.reconcile()
-    assert rec._owner_gone_since is not None
+    assert rec._bound._gone_since is not None
     time.sleep(0.6)
     # node-b acquired and was lost while this node did not look: only its status shows it
     store._put(KS.status("home"), json.dumps({"phase": "serving", "node": "node-b"}))
@@ -470,3 +473,30 @@ def test_a_risk_written_between_the_view_and_the_owner_transaction_is_not_overwr
     assert rec.holding is not None and len(mount.up_at) == 1
     assert json.loads(store.keys[KS.status("home")].value)["phase"] == "serving"
     assert mount.up_at[0] - started >= 0.5  # the lost owner's bound (0.6 s), not ours (0.1 s)
+
+
+def test_the_release_bound_clock_on_a_fake_clock() -> None:
+    """ReleaseBoundClock alone: the count starts when the owner key is first seen gone, restarts for a
+    status newer than that, is skipped only for the one node at risk confirmed fenced; pending() keeps
+    a risky status for the bound from when it was first seen."""
+    now = [100.0]
+    clock = ReleaseBoundClock(2.0, clock=lambda: now[0])
+    risk = DiskRisk(nodes=("node-b",), release_bound=3.0)
+    assert clock.until(DiskRisk(), {}, 0) == 0.0  # no risk: no wait
+    clock.note_owner(True, 10)
+    now[0] = 101.0
+    clock.note_owner(False, 11)  # first seen gone at 101
+    now[0] = 102.0
+    clock.note_owner(False, 12)  # still gone: the count is not restarted
+    assert clock.until(risk, {}, status_rev=11) == 101.0 + 3.0  # the larger bound: the lost owner's
+    assert clock.until(risk, {}, status_rev=12) == 102.0 + 3.0  # a newer status: an owner came and went
+    assert clock.until(risk, {"ok": True, "node": "node-b"}, 11) == 0.0  # the one at risk is fenced
+    assert clock.until(risk, {"ok": True, "node": "node-c"}, 11) > 0  # another node fenced: no skip
+    assert clock.until(DiskRisk(nodes=("node-b",), unknown=True), {"ok": True, "node": "node-b"}, 11) > 0
+    assert clock.pending(risk, 20)  # first seen now (102): kept until 105
+    now[0] = 104.9
+    assert clock.pending(risk, 20)
+    now[0] = 105.0
+    assert not clock.pending(risk, 20)
+    assert clock.pending(risk, 21)  # a new risky status: counted afresh
+    assert not clock.pending(DiskRisk(), 21)

@@ -322,3 +322,37 @@ def test_every_address_of_a_named_endpoint_is_tried(monkeypatch: pytest.MonkeyPa
     finally:
         stream.close()
         server.close()
+
+
+def test_a_renewal_read_before_a_release_never_reaches_the_guard_after_it() -> None:
+    """The renewals thread reads a batch; the VFS is released (the guard told to forget it) before the
+    batch is sent: the batch must not hold the released VFS at the guard again (the guard would fence
+    a VFS this node no longer serves, killing a PID that may have been reused, at its old deadline)."""
+    store = StreamStore()
+    told: list[tuple[str, str]] = []
+    k = LeaseKeeper(store, on_deadlines=lambda hs: told.extend(("hold", h.vfs) for h in hs),  # type: ignore[arg-type]
+                    on_removed=lambda h: told.append(("release", h.vfs)))
+    h = Holding(vfs="home", lease_id=1, ttl=2, granted_at=time.monotonic(), drop=lambda: None)
+    k.add(h)
+    told.clear()
+
+    class ReleasedWhileRead(dict):  # the release lands right after the batch was taken
+        def values(self):  # type: ignore[override]
+            taken = list(super().values())
+            remover = threading.Thread(target=k.remove, args=(h,))
+            remover.start()
+            remover.join(2.0)  # with the fix it does not wait for this batch: nothing sent yet
+            return taken
+
+    k._renewed = ReleasedWhileRead({id(h): h})
+    k._renewal.set()
+    loop = threading.Thread(target=k._renewals_loop)
+    loop.start()
+    try:
+        assert wait_for(lambda: ("release", "home") in told, timeout=2.0)
+        time.sleep(0.1)  # the batch has had its chance to go out
+    finally:
+        k._stop.set()
+        k._renewal.set()
+        loop.join(2.0)
+    assert told == [("release", "home")]

@@ -3,6 +3,7 @@
 import argparse
 
 from controller.cli import cmd_raise_epoch
+from controller.coordination import Coordination
 from controller.keyspace import Keyspace
 from controller.view import KeyRecord
 
@@ -29,7 +30,7 @@ class Store:
 
 
 def run(store: Store, epoch: str) -> int:
-    return cmd_raise_epoch(store, KS, argparse.Namespace(epoch=epoch))  # type: ignore[arg-type]
+    return cmd_raise_epoch(Coordination(store, KS), argparse.Namespace(epoch=epoch))  # type: ignore[arg-type]
 
 
 def test_raises_and_never_lowers(capsys) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from controller.reconcile import TakeoverGate
+from controller.gate import TakeoverGate
 
 
 def test_no_more_than_the_limit_run_at_once() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from controller.coordination import Coordination
 from controller.keyspace import Keyspace
 from controller.view import ClusterView, KeyRecord
 from controller.watcher import ViewKeeper
@@ -54,7 +55,7 @@ class Views:
 def keeper() -> Iterator[tuple[FakeEtcd, ViewKeeper, Views]]:
     store = FakeEtcd()
     views = Views()
-    vk = ViewKeeper(store, KS, views, resync_seconds=3600)  # no full load may hide a skipped event
+    vk = ViewKeeper(Coordination(store, KS), views, resync_seconds=3600)  # no full load may hide a skipped event
     yield store, vk, views
     vk.stop()
 
@@ -137,7 +138,7 @@ def test_etcd_restored_from_a_snapshot_is_followed_after_the_next_resync():
     store = FakeEtcd()
     views = Views()
     went_back: list[tuple[int, int | None]] = []  # (revision told, revision published before it)
-    vk = ViewKeeper(store, KS, views, resync_seconds=0.2,
+    vk = ViewKeeper(Coordination(store, KS), views, resync_seconds=0.2,
                     on_went_back=lambda v: went_back.append((v.revision, views.last.revision if views.last else None)))
     try:
         store.put(KS.spec("home"), "{}")
@@ -167,7 +168,7 @@ def test_a_resync_wakes_only_the_vfs_whose_keys_it_finds_changed() -> None:
     """The periodic full load is a safety net for a watch that hangs silently; when it finds what the
     view already has (the usual case) it must not wake every reconciler (O(VFS) every 10 s)."""
     store = FakeEtcd()
-    vk = ViewKeeper(store, KS, lambda _view: None, resync_seconds=3600)
+    vk = ViewKeeper(Coordination(store, KS), lambda _view: None, resync_seconds=3600)
     for i, name in enumerate(("a", "b", "c")):  # VIPs of their own: no clash check ties them together
         store.put(KS.spec(name), f'{{"vip": "10.77.0.{10 + i}/24", "candidates": ["n1"]}}')
     vk.load()
