@@ -397,6 +397,16 @@ class LeaseKeeper:
             self._on_deadline(holding)
         self._wake.set()
 
+    def tell_all(self) -> None:
+        """Tell on_deadlines every holding kept now (a new guard starts with nothing), under _guard_lock
+        like a renewal batch: a holding removed meanwhile is not held at the guard again."""
+        with self._guard_lock:
+            with self._lock:
+                kept = [h for h in self._holdings.values() if not h.fenced]
+            if kept:
+                with loops.guarded("guard-hold", f"{len(kept)} holdings", log):
+                    self._on_deadlines(kept)
+
     def holdings(self) -> list[Holding]:
         """Held VFSs, and fenced ones whose VIP is still up (the watchdog protects both)."""
         with self._lock:

@@ -402,7 +402,11 @@ class VfsReconciler:
         """Run the fencing hook on a lost previous owner; StepFailed if it fails and is required."""
         assert self.ctx.fence is not None
         started_ns = time.time_ns()
-        result = self.ctx.fence(lost)
+        try:
+            result = self.ctx.fence(lost)
+        except Exception as exc:  # e.g. a command that could not start: the span says so, the takeover fails
+            flow.fence_hook(lost, started_ns, False, f"{type(exc).__name__}: {exc}")
+            raise
         flow.fence_hook(lost, started_ns, bool(result.ok), result.describe())
         note = {"node": lost, "ok": bool(result.ok), "detail": result.describe()}
         if result.ok:

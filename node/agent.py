@@ -263,9 +263,7 @@ class Agent:
         self.guard = GuardClient(self.cfg.node_state_dir, self.cfg.interface, release_bound=self.cfg.release_bound,
                                  reset_command=self.cfg.reset_command, watchdog=bool(self.cfg.watchdog),
                                  nfs_workroot=self.host.nfs_workroot)
-        for rec in list(self.reconcilers.values()):
-            if rec.holding is not None:
-                self._guard_hold(rec.holding)
+        self.keeper.tell_all()  # from the keeper, not reconciler state: never a holding already released
 
     def _guard_hold(self, h: Holding) -> None:
         self._guard_holds([h])

@@ -146,14 +146,18 @@ class ArpSocket:
             ready, _, _ = select.select([self.sock], [], [], left)
             if not ready:
                 return
-            while True:
-                try:
-                    frame = self.sock.recv(2048)
-                except BlockingIOError:
-                    break
-                parsed = parse_frame(frame)
-                if parsed and parsed[1] != self.mac:
-                    yield parsed[2], parsed[1]
+            yield from self.queued_claims()
+
+    def queued_claims(self) -> Iterator[tuple[bytes, bytes]]:
+        """Like claims_until, for the frames already queued on the socket, without waiting."""
+        while True:
+            try:
+                frame = self.sock.recv(2048)
+            except BlockingIOError:
+                return
+            parsed = parse_frame(frame)
+            if parsed and parsed[1] != self.mac:
+                yield parsed[2], parsed[1]
 
 
 def _fprog(prog: list[tuple[int, int, int, int]]) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
@@ -177,10 +181,14 @@ def probe(iface: str, ip: str, tries: int = 3, spacing: float = 0.05, wait: floa
 
 
 class _Probe:
-    def __init__(self, addr: bytes, start: float, tries: int, spacing: float, wait: float) -> None:
+    """One probe's state. Its windows count from when its frames really went out (as probe() does), never
+    from when it was asked for: a prober thread that runs late makes the probe later, never shorter."""
+
+    def __init__(self, addr: bytes, tries: int) -> None:
         self.addr = addr
-        self.due = [start + i * spacing for i in range(tries)]  # when each probe frame goes out
-        self.ends = start + (tries - 1) * spacing + wait
+        self.left = tries  # frames still to send
+        self.next_at = 0.0  # monotonic: when the next frame is due (0: at once)
+        self.ends: float | None = None  # set when the last frame went out: that send + wait
         self.found: set[str] = set()
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -191,11 +199,15 @@ class Prober:
     this node that run at the same time (a node taking over a hundred VIPs at once probes them
     together, where a socket and a thread per probe read every frame once per probe).
 
-    probe() asks exactly what the module's probe() asks (`tries` RFC 5227 probes, `spacing` apart,
-    then `wait` for late answers) and blocks until then; a frame claiming an address counts for every
-    probe of that address running when it arrives. The thread starts with the first probe and ends
-    when none is left. A socket error fails the probes that were running (their callers see it:
-    a takeover that cannot probe does not go on) and is counted ("arp-probe", controller.loops)."""
+    Each probe is what the module's probe() does: `tries` RFC 5227 probes, each `spacing` after the
+    previous one really went out, then `wait` after the last one, every frame claiming the address in
+    that time counted (frames still queued on the socket are read before a probe ends). A frame
+    claiming an address counts for every probe of that address running when it is read. The thread
+    starts with the first probe and ends when none is left. A socket error fails the probes running
+    (their callers see it: a takeover that cannot probe does not go on) and is counted ("arp-probe",
+    controller.loops); so does a probe the thread has not finished LATE_LIMIT after its nominal end."""
+
+    LATE_LIMIT = 10.0  # only so that no caller waits forever; a slow thread makes a probe later, not shorter
 
     def __init__(self, iface: str, tries: int = 3, spacing: float = 0.05, wait: float = 0.15) -> None:
         self.iface, self.tries, self.spacing, self.wait = iface, tries, spacing, wait
@@ -205,7 +217,7 @@ class Prober:
 
     def probe(self, ip: str) -> set[str]:
         """MACs other than ours that claim `ip` while it is probed."""
-        job = _Probe(ipaddress.IPv4Address(ip).packed, time.monotonic(), self.tries, self.spacing, self.wait)
+        job = _Probe(ipaddress.IPv4Address(ip).packed, self.tries)
         with self._lock:
             self._probes.append(job)
             if self._thread is None:
@@ -217,13 +229,16 @@ class Prober:
                     self._thread = None
                     self._probes.remove(job)
                     raise
-        # The thread ends every probe by its deadline; the extra second only covers a thread that
-        # could not get the CPU (then the probe fails rather than hang the takeover).
-        if not job.done.wait(job.ends - time.monotonic() + 1.0):
+        if not job.done.wait((self.tries - 1) * self.spacing + self.wait + self.LATE_LIMIT):
             with self._lock:
-                if job in self._probes:
+                late = job in self._probes
+                if late:
                     self._probes.remove(job)
-            raise TimeoutError(f"ARP probe of {ip} did not finish")
+            if late:  # a thread that cannot keep up: the probe fails rather than pass unasked
+                exc = TimeoutError(f"ARP probe of {ip} did not finish")
+                loops.record("arp-probe", exc, ip, log)
+                raise exc
+            job.done.wait()  # finished just now
         if job.error is not None:
             raise job.error
         return job.found
@@ -243,31 +258,48 @@ class Prober:
     def _serve(self, arp: ArpSocket) -> None:
         filtered: frozenset[bytes] | None = None
         while True:
-            now = time.monotonic()
             with self._lock:
-                for job in [j for j in self._probes if j.ends <= now]:
-                    self._probes.remove(job)
-                    job.done.set()
                 if not self._probes:
                     self._thread = None  # under the lock: a new probe() starts a new thread
                     return
                 probes = list(self._probes)
             addrs = frozenset(j.addr for j in probes)
-            if addrs != filtered:
+            if addrs != filtered:  # before any frame of a new probe goes out
                 arp.only_senders(addrs)
                 filtered = addrs
-            sent: set[bytes] = set()
+            self._send_due(arp, probes)
+            now = time.monotonic()
+            wake = min([j.next_at for j in probes if j.left] + [j.ends for j in probes if j.ends is not None]
+                       + [now + PROBE_POLL])
+            self._credit(probes, arp.claims_until(wake))
+            self._credit(probes, arp.queued_claims())  # what came in up to now, before anything ends
+            now = time.monotonic()
+            with self._lock:
+                for job in [j for j in probes if j.ends is not None and j.ends <= now]:
+                    self._probes.remove(job)
+                    job.done.set()
+
+    def _send_due(self, arp: ArpSocket, probes: list[_Probe]) -> None:
+        sent: set[bytes] = set()
+        for job in probes:
+            now = time.monotonic()
+            if not job.left or job.next_at > now:
+                continue
+            if job.addr not in sent:  # probes of one address due together: one frame serves both
+                arp.send(build_frame(ARP_REQUEST, arp.mac, ZERO_IP, ZERO_MAC, job.addr))
+                sent.add(job.addr)
+                now = time.monotonic()  # the windows count from the send itself
+            job.left -= 1
+            job.next_at = now + self.spacing
+            if not job.left:
+                job.ends = now + self.wait
+
+    @staticmethod
+    def _credit(probes: list[_Probe], claims: Iterable[tuple[bytes, bytes]]) -> None:
+        for addr, mac in claims:
             for job in probes:
-                while job.due and job.due[0] <= now:
-                    job.due.pop(0)
-                    if job.addr not in sent:  # probes of one address due together: one frame
-                        arp.send(build_frame(ARP_REQUEST, arp.mac, ZERO_IP, ZERO_MAC, job.addr))
-                        sent.add(job.addr)
-            wake = min([j.due[0] for j in probes if j.due] + [j.ends for j in probes] + [now + PROBE_POLL])
-            for addr, mac in arp.claims_until(wake):
-                for job in probes:
-                    if job.addr == addr:
-                        job.found.add(mac_text(mac))
+                if job.addr == addr:
+                    job.found.add(mac_text(mac))
 
 
 def _claim_frames(mac: bytes, addr: bytes) -> tuple[bytes, bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from typing import ClassVar
@@ -233,14 +234,17 @@ class ProbeSocket(FakeSocket):
         if target in ProbeSocket.answer:
             self.replies.append((time.monotonic() + self.delay, target, arp.mac_bytes(ProbeSocket.answer[target])))
 
+    def queued_claims(self) -> Iterator[tuple[bytes, bytes]]:
+        now = time.monotonic()
+        for r in [r for r in self.replies if r[0] <= now]:
+            self.replies.remove(r)
+            if r[1] in self.filters[-1]:
+                yield r[1], r[2]
+
     def claims_until(self, until: float) -> Iterator[tuple[bytes, bytes]]:
         while True:
+            yield from self.queued_claims()
             now = time.monotonic()
-            due = [r for r in self.replies if r[0] <= now]
-            for r in due:
-                self.replies.remove(r)
-                if r[1] in self.filters[-1]:
-                    yield r[1], r[2]
             if now >= until:
                 return
             time.sleep(min(0.005, max(0.0, until - now)))
@@ -303,3 +307,41 @@ def test_a_socket_that_cannot_open_fails_the_probe_and_is_counted(monkeypatch: p
     with pytest.raises(OSError, match="Too many open files"):
         arp.Prober("eth0").probe("10.77.0.100")  # a takeover that cannot probe does not go on
     assert loops.ERRORS.count("arp-probe") == before + 1
+
+
+def test_a_probe_whose_thread_starts_late_still_sends_every_frame_and_waits_after_the_last(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The windows count from the real sends: a socket that takes 0.3 s to open (longer than the whole
+    nominal probe) makes the probe later, not shorter (a review found it ending unasked, as "free")."""
+    class SlowSocket(ProbeSocket):
+        def __init__(self, iface: str) -> None:
+            time.sleep(0.3)
+            super().__init__(iface)
+
+    monkeypatch.setattr(arp, "ArpSocket", SlowSocket)
+    ProbeSocket.opened, ProbeSocket.answer = [], {bytes([10, 77, 0, 100]): "02:00:00:00:00:09"}
+    monkeypatch.setattr(ProbeSocket, "delay", 0.12)  # the answer comes 0.12 s after each probe frame
+    assert arp.Prober("eth0").probe("10.77.0.100") == {"02:00:00:00:00:09"}
+    assert len(FakeSocket.sent) == 3
+
+
+def test_a_stalled_prober_thread_neither_skips_frames_nor_shortens_the_last_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread stalls for 0.2 s after the first frame (longer than the spacing of the three frames):
+    the other two still go out, each a spacing after the one before, and the wait after the last frame
+    is whole, so an answer 0.14 s after each frame is still heard."""
+    sends: list[float] = []
+
+    class StallingSocket(ProbeSocket):
+        def send(self, frame: bytes) -> None:
+            super().send(frame)
+            sends.append(time.monotonic())
+            if len(sends) == 1:
+                time.sleep(0.2)
+
+    monkeypatch.setattr(arp, "ArpSocket", StallingSocket)
+    ProbeSocket.opened, ProbeSocket.answer = [], {bytes([10, 77, 0, 100]): "02:00:00:00:00:09"}
+    monkeypatch.setattr(ProbeSocket, "delay", 0.14)
+    prober = arp.Prober("eth0")
+    assert prober.probe("10.77.0.100") == {"02:00:00:00:00:09"}
+    assert len(sends) == 3 and all(b - a >= 0.05 for a, b in itertools.pairwise(sends))

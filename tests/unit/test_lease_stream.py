@@ -356,3 +356,20 @@ def test_a_renewal_read_before_a_release_never_reaches_the_guard_after_it() -> N
         k._renewal.set()
         loop.join(2.0)
     assert told == [("release", "home")]
+
+
+def test_a_new_guard_is_told_every_holding_kept_and_none_released() -> None:
+    """Agent._start_guard (a guard replaced): the keeper tells it what it keeps, under the same lock as
+    a renewal batch, so a holding released meanwhile is not held at the new guard again."""
+    told: list[list[str]] = []
+    k = LeaseKeeper(StreamStore(), on_deadlines=lambda hs: told.append(sorted(h.vfs for h in hs)))  # type: ignore[arg-type]
+    now = time.monotonic()
+    kept, released, fenced = (Holding(vfs=v, lease_id=i, ttl=2, granted_at=now, drop=lambda: None)
+                              for i, v in enumerate(("kept", "released", "fenced"), 1))
+    for h in (kept, released, fenced):
+        k.add(h)
+    k.remove(released)
+    fenced.fence("test")
+    told.clear()
+    k.tell_all()
+    assert told == [["kept"]]
