@@ -399,10 +399,12 @@ class LeaseKeeper:
 
     def tell_all(self) -> None:
         """Tell on_deadlines every holding kept now (a new guard starts with nothing), under _guard_lock
-        like a renewal batch: a holding removed meanwhile is not held at the guard again."""
+        like a renewal batch: a holding removed meanwhile is not held at the guard again. Fenced ones
+        too, kept because their disk is still mounted or their VIP still up: their deadline has passed,
+        so the new guard acts on them at once, as the old one was to (node/guard.py rule 2)."""
         with self._guard_lock:
             with self._lock:
-                kept = [h for h in self._holdings.values() if not h.fenced]
+                kept = [*self._holdings.values(), *(h for h in self._undropped.values() if h.vip_pending)]
             if kept:
                 with loops.guarded("guard-hold", f"{len(kept)} holdings", log):
                     self._on_deadlines(kept)

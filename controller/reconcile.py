@@ -69,8 +69,9 @@ RETRY_SECONDS = 1.0
 HEALTH_SECONDS = 1.0  # how often a held VFS's NFS server is checked
 RESTARTS_ALLOWED = 3  # NFS server restarts per RESTART_WINDOW before the VFS is released
 RESTART_WINDOW = 60.0
-# A busy first candidate gets this long per VFS it has still to take over (~16 at once, ~0.8 s each
-# on a loaded 2-core node, bench/scale), at most MAX_BACKLOG_WAIT, before a lower-ranked one steps in.
+# A busy first candidate keeps a VFS from lower-ranked ones while it makes progress: BUSY_SECONDS and
+# BACKLOG_SECONDS per VFS it has still to take over since its backlog last moved (~30 ms per takeover
+# on a loaded 2-core node, bench/scale), at most MAX_BACKLOG_WAIT after the VFS became pending.
 BACKLOG_SECONDS = 0.05
 BUSY_SECONDS = 1.0
 MAX_BACKLOG_WAIT = 15.0
@@ -104,6 +105,7 @@ class VfsReconciler:
         self.holding: Holding | None = None
         self.held_spec: VfsSpec | None = None
         self._pending_since: float | None = None
+        self._head_seen: tuple[str, int, float] | None = None  # (head, its backlog, when seen so): _head_busy_until
         self._lost_owner_txn = False  # the last acquire's owner transaction failed its compare
         self._last_decision: object = None
         self._must_release: str | None = None  # a held VFS that has to be let go (unhealthy, stuck)
@@ -253,9 +255,11 @@ class VfsReconciler:
         now = time.monotonic()
         if self._pending_since is None:
             self._pending_since = now
-        wait = self._pending_since + rank * self.ctx.rank_delay + self._backlog_wait(rank) - now
+        wait = max(self._pending_since + rank * self.ctx.rank_delay, self._head_busy_until(rank, now)) - now
         if wait > 0:
-            return wait  # lower-ranked: give the better candidates their chance first
+            # Lower-ranked: give the better candidates their chance first. Looked at again at least every
+            # BUSY_SECONDS: the head's progress meanwhile extends the wait.
+            return min(wait, BUSY_SECONDS)
         slot = GateSlot(self.ctx.takeovers, rank, self._stop.is_set)
         if not slot.enter(RETRY_SECONDS):
             return 0.0  # every slot busy: decide again (another node may have taken it meanwhile)
@@ -271,22 +275,25 @@ class VfsReconciler:
             return 0.0
         return None  # the owner transaction's compare failed: what changed wakes us (never a tight loop)
 
-    def _backlog_wait(self, rank: int) -> float:
-        """A lower-ranked candidate also gives the node this VFS waits for time for what that node has
-        still to take over (ViewIndex.backlog, this VFS included): a node taking over a hundred VFS
-        at once is busy, not gone, and a VFS taken from it stays where it went (no failback). A dead
-        node leaves the live set within its TTL and stops counting."""
-        if rank == 0:
-            return 0.0
+    def _head_busy_until(self, rank: int, now: float) -> float:
+        """Until when a lower-ranked candidate leaves the VFS to the node it waits for (ViewIndex.waiting_on)
+        because that node is busy with its backlog (ViewIndex.backlog, this VFS included): BUSY_SECONDS and
+        BACKLOG_SECONDS per VFS left after this reconciler last saw the backlog move, at most
+        MAX_BACKLOG_WAIT after the VFS became pending. A node taking over a hundred VFS at once is busy,
+        not gone, and a VFS taken from it stays where it went (no failback); counted from the start
+        instead, the last VFS of a node that needed 3 s for its hundred went to a second candidate
+        (bench/scale). A stuck node stops moving its backlog and loses the VFS; a dead one leaves the
+        live set within its TTL and stops counting."""
         view = self.ctx.view()
         head = view.index.waiting_on.get(self.vfs)
-        if head is None or head == self.ctx.me:
+        if rank == 0 or head is None or head == self.ctx.me or self._pending_since is None:
+            self._head_seen = None
             return 0.0
         backlog = view.index.backlog.get(head, 0)
-        # A VFS leaves the backlog when its takeover starts (the owner key), not when it ends: a node
-        # with others still to do gets one takeover's time more for the slot and the takeover itself.
-        busy = BUSY_SECONDS if backlog > 1 else 0.0
-        return min(MAX_BACKLOG_WAIT, backlog * BACKLOG_SECONDS + busy)
+        if self._head_seen is None or self._head_seen[:2] != (head, backlog):
+            self._head_seen = (head, backlog, now)  # first look, or progress since the last one
+        until = self._head_seen[2] + BUSY_SECONDS + backlog * BACKLOG_SECONDS
+        return min(until, self._pending_since + MAX_BACKLOG_WAIT)
 
     def _still_to_acquire(self) -> VfsSpec | None:
         """The spec to acquire with, if the newest view still says this node should (else None)."""

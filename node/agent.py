@@ -274,8 +274,8 @@ class Agent:
         if self.guard is None:
             return
         holds = []
-        for h in holdings:
-            if h.fenced or not h.vip:
+        for h in holdings:  # renewals are of unfenced holdings (the keeper's filter); tell_all's may be fenced
+            if not h.vip:
                 continue
             with loops.guarded("guard-hold", h.vfs, log):  # one holding's error spoils only its own renewal
                 holds.append({"vfs": h.vfs, "vip": h.vip, "deadline": guard_deadline(h),
@@ -288,7 +288,7 @@ class Agent:
         with self._lock:
             rec = self.reconcilers.get(vfs)
         h = rec.holding if rec is not None else None
-        if h is not None:
+        if h is not None and not h.fenced:  # a fenced one is being torn down by its reconciler
             self._guard_hold(h)
 
     def _etcd_went_back(self, view: ClusterView) -> None:

@@ -272,11 +272,12 @@ class Prober:
             wake = min([j.next_at for j in probes if j.left] + [j.ends for j in probes if j.ends is not None]
                        + [now + PROBE_POLL])
             self._credit(probes, arp.claims_until(wake))
-            self._credit(probes, arp.queued_claims())  # what came in up to now, before anything ends
-            now = time.monotonic()
+            now = time.monotonic()  # before the last read: what came in up to `now` is read below
+            self._credit(probes, arp.queued_claims())
             with self._lock:
                 for job in [j for j in probes if j.ends is not None and j.ends <= now]:
-                    self._probes.remove(job)
+                    if job in self._probes:  # not if probe() gave up on it meanwhile (LATE_LIMIT)
+                        self._probes.remove(job)
                     job.done.set()
 
     def _send_due(self, arp: ArpSocket, probes: list[_Probe]) -> None:

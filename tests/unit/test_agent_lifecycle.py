@@ -386,8 +386,9 @@ def test_a_status_write_wakes_only_its_own_vfs(running) -> None:
 def test_the_guard_hears_of_a_holding_from_the_holding_itself() -> None:
     """Renewals are told from what each holding carries (its VIP and disk, fixed at acquire), with no
     reconciler looked up: a holding released meanwhile is still described right (the guard's epoch
-    rules drop it), a fenced one or one without a VIP is not told, and one holding whose facts cannot
-    be read spoils only its own renewal."""
+    rules drop it), one without a VIP is not told, a fenced one is (renewals never carry one, the keeper
+    filters them; LeaseKeeper.tell_all does, for a new guard to act on at once), and one holding whose
+    facts cannot be read spoils only its own renewal."""
     from types import SimpleNamespace
 
     from controller.ownership import Holding, guard_deadline
@@ -415,6 +416,8 @@ def test_the_guard_hears_of_a_holding_from_the_holding_itself() -> None:
     assert sent == [[
         {"vfs": "home", "vip": "10.77.0.100/24", "deadline": guard_deadline(home), "mountpoint": "/run/m/home",
          "nfs_pid": 4242, "epoch": 7, "device": "/dev/loop7"},
+        {"vfs": "gone", "vip": "10.77.0.100/24", "deadline": guard_deadline(fenced), "mountpoint": None,
+         "nfs_pid": None, "epoch": 7, "device": None},
         {"vfs": "web", "vip": "10.77.0.101/32", "deadline": guard_deadline(web), "mountpoint": None,
          "nfs_pid": None, "epoch": 8, "device": None}]]
 

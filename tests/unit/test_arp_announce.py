@@ -345,3 +345,40 @@ def test_a_stalled_prober_thread_neither_skips_frames_nor_shortens_the_last_wait
     prober = arp.Prober("eth0")
     assert prober.probe("10.77.0.100") == {"02:00:00:00:00:09"}
     assert len(sends) == 3 and all(b - a >= 0.05 for a, b in itertools.pairwise(sends))
+
+
+def test_a_probe_given_up_on_does_not_take_the_thread_and_the_other_probes_down(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """probe() gives up on a probe its thread has not finished LATE_LIMIT after its nominal end (a
+    frozen agent); when the thread comes back it must not fail on that probe, nor fail the others."""
+    import threading
+
+    stall = threading.Event()
+
+    class FrozenOnceSocket(ProbeSocket):
+        def claims_until(self, until: float) -> Iterator[tuple[bytes, bytes]]:
+            if len(FakeSocket.sent) == 3 and not stall.is_set():  # the first probe's end is set
+                stall.set()
+                time.sleep(1.0)  # frozen past the first probe's LATE_LIMIT (0.57 s after it began)
+            yield from super().claims_until(until)
+
+    monkeypatch.setattr(arp, "ArpSocket", FrozenOnceSocket)
+    monkeypatch.setattr(arp.Prober, "LATE_LIMIT", 0.5)
+    ProbeSocket.opened, ProbeSocket.answer = [], {bytes([10, 77, 0, 101]): "02:00:00:00:00:07"}
+    prober = arp.Prober("eth0", spacing=0.01, wait=0.05)
+    second: dict[str, object] = {}
+
+    def later() -> None:
+        stall.wait(1)
+        time.sleep(0.8)  # late in the freeze: its own limit (0.8 + 0.57 s) outlasts it
+        try:
+            second["found"] = prober.probe("10.77.0.101")  # added while the thread is frozen
+        except Exception as exc:  # what the bug did: the thread failed every probe it had
+            second["error"] = exc
+
+    t = threading.Thread(target=later)
+    t.start()
+    with pytest.raises(TimeoutError):
+        prober.probe("10.77.0.100")
+    t.join(5)
+    assert second == {"found": {"02:00:00:00:00:07"}}

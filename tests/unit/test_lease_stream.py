@@ -360,7 +360,8 @@ def test_a_renewal_read_before_a_release_never_reaches_the_guard_after_it() -> N
 
 def test_a_new_guard_is_told_every_holding_kept_and_none_released() -> None:
     """Agent._start_guard (a guard replaced): the keeper tells it what it keeps, under the same lock as
-    a renewal batch, so a holding released meanwhile is not held at the new guard again."""
+    a renewal batch, so a holding released meanwhile is not held at the new guard again; a fenced one
+    still kept (its disk or VIP not yet let go) is told too: its deadline has passed, the guard acts."""
     told: list[list[str]] = []
     k = LeaseKeeper(StreamStore(), on_deadlines=lambda hs: told.append(sorted(h.vfs for h in hs)))  # type: ignore[arg-type]
     now = time.monotonic()
@@ -372,4 +373,4 @@ def test_a_new_guard_is_told_every_holding_kept_and_none_released() -> None:
     fenced.fence("test")
     told.clear()
     k.tell_all()
-    assert told == [["kept"]]
+    assert told == [["fenced", "kept"]]

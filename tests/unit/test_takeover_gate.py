@@ -94,10 +94,10 @@ def test_what_changed_while_waiting_for_a_slot_is_decided_again() -> None:
     assert rec.reconcile() == 0.0 and rec.holding is None  # a stopping agent takes nothing over
 
 
-def test_a_lower_ranked_candidate_gives_a_busy_first_candidate_time_per_vfs_it_has_to_take_over() -> None:
+def test_a_lower_ranked_candidate_waits_while_the_first_candidate_makes_progress() -> None:
     import json
 
-    from controller.reconcile import BACKLOG_SECONDS, BUSY_SECONDS
+    from controller.reconcile import BACKLOG_SECONDS, BUSY_SECONDS, MAX_BACKLOG_WAIT
     from controller.view import ClusterView, KeyRecord
     from tests.unit.test_disk_bound import KS, setup
 
@@ -110,14 +110,20 @@ def test_a_lower_ranked_candidate_gives_a_busy_first_candidate_time_per_vfs_it_h
     _store, rec, _mount = setup(None)
     rec.vfs = "v3"
     rec.ctx.view = lambda: view
-    assert rec._backlog_wait(1) == 20 * BACKLOG_SECONDS + BUSY_SECONDS  # node-a is second for v3
-    assert rec._backlog_wait(0) == 0.0
+    rec._pending_since = t0 = 1000.0
+    assert rec._head_busy_until(0, t0) == 0.0  # first itself: no head to wait for
+    assert rec._head_busy_until(1, t0) == t0 + BUSY_SECONDS + 20 * BACKLOG_SECONDS  # node-a is second for v3
+    assert rec._head_busy_until(1, t0 + 0.9) == t0 + BUSY_SECONDS + 20 * BACKLOG_SECONDS  # no progress: no more
     owned = view.applied(0, [(KS.owner("v5"), KeyRecord(b'{"node": "node-b"}', 51, 51, 9), 51)])
     rec.ctx.view = lambda: owned
-    assert rec._backlog_wait(1) == 19 * BACKLOG_SECONDS + BUSY_SECONDS  # one fewer to go
+    t1 = t0 + 1.5  # node-b took one more: counted again from now, for the 19 left
+    assert rec._head_busy_until(1, t1) == t1 + BUSY_SECONDS + 19 * BACKLOG_SECONDS
+    # Progress keeps it waiting, but never past MAX_BACKLOG_WAIT after the VFS became pending.
+    rec._head_seen = None
+    assert rec._head_busy_until(1, t0 + MAX_BACKLOG_WAIT) == t0 + MAX_BACKLOG_WAIT
     gone = owned.applied(0, [(KS.node("node-b"), None, 52)])
     rec.ctx.view = lambda: gone
-    assert rec._backlog_wait(1) == 0.0  # node-b left: node-a is first now
+    assert rec._head_busy_until(1, t1) == 0.0  # node-b left: node-a is first now
 
 
 def test_the_arp_probe_waits_for_answers_without_a_slot() -> None:
