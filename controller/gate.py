@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from controller.takeover import StepFailed
 
 SLOT_RETRY_SECONDS = 1.0  # how often a takeover waiting for its slot back checks whether the agent stops
+# A busy first candidate keeps a VFS from lower-ranked ones while it makes progress: BUSY_SECONDS and
+# BACKLOG_SECONDS per VFS it has still to take over since its backlog last moved (~30 ms per takeover
+# on a loaded 2-core node, bench/scale), at most MAX_BACKLOG_WAIT after the VFS became pending.
+BACKLOG_SECONDS = 0.05
+BUSY_SECONDS = 1.0
+MAX_BACKLOG_WAIT = 15.0
 
 
 @dataclass
@@ -127,3 +133,38 @@ class GateSlot:
             if self.cancelled():
                 raise StepFailed("the agent is stopping; gave up waiting for a takeover slot")
             self.enter(SLOT_RETRY_SECONDS)
+
+
+class PlacementWait:
+    """When a candidate of one VFS may try to take it over (pure; the caller passes the time).
+
+    A candidate of rank r waits r * rank_delay from when it first found the VFS to take over, so the
+    better candidates get their chance first. A lower-ranked one also leaves the VFS to the node it
+    waits for (`head`: ViewIndex.waiting_on, the first live candidate) while that node is busy with its
+    backlog (ViewIndex.backlog, this VFS included): BUSY_SECONDS and BACKLOG_SECONDS per VFS left, after
+    the backlog was last seen to move, at most MAX_BACKLOG_WAIT after the VFS became pending. A node
+    taking over a hundred VFS at once is busy, not gone, and a VFS taken from it stays where it went (no
+    failback); counted from the start instead, the last VFS of a node that needed 3 s for its hundred
+    went to a second candidate (bench/scale). A stuck node stops moving its backlog and loses the VFS;
+    a dead one leaves the live set within its TTL and is no longer the head."""
+
+    def __init__(self) -> None:
+        self.pending_since: float | None = None
+        self._head_seen: tuple[str, int, float] | None = None  # (head, its backlog, when first seen so)
+
+    def reset(self) -> None:
+        """The VFS is no longer this node's to take (or a takeover starts): the next wait starts anew."""
+        self.pending_since, self._head_seen = None, None
+
+    def until(self, now: float, rank: int, rank_delay: float, head: str | None, backlog: int) -> float:
+        """Monotonic time before which this candidate does not try (`head` None: no other node to wait for)."""
+        if self.pending_since is None:
+            self.pending_since = now
+        start = self.pending_since + rank * rank_delay
+        if rank == 0 or head is None:
+            self._head_seen = None
+            return start
+        if self._head_seen is None or self._head_seen[:2] != (head, backlog):
+            self._head_seen = (head, backlog, now)  # first look, or progress since the last one
+        busy = min(self._head_seen[2] + BUSY_SECONDS + backlog * BACKLOG_SECONDS, self.pending_since + MAX_BACKLOG_WAIT)
+        return max(start, busy)

@@ -53,7 +53,7 @@ from controller import loops, ownership
 from controller.coordination import Coordination
 from controller.diskrisk import DiskRisk, ReleaseBoundClock, disk_risk
 from controller.failover_trace import FailoverTracer, Flow, TakeoverFlow
-from controller.gate import Backoff, GateSlot, TakeoverGate
+from controller.gate import BUSY_SECONDS, Backoff, GateSlot, PlacementWait, TakeoverGate
 from controller.ownership import Holding, LeaseKeeper
 from controller.placement import Action, decide, preference
 from controller.spec import VfsSpec
@@ -69,12 +69,6 @@ RETRY_SECONDS = 1.0
 HEALTH_SECONDS = 1.0  # how often a held VFS's NFS server is checked
 RESTARTS_ALLOWED = 3  # NFS server restarts per RESTART_WINDOW before the VFS is released
 RESTART_WINDOW = 60.0
-# A busy first candidate keeps a VFS from lower-ranked ones while it makes progress: BUSY_SECONDS and
-# BACKLOG_SECONDS per VFS it has still to take over since its backlog last moved (~30 ms per takeover
-# on a loaded 2-core node, bench/scale), at most MAX_BACKLOG_WAIT after the VFS became pending.
-BACKLOG_SECONDS = 0.05
-BUSY_SECONDS = 1.0
-MAX_BACKLOG_WAIT = 15.0
 
 
 @dataclass
@@ -104,8 +98,7 @@ class VfsReconciler:
         self.ctx = ctx
         self.holding: Holding | None = None
         self.held_spec: VfsSpec | None = None
-        self._pending_since: float | None = None
-        self._head_seen: tuple[str, int, float] | None = None  # (head, its backlog, when seen so): _head_busy_until
+        self._placement = PlacementWait()
         self._lost_owner_txn = False  # the last acquire's owner transaction failed its compare
         self._last_decision: object = None
         self._must_release: str | None = None  # a held VFS that has to be let go (unhealthy, stuck)
@@ -193,7 +186,7 @@ class VfsReconciler:
                       owner.node if owner else None, sorted(view.live_nodes()))
             self._last_decision = decision
         if decision.action is not Action.ACQUIRE:
-            self._pending_since = None
+            self._placement.reset()
         if decision.action is Action.CLEAR_STALE and owner is not None:
             self._clear_stale(owner.epoch, owner.lease)
             return None  # the owner key's deletion wakes us
@@ -252,10 +245,10 @@ class VfsReconciler:
         wait = max(self.ctx.backoff.remaining(self.vfs), self.ctx.hold_off())
         if wait > 0:
             return wait
-        now = time.monotonic()
-        if self._pending_since is None:
-            self._pending_since = now
-        wait = max(self._pending_since + rank * self.ctx.rank_delay, self._head_busy_until(rank, now)) - now
+        now, index = time.monotonic(), self.ctx.view().index
+        head = index.waiting_on.get(self.vfs)
+        head = None if head == self.ctx.me else head
+        wait = self._placement.until(now, rank, self.ctx.rank_delay, head, index.backlog.get(head or "", 0)) - now
         if wait > 0:
             # Lower-ranked: give the better candidates their chance first. Looked at again at least every
             # BUSY_SECONDS: the head's progress meanwhile extends the wait.
@@ -267,33 +260,13 @@ class VfsReconciler:
             spec = self._still_to_acquire()  # the wait for the slot may have changed the picture
             if spec is None:
                 return 0.0
-            self._pending_since = None
+            self._placement.reset()
             acquired = self._acquire(spec, cause if rank == 0 else "placement", slot)
         finally:
             slot.leave()
         if acquired:
             return 0.0
         return None  # the owner transaction's compare failed: what changed wakes us (never a tight loop)
-
-    def _head_busy_until(self, rank: int, now: float) -> float:
-        """Until when a lower-ranked candidate leaves the VFS to the node it waits for (ViewIndex.waiting_on)
-        because that node is busy with its backlog (ViewIndex.backlog, this VFS included): BUSY_SECONDS and
-        BACKLOG_SECONDS per VFS left after this reconciler last saw the backlog move, at most
-        MAX_BACKLOG_WAIT after the VFS became pending. A node taking over a hundred VFS at once is busy,
-        not gone, and a VFS taken from it stays where it went (no failback); counted from the start
-        instead, the last VFS of a node that needed 3 s for its hundred went to a second candidate
-        (bench/scale). A stuck node stops moving its backlog and loses the VFS; a dead one leaves the
-        live set within its TTL and stops counting."""
-        view = self.ctx.view()
-        head = view.index.waiting_on.get(self.vfs)
-        if rank == 0 or head is None or head == self.ctx.me or self._pending_since is None:
-            self._head_seen = None
-            return 0.0
-        backlog = view.index.backlog.get(head, 0)
-        if self._head_seen is None or self._head_seen[:2] != (head, backlog):
-            self._head_seen = (head, backlog, now)  # first look, or progress since the last one
-        until = self._head_seen[2] + BUSY_SECONDS + backlog * BACKLOG_SECONDS
-        return min(until, self._pending_since + MAX_BACKLOG_WAIT)
 
     def _still_to_acquire(self) -> VfsSpec | None:
         """The spec to acquire with, if the newest view still says this node should (else None)."""

@@ -95,9 +95,26 @@ def test_what_changed_while_waiting_for_a_slot_is_decided_again() -> None:
 
 
 def test_a_lower_ranked_candidate_waits_while_the_first_candidate_makes_progress() -> None:
+    from controller.gate import BACKLOG_SECONDS, BUSY_SECONDS, MAX_BACKLOG_WAIT, PlacementWait
+
+    w, t0 = PlacementWait(), 1000.0
+    assert w.until(t0, 0, 0.3, None, 0) == t0  # first choice: at once
+    w.reset()
+    assert w.until(t0, 2, 0.3, None, 0) == t0 + 0.6  # third choice, nobody else to wait for: rank delay
+    w.reset()
+    assert w.until(t0, 1, 0.3, "node-b", 20) == t0 + BUSY_SECONDS + 20 * BACKLOG_SECONDS  # node-b has 20 to do
+    assert w.until(t0 + 0.9, 1, 0.3, "node-b", 20) == t0 + BUSY_SECONDS + 20 * BACKLOG_SECONDS  # no progress
+    t1 = t0 + 1.5  # node-b took one more: counted again from now, for the 19 left
+    assert w.until(t1, 1, 0.3, "node-b", 19) == t1 + BUSY_SECONDS + 19 * BACKLOG_SECONDS
+    t2 = t0 + MAX_BACKLOG_WAIT - 0.5  # progress keeps it waiting, never past MAX_BACKLOG_WAIT after pending
+    assert w.until(t2, 1, 0.3, "node-b", 18) == t0 + MAX_BACKLOG_WAIT
+    assert w.until(t2, 1, 0.3, None, 0) == t0 + 0.3  # node-b left (no head): only the rank delay
+
+
+def test_the_reconciler_waits_on_the_view_index_head_and_its_backlog() -> None:
     import json
 
-    from controller.reconcile import BACKLOG_SECONDS, BUSY_SECONDS, MAX_BACKLOG_WAIT
+    from controller.gate import BACKLOG_SECONDS, BUSY_SECONDS
     from controller.view import ClusterView, KeyRecord
     from tests.unit.test_disk_bound import KS, setup
 
@@ -107,23 +124,16 @@ def test_a_lower_ranked_candidate_waits_while_the_first_candidate_makes_progress
         keys[KS.spec(f"v{i}")] = KeyRecord(json.dumps(spec).encode(), 2 + i, 2 + i, 0)
     view = ClusterView(KS, 50, keys)
     assert view.index.backlog == {"node-b": 20}
-    _store, rec, _mount = setup(None)
+    _store, rec, mount = setup(None)
     rec.vfs = "v3"
     rec.ctx.view = lambda: view
-    rec._pending_since = t0 = 1000.0
-    assert rec._head_busy_until(0, t0) == 0.0  # first itself: no head to wait for
-    assert rec._head_busy_until(1, t0) == t0 + BUSY_SECONDS + 20 * BACKLOG_SECONDS  # node-a is second for v3
-    assert rec._head_busy_until(1, t0 + 0.9) == t0 + BUSY_SECONDS + 20 * BACKLOG_SECONDS  # no progress: no more
-    owned = view.applied(0, [(KS.owner("v5"), KeyRecord(b'{"node": "node-b"}', 51, 51, 9), 51)])
-    rec.ctx.view = lambda: owned
-    t1 = t0 + 1.5  # node-b took one more: counted again from now, for the 19 left
-    assert rec._head_busy_until(1, t1) == t1 + BUSY_SECONDS + 19 * BACKLOG_SECONDS
-    # Progress keeps it waiting, but never past MAX_BACKLOG_WAIT after the VFS became pending.
-    rec._head_seen = None
-    assert rec._head_busy_until(1, t0 + MAX_BACKLOG_WAIT) == t0 + MAX_BACKLOG_WAIT
-    gone = owned.applied(0, [(KS.node("node-b"), None, 52)])
-    rec.ctx.view = lambda: gone
-    assert rec._head_busy_until(1, t1) == 0.0  # node-b left: node-a is first now
+    rec.ctx.rank_delay = 0.0
+    wait = rec._maybe_acquire(view.config("v3"), 1, "placement")  # node-a (this reconciler) is second for v3
+    assert wait is not None and 0.0 < wait <= BUSY_SECONDS  # looked at again within BUSY_SECONDS
+    assert rec.holding is None and mount.up_at == []
+    since = rec._placement.pending_since
+    assert since is not None  # it waits for node-b's 20: from its first look
+    assert rec._placement.until(since, 1, 0.0, "node-b", 20) == since + BUSY_SECONDS + 20 * BACKLOG_SECONDS
 
 
 def test_the_arp_probe_waits_for_answers_without_a_slot() -> None:
