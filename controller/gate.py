@@ -19,7 +19,6 @@ SLOT_RETRY_SECONDS = 1.0  # how often a takeover waiting for its slot back check
 BACKLOG_SECONDS = 0.05
 BUSY_SECONDS = 1.0
 MAX_BACKLOG_WAIT = 15.0
-PACE_POLL = 0.05  # how often a takeover held back by etcd's lag looks again
 
 
 @dataclass
@@ -72,44 +71,22 @@ class TakeoverGate:
     keepalives, which then come too late and fence what was just taken over. A takeover in which
     this node is a lower-ranked candidate waits while any first-choice takeover waits here, so it
     does not push a VFS away from a first candidate that is merely busy. Not guaranteed: any order
-    among takeovers of the same rank.
+    among takeovers of the same rank."""
 
-    Paced by etcd: while `lag()` (how far behind etcd's keepalive answers are, LeaseKeeper.lag) is at
-    least `slow`, one takeover at a time. Every takeover costs etcd a grant, a transaction and status
-    writes; when etcd (or this node) falls behind, more of them only make the keepalives later, until
-    holdings self-fence and are taken over again (an extra process taking a core for a few seconds
-    during a placement of 300 did that, bench/scale)."""
-
-    def __init__(self, limit: int, lag: Callable[[], float] = lambda: 0.0, slow: float = float("inf")) -> None:
+    def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
-        self.lag, self.slow = lag, slow
-        self.paced = 0  # entries that found etcd slow (for status and benchmarks)
         self._cond = threading.Condition()
         self._active = 0
         self._first_waiting = 0
 
-    def _room(self, rank: int) -> bool:
-        if rank != 0 and self._first_waiting:
-            return False
-        if self._active >= self.limit:
-            return False
-        if self._active and self.lag() >= self.slow:
-            self.paced += 1
-            return False
-        return True
-
     def enter(self, rank: int, timeout: float) -> bool:
         """True once a slot is this caller's (leave() it); False after `timeout`."""
-        deadline = time.monotonic() + timeout
         with self._cond:
             if rank == 0:
                 self._first_waiting += 1
             try:
-                # The lag changes without a notify: look again every PACE_POLL while paced.
-                ok = self._room(rank)
-                while not ok and (left := deadline - time.monotonic()) > 0:
-                    self._cond.wait(min(left, PACE_POLL))
-                    ok = self._room(rank)
+                ok = self._cond.wait_for(
+                    lambda: self._active < self.limit and (rank == 0 or self._first_waiting == 0), timeout)
             finally:
                 if rank == 0:
                     self._first_waiting -= 1

@@ -349,8 +349,6 @@ class LeaseKeeper:
         self._failures: dict[int, int] = {}
         self._lost: set[int] = set()  # leases whose request went down with a stream: retry soon
         self._last_answer_at = time.monotonic()  # of any answer on the current stream (stuck or slow?)
-        self._last_rtt = 0.0  # send -> answer of the latest answer (lag())
-        self._waiting_since: float | None = None  # first send since the latest answer (lag())
 
     def _escalate_elsewhere(self, h: Holding, exc: BaseException) -> None:
         """on_drop_failed runs on a thread of its own: telling the guard may wait for pipe room (up to 1 s,
@@ -410,13 +408,6 @@ class LeaseKeeper:
             if kept:
                 with loops.guarded("guard-hold", f"{len(kept)} holdings", log):
                     self._on_deadlines(kept)
-
-    def lag(self) -> float:
-        """How far behind etcd's keepalive answers are (seconds): the round trip of the latest answer or,
-        while nothing has been answered since a keepalive was sent, how long that has been. Cheap (two
-        reads): the takeover gate asks it while takeovers wait (gate.TakeoverGate)."""
-        waiting = self._waiting_since
-        return max(self._last_rtt, time.monotonic() - waiting if waiting is not None else 0.0)
 
     def holdings(self) -> list[Holding]:
         """Held VFSs, and fenced ones whose VIP is still up (the watchdog protects both)."""
@@ -583,8 +574,6 @@ class LeaseKeeper:
 
         def sending(generation: int) -> None:
             with self._ka_lock:
-                if self._waiting_since is None:
-                    self._waiting_since = now
                 for lease_id, (_interval, owner) in due.items():
                     self._inflight.setdefault(lease_id, collections.deque()).append((generation, now, owner))
 
@@ -647,7 +636,6 @@ class LeaseKeeper:
             _gen, sent_at, owner = pending.popleft()
             self._failures[lease_id] = 0
             self._last_answer_at = time.monotonic()
-            self._last_rtt, self._waiting_since = self._last_answer_at - sent_at, None
         try:  # not loops.guarded: this runs 200 times a second at 100 leases, and an error is rare
             if isinstance(owner, Holding):
                 if ttl > 0:

@@ -50,7 +50,7 @@ from controller.coordination import Coordination
 from controller.diskrisk import restore_hold
 from controller.gate import Backoff, TakeoverGate
 from controller.keyspace import Keyspace
-from controller.ownership import Holding, LeaseKeeper, fence_margin, guard_deadline
+from controller.ownership import Holding, LeaseKeeper, guard_deadline
 from controller.reconcile import AgentContext, VfsReconciler
 from controller.spec import SpecError, parse_spec
 from controller.status import wall_clock
@@ -110,10 +110,7 @@ class Agent:
                                 min_ttl=WATCHDOG_MIN_TTL if cfg.watchdog else 1,
                                 release_bound=cfg.release_bound,
                                 hold_off=lambda: max(0.0, self._quiet_until - time.monotonic()),
-                                # one at a time while keepalive answers lag half a fence margin
-                                takeovers=TakeoverGate(cfg.takeover_limit(), lag=self.keeper.lag,
-                                                       slow=fence_margin(cfg.lease_ttl) / 2))
-        self._paced_seen = 0
+                                takeovers=TakeoverGate(cfg.takeover_limit()))
 
     def _steps(self) -> list[Step]:
         steps = takeover_steps(self.host)
@@ -344,7 +341,6 @@ class Agent:
             self._take_guard_records()
             self._registration_due.set()
             self._start_guard()
-        self._log_pacing()
         if self._registration_due.wait(1.0):
             self._registration_due.clear()
             try:
@@ -354,13 +350,6 @@ class Agent:
                 self._registration_due.set()
                 self._stopping.wait(1.0)
         return published_errors
-
-    def _log_pacing(self) -> None:
-        gate = self.ctx.takeovers
-        if gate is not None and gate.paced != self._paced_seen:
-            log.info("takeovers held back to one at a time: etcd's keepalive answers lag %.2fs (>= %.2fs); "
-                     "%d waits so far", self.keeper.lag(), gate.slow, gate.paced)
-            self._paced_seen = gate.paced
 
     def stop(self) -> None:
         """Hand everything over: VIPs down, owner keys deleted, leases revoked."""

@@ -161,39 +161,3 @@ def test_the_arp_probe_waits_for_answers_without_a_slot() -> None:
     rec.reconcile()
     assert free_during_probe == [True] and rec.holding is not None and len(mount.up_at) == 1
     assert gate.enter(0, timeout=0.1)  # given back at the end
-
-
-def test_while_etcd_lags_takeovers_go_one_at_a_time() -> None:
-    """Paced by etcd (TakeoverGate lag/slow): with keepalive answers lagging, a second takeover waits
-    until the first has left or the lag is gone; never none at all (one may always run)."""
-    lag = [0.5]
-    gate = TakeoverGate(4, lag=lambda: lag[0], slow=0.25)
-    assert gate.enter(0, timeout=0.0)  # the first goes even while etcd lags
-    assert not gate.enter(0, timeout=0.12)  # a second waits: etcd is behind
-    assert gate.paced > 0
-    lag[0] = 0.01
-    assert gate.enter(0, timeout=0.2)  # the lag is gone: it goes, within a poll
-    assert gate.enter(0, timeout=0.0) and gate.enter(0, timeout=0.0)  # up to the limit again
-    assert not gate.enter(0, timeout=0.0)
-    for _ in range(4):
-        gate.leave(0)
-    lag[0] = 0.5
-    assert gate.enter(1, timeout=0.0)  # also a lower-ranked one, when it is alone
-
-
-def test_the_keepers_lag_is_the_latest_round_trip_or_the_wait_since() -> None:
-    from controller.ownership import Holding, LeaseKeeper
-    from tests.unit.test_lease_stream import StreamStore
-
-    store = StreamStore()
-    k = LeaseKeeper(store)  # type: ignore[arg-type]
-    assert k.lag() == 0.0
-    k.add(Holding(vfs="a", lease_id=1, ttl=2, granted_at=time.monotonic(), drop=lambda: None))
-    k._keepalive_pass({})
-    time.sleep(0.1)
-    assert k.lag() >= 0.1  # sent, nothing answered yet: how long that has been
-    store.streams[0].answer(1, 2)
-    rtt = k.lag()
-    assert 0.1 <= rtt < 5.0  # the round trip of that answer
-    time.sleep(0.05)
-    assert k.lag() == rtt  # nothing sent since: the latest round trip stands
