@@ -10,20 +10,16 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ipaddress
-import itertools
 import json
 import logging
-import os
 import select
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import IO, TypeVar
+from typing import TypeVar
 
 from controller import loops
 
@@ -307,136 +303,6 @@ class Prober:
                     job.found.add(mac_text(mac))
 
 
-class ProbeProcess:
-    """The node's ARP probes in a process of their own (`python -m node.arp probe-server`), which runs
-    one Prober; probe() sends it a request line and waits for the answer line.
-
-    Why a process: in a takeover storm the agent's fifty takeover threads and the prober's one thread
-    share one GIL, so the prober got a fiftieth of it and its frames went out late (bench/scale, a node
-    of 100 killed: probes 0.72-0.86 s median, 1.9 s at most, against 0.25 s alone; a thread per probe,
-    as before, got more of the GIL only by being fifty threads). In a process of its own the probe's
-    timing (frame spacing, the wait after the last frame) is kept by an interpreter it has to itself.
-    The probe itself is Prober's: nothing about what it asks or counts changes.
-
-    Failure: a process that cannot start, dies or breaks its pipe fails the probes waiting on it
-    (OSError: a takeover that cannot probe does not go on); the next probe starts a new one. A probe not
-    answered within `timeout` fails with TimeoutError. The process ends when its stdin closes (this
-    object's close(), or the agent's exit)."""
-
-    def __init__(self, iface: str, timeout: float = 10.0, argv: list[str] | None = None) -> None:
-        self.iface, self.timeout = iface, timeout
-        self.argv = argv or [sys.executable, "-m", "node.arp", "probe-server", "--iface", iface]
-        self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._waiting: dict[int, _Answer] = {}
-        self._ids = itertools.count(1)
-
-    def probe(self, ip: str) -> set[str]:
-        """MACs other than ours that claim `ip` while it is probed (Prober.probe)."""
-        addr = str(ipaddress.IPv4Address(ip))  # a strict address, never free text on the pipe
-        answer = _Answer()
-        with self._lock:
-            try:
-                proc = self._running()
-            except OSError as exc:  # cannot start it (EMFILE, ENOMEM): this probe fails, the next tries again
-                loops.record("arp-probe", exc, f"probe process on {self.iface}", log)
-                raise
-            number = next(self._ids)
-            self._waiting[number] = answer
-            try:
-                assert proc.stdin is not None
-                proc.stdin.write(json.dumps({"id": number, "ip": addr}).encode() + b"\n")
-                proc.stdin.flush()
-            except OSError as exc:
-                self._waiting.pop(number, None)
-                loops.record("arp-probe", exc, f"probe process on {self.iface}", log)
-                raise
-        if not answer.done.wait(self.timeout):
-            with self._lock:
-                self._waiting.pop(number, None)
-            exc = TimeoutError(f"ARP probe of {addr} not answered within {self.timeout:.0f}s")
-            loops.record("arp-probe", exc, addr, log)
-            raise exc
-        if answer.error is not None:
-            raise OSError(f"ARP probe of {addr} failed: {answer.error}")
-        return answer.macs
-
-    def _running(self) -> subprocess.Popen[bytes]:
-        """The probe process, started if there is none (under _lock)."""
-        if self._proc is not None and self._proc.poll() is None:
-            return self._proc
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])  # so `-m node.arp` imports this very tree
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
-                                env=env, cwd="/")
-        self._proc = proc
-        threading.Thread(target=self._read, args=(proc,), name=f"arp-probe-{self.iface}", daemon=True).start()
-        return proc
-
-    def _read(self, proc: subprocess.Popen[bytes]) -> None:
-        """Answers of one process, until it ends; then every probe still waiting on it fails."""
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            with loops.guarded("arp-probe", f"probe process on {self.iface}", log):
-                msg = json.loads(line)
-                with self._lock:
-                    answer = self._waiting.pop(int(msg["id"]), None)
-                if answer is not None:
-                    answer.macs = {str(m) for m in msg.get("macs", [])}
-                    answer.error = msg.get("error")
-                    answer.done.set()
-        code = proc.wait()
-        with self._lock:
-            if self._proc is proc:
-                self._proc = None
-            left, self._waiting = self._waiting, {}
-        if left:
-            loops.record("arp-probe", OSError(f"probe process exited ({code})"), self.iface, log)
-        for answer in left.values():
-            answer.error = f"the probe process exited ({code})"
-            answer.done.set()
-
-    def close(self) -> None:
-        with self._lock:
-            proc, self._proc = self._proc, None
-        if proc is not None and proc.stdin is not None:
-            proc.stdin.close()  # it exits on EOF
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-class _Answer:
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.macs: set[str] = set()
-        self.error: str | None = None
-
-
-def serve_probes(iface: str, requests: IO[bytes], answers: IO[bytes]) -> None:
-    """The probe process (ProbeProcess): a request line {"id", "ip"} in, an answer line {"id", "macs"} or
-    {"id", "error"} out when the probe ends; probes run concurrently on one Prober. Ends at EOF."""
-    prober, out_lock = Prober(iface), threading.Lock()
-
-    def one(number: int, ip: str) -> None:
-        try:
-            msg: dict[str, object] = {"id": number, "macs": sorted(prober.probe(ip))}
-        except Exception as exc:
-            msg = {"id": number, "error": f"{type(exc).__name__}: {exc}"}
-        with out_lock:
-            answers.write(json.dumps(msg).encode() + b"\n")
-            answers.flush()
-
-    for line in requests:
-        with loops.guarded("arp-probe", "a request", log):
-            req = json.loads(line)
-            threading.Thread(target=one, args=(int(req["id"]), str(ipaddress.IPv4Address(req["ip"]))),
-                             daemon=True).start()
-
-
 def _claim_frames(mac: bytes, addr: bytes) -> tuple[bytes, bytes]:
     return (build_frame(ARP_REQUEST, mac, addr, ZERO_MAC, addr), build_frame(ARP_REPLY, mac, addr, BROADCAST, addr))
 
@@ -685,8 +551,6 @@ def watch(iface: str, ip: str, src_ip: str, interval: float, duration: float) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m node.arp", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sv = sub.add_parser("probe-server", help="probes asked for on stdin, answered on stdout (ProbeProcess)")
-    sv.add_argument("--iface", required=True)
     p = sub.add_parser("probe", help="print the MACs that claim an address")
     p.add_argument("--iface", required=True)
     p.add_argument("--ip", required=True)
@@ -700,9 +564,6 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--interval", type=float, default=0.02)
     w.add_argument("--duration", type=float, default=60.0)
     args = parser.parse_args(argv)
-    if args.cmd == "probe-server":
-        serve_probes(args.iface, sys.stdin.buffer, sys.stdout.buffer)
-        return 0
     if args.cmd == "probe":
         print(json.dumps(sorted(probe(args.iface, args.ip))))
         return 0

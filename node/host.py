@@ -35,7 +35,7 @@ class Host:
     def __init__(self, ifname: str, state_dir: Path, nfs_backends: dict[str, NfsServer] | None = None) -> None:
         self.ifname = ifname
         self.iface = VipInterface(ifname)
-        self.prober = arp.ProbeProcess(ifname)  # one process, socket and thread for every probe running at once
+        self.prober = arp.Prober(ifname)  # one socket and thread for every probe running at once
         self.raised = RaisedVips(state_dir)
         self.storage = Storage(state_dir)
         self.nfs_workroot = state_dir / "nfs"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Iterator
 from typing import ClassVar
@@ -383,85 +382,3 @@ def test_a_probe_given_up_on_does_not_take_the_thread_and_the_other_probes_down(
         prober.probe("10.77.0.100")
     t.join(5)
     assert second == {"found": {"02:00:00:00:00:07"}}
-
-
-FAKE_SERVER = r"""
-import json, sys
-for line in sys.stdin:
-    req = json.loads(line)
-    if req["ip"] == "10.0.0.3":
-        sys.exit(3)  # dies with probes waiting
-    if req["ip"] == "10.0.0.2":
-        msg = {"id": req["id"], "error": "OSError: no socket"}
-    else:
-        msg = {"id": req["id"], "macs": ["02:00:00:00:00:01"] if req["ip"] == "10.0.0.1" else []}
-    sys.stdout.write(json.dumps(msg) + "\n")
-    sys.stdout.flush()
-"""
-
-
-def test_probes_go_to_a_process_of_their_own_which_is_started_again_when_it_dies() -> None:
-    import sys
-
-    from controller import loops
-
-    prober = arp.ProbeProcess("eth0", timeout=5.0, argv=[sys.executable, "-c", FAKE_SERVER])
-    try:
-        assert prober.probe("10.0.0.1") == {"02:00:00:00:00:01"}
-        assert prober.probe("10.0.0.9") == set()
-        with pytest.raises(OSError, match="no socket"):
-            prober.probe("10.0.0.2")  # the process could not probe: the caller sees it
-        first = prober._proc
-        before = loops.ERRORS.count("arp-probe")
-        with pytest.raises(OSError, match="exited"):
-            prober.probe("10.0.0.3")  # the process died with the probe waiting
-        assert loops.ERRORS.count("arp-probe") == before + 1
-        assert prober.probe("10.0.0.1") == {"02:00:00:00:00:01"}  # a new process
-        assert prober._proc is not None and prober._proc is not first
-        with pytest.raises(ValueError):
-            prober.probe("10.0.0.1\n{}")  # only a strict address goes down the pipe
-    finally:
-        prober.close()
-    assert prober._proc is None
-
-
-def test_the_probe_process_answers_each_request_from_one_prober(monkeypatch: pytest.MonkeyPatch) -> None:
-    import io
-    import json
-
-    made: list[object] = []
-
-    class OneProber:
-        def __init__(self, iface: str) -> None:
-            made.append(self)
-
-        def probe(self, ip: str) -> set[str]:
-            if ip == "10.0.0.2":
-                raise OSError("socket gone")
-            return {"02:00:00:00:00:01"} if ip == "10.0.0.1" else set()
-
-    monkeypatch.setattr(arp, "Prober", OneProber)
-    out = io.BytesIO()
-    requests = io.BytesIO(b"".join(json.dumps({"id": i, "ip": ip}).encode() + b"\n"
-                                   for i, ip in enumerate(["10.0.0.1", "10.0.0.2", "10.0.0.7"], 1)))
-    arp.serve_probes("eth0", requests, out)
-    deadline = time.monotonic() + 5
-    while out.getvalue().count(b"\n") < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    answers = {m["id"]: m for m in map(json.loads, out.getvalue().splitlines())}
-    assert answers == {1: {"id": 1, "macs": ["02:00:00:00:00:01"]}, 2: {"id": 2, "error": "OSError: socket gone"},
-                       3: {"id": 3, "macs": []}}
-    assert len(made) == 1  # one Prober (one socket and thread) for all of them
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="a raw socket needs root")
-def test_the_real_probe_process_probes_over_a_raw_socket() -> None:
-    """The whole path, as root: `python -m node.arp probe-server` on the loopback interface, which has no
-    ARP: only our own frames come back, and they never count."""
-    prober = arp.ProbeProcess("lo", timeout=10.0)
-    try:
-        started = time.monotonic()
-        assert prober.probe("127.0.0.9") == set()
-        assert time.monotonic() - started >= 0.25  # three frames 0.05 s apart, then 0.15 s: the probe ran
-    finally:
-        prober.close()
