@@ -75,7 +75,6 @@ def parse_frame(frame: bytes) -> tuple[int, bytes, bytes, bytes, bytes] | None:
 
 
 SO_ATTACH_FILTER = 26  # linux/asm-generic/socket.h (Python's socket module does not name it)
-PROBE_POLL = 0.01  # how soon a probe that just came is served (its first frame is due at once)
 MAX_FILTERED = 250  # classic BPF jumps are 8-bit: more addresses than this get no kernel filter
 _BPF = struct.Struct("HBBI")  # struct sock_filter: code, jt, jf, k
 _ARP_SPA_OFFSET = 28  # Ethernet header (14) + ARP htype..sha (14): the sender protocol address
@@ -178,129 +177,6 @@ def probe(iface: str, ip: str, tries: int = 3, spacing: float = 0.05, wait: floa
             end = time.monotonic() + (spacing if i < tries - 1 else wait)
             found.update(mac_text(m) for m in arp.senders_of(target, end))
     return found
-
-
-class _Probe:
-    """One probe's state. Its windows count from when its frames really went out (as probe() does), never
-    from when it was asked for: a prober thread that runs late makes the probe later, never shorter."""
-
-    def __init__(self, addr: bytes, tries: int) -> None:
-        self.addr = addr
-        self.left = tries  # frames still to send
-        self.next_at = 0.0  # monotonic: when the next frame is due (0: at once)
-        self.ends: float | None = None  # set when the last frame went out: that send + wait
-        self.found: set[str] = set()
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-
-
-class Prober:
-    """ARP probes of many addresses in one pass: one raw socket and one thread for all the probes of
-    this node that run at the same time (a node taking over a hundred VIPs at once probes them
-    together, where a socket and a thread per probe read every frame once per probe).
-
-    Each probe is what the module's probe() does: `tries` RFC 5227 probes, each `spacing` after the
-    previous one really went out, then `wait` after the last one, every frame claiming the address in
-    that time counted (frames still queued on the socket are read before a probe ends). A frame
-    claiming an address counts for every probe of that address running when it is read. The thread
-    starts with the first probe and ends when none is left. A socket error fails the probes running
-    (their callers see it: a takeover that cannot probe does not go on) and is counted ("arp-probe",
-    controller.loops); so does a probe the thread has not finished LATE_LIMIT after its nominal end."""
-
-    LATE_LIMIT = 10.0  # only so that no caller waits forever; a slow thread makes a probe later, not shorter
-
-    def __init__(self, iface: str, tries: int = 3, spacing: float = 0.05, wait: float = 0.15) -> None:
-        self.iface, self.tries, self.spacing, self.wait = iface, tries, spacing, wait
-        self._probes: list[_Probe] = []
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def probe(self, ip: str) -> set[str]:
-        """MACs other than ours that claim `ip` while it is probed."""
-        job = _Probe(ipaddress.IPv4Address(ip).packed, self.tries)
-        with self._lock:
-            self._probes.append(job)
-            if self._thread is None:
-                thread = threading.Thread(target=self._run, name=f"arp-probe-{self.iface}", daemon=True)
-                self._thread = thread
-                try:
-                    thread.start()
-                except BaseException:
-                    self._thread = None
-                    self._probes.remove(job)
-                    raise
-        if not job.done.wait((self.tries - 1) * self.spacing + self.wait + self.LATE_LIMIT):
-            with self._lock:
-                late = job in self._probes
-                if late:
-                    self._probes.remove(job)
-            if late:  # a thread that cannot keep up: the probe fails rather than pass unasked
-                exc = TimeoutError(f"ARP probe of {ip} did not finish")
-                loops.record("arp-probe", exc, ip, log)
-                raise exc
-            job.done.wait()  # finished just now
-        if job.error is not None:
-            raise job.error
-        return job.found
-
-    def _run(self) -> None:
-        try:
-            with ArpSocket(self.iface) as arp:
-                self._serve(arp)
-        except Exception as exc:
-            loops.record("arp-probe", exc, f"socket on {self.iface}", log)
-            with self._lock:
-                failed, self._probes, self._thread = self._probes, [], None
-            for job in failed:
-                job.error = exc
-                job.done.set()
-
-    def _serve(self, arp: ArpSocket) -> None:
-        filtered: frozenset[bytes] | None = None
-        while True:
-            with self._lock:
-                if not self._probes:
-                    self._thread = None  # under the lock: a new probe() starts a new thread
-                    return
-                probes = list(self._probes)
-            addrs = frozenset(j.addr for j in probes)
-            if addrs != filtered:  # before any frame of a new probe goes out
-                arp.only_senders(addrs)
-                filtered = addrs
-            self._send_due(arp, probes)
-            now = time.monotonic()
-            wake = min([j.next_at for j in probes if j.left] + [j.ends for j in probes if j.ends is not None]
-                       + [now + PROBE_POLL])
-            self._credit(probes, arp.claims_until(wake))
-            now = time.monotonic()  # before the last read: what came in up to `now` is read below
-            self._credit(probes, arp.queued_claims())
-            with self._lock:
-                for job in [j for j in probes if j.ends is not None and j.ends <= now]:
-                    if job in self._probes:  # not if probe() gave up on it meanwhile (LATE_LIMIT)
-                        self._probes.remove(job)
-                    job.done.set()
-
-    def _send_due(self, arp: ArpSocket, probes: list[_Probe]) -> None:
-        sent: set[bytes] = set()
-        for job in probes:
-            now = time.monotonic()
-            if not job.left or job.next_at > now:
-                continue
-            if job.addr not in sent:  # probes of one address due together: one frame serves both
-                arp.send(build_frame(ARP_REQUEST, arp.mac, ZERO_IP, ZERO_MAC, job.addr))
-                sent.add(job.addr)
-                now = time.monotonic()  # the windows count from the send itself
-            job.left -= 1
-            job.next_at = now + self.spacing
-            if not job.left:
-                job.ends = now + self.wait
-
-    @staticmethod
-    def _credit(probes: list[_Probe], claims: Iterable[tuple[bytes, bytes]]) -> None:
-        for addr, mac in claims:
-            for job in probes:
-                if job.addr == addr:
-                    job.found.add(mac_text(mac))
 
 
 def _claim_frames(mac: bytes, addr: bytes) -> tuple[bytes, bytes]:
