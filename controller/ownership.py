@@ -20,7 +20,8 @@ Invariants (the safety argument is in docs/protocol.md):
 5. Only monotonic time is used here: a wall-clock jump can neither extend nor shorten
    a holding.
 6. The fence guard (node/guard.py) acts for a holding at guard_deadline(): after the agent's own
-   deadline (never racing its fence monitor), still before the lease can expire.
+   deadline (never racing its fence monitor), still before the lease can expire. No renewal reaches
+   the guard after the holding's removal (LeaseKeeper._guard_lock): it would hold a released VFS again.
 7. A fenced holding whose VIP could not be removed is never forgotten. fence() marks it fenced
    first (so it never serves again, invariant 3) and records the error in `drop_error`; the fence
    monitor retries the drop until it succeeds (20 ms after a failure, doubling up to
@@ -403,8 +404,7 @@ class LeaseKeeper:
         too, kept because their disk is still mounted or their VIP still up: their deadline has passed,
         so the new guard acts on them at once, as the old one was to (node/guard.py rule 2)."""
         with self._guard_lock:
-            with self._lock:
-                kept = [*self._holdings.values(), *(h for h in self._undropped.values() if h.vip_pending)]
+            kept = self.holdings()
             if kept:
                 with loops.guarded("guard-hold", f"{len(kept)} holdings", log):
                     self._on_deadlines(kept)
