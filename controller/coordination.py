@@ -49,8 +49,7 @@ from controller.status import encode
 from controller.store import OwnerCreated, StoreError, WatchBatch
 from controller.view import KeyRecord, parse_epoch_base
 
-__all__ = ["Claim", "Coordination", "KeyRecord", "KeyStore", "OwnerCreated", "StoreError", "WatchBatch",
-           "parse_epoch_base"]
+__all__ = ["Claim", "Coordination", "KeyRecord", "KeyStore", "OwnerCreated", "StoreError", "WatchBatch"]
 
 
 @runtime_checkable
@@ -250,10 +249,6 @@ class Coordination:
         self.store = store
         self.keyspace = keyspace
 
-    @property
-    def timeout(self) -> float:
-        return self.store.timeout
-
     # --- reads and watch: the whole keyspace (controller/view.py parses it) --------------------
 
     def load(self) -> tuple[int, dict[str, KeyRecord]]:
@@ -278,12 +273,6 @@ class Coordination:
 
     def revoke(self, lease_id: int) -> None:
         self.store.revoke(lease_id)
-
-    def keepalive(self, lease_id: int, client: Any = None) -> int:
-        return self.store.keepalive(lease_id, client)
-
-    def new_client(self, timeout: float) -> Any:
-        return self.store.new_client(timeout)
 
     def lease_stream(self, on_answer: Callable[[int, int, int], None], on_ended: Callable[[int], None]) -> Any:
         return self.store.lease_stream(on_answer, on_ended)
@@ -320,9 +309,6 @@ class Coordination:
 
     def register(self, node: str, registration: str, lease_id: int) -> None:
         self.store.put(self.keyspace.node(node), registration, lease=lease_id)
-
-    def put_spec(self, vfs: str, spec: str) -> None:
-        self.store.put(self.keyspace.spec(vfs), spec)
 
     def put_intent(self, vfs: str, node: str) -> None:
         self.store.put(self.keyspace.intent(vfs), node)

@@ -332,7 +332,7 @@ class VfsReconciler:
         self._restarts = []
         log.info("%s: owner with epoch %d (lease %x, cause %s)", self.vfs, epoch, h.lease_id, cause)
         # The base as of the owner transaction's own revision: base + revision then only grows.
-        tctx = TakeoverContext(spec, h, observe=flow.step, node=me, epoch_base=h.epoch_base,
+        tctx = TakeoverContext(spec, h, observe=flow.step, epoch_base=h.epoch_base,
                                cancelled=self._stop.is_set,
                                waiting=slot.outside if slot is not None else contextlib.nullcontext)
         fence_note: dict[str, Any] = {}
@@ -410,7 +410,7 @@ class VfsReconciler:
         flow = self.trace.untraced() if retry else self.trace.start_release(spec, h, reason)
         self._put_status(h.epoch, make_status("releasing", self.ctx.me, h.epoch, error, vip=spec.vip_cidr,
                                               cause=reason, disk=h.holds_disk), quiet=True)
-        tctx = TakeoverContext(spec, h, observe=flow.step, node=self.ctx.me)
+        tctx = TakeoverContext(spec, h, observe=flow.step)
         result = bring_down(self.ctx.steps, tctx)
         if result.errors:
             flow.failed("; ".join(result.errors))
@@ -441,7 +441,7 @@ class VfsReconciler:
         # Stays with the keeper (and so the guard) until the steps are down: _end_holding removes it.
         retry = self._disk_stuck is not None
         flow = self.trace.untraced() if retry else self.trace.start_fence(spec, h)
-        result = bring_down(self.ctx.steps, TakeoverContext(spec, h, observe=flow.step, node=self.ctx.me))
+        result = bring_down(self.ctx.steps, TakeoverContext(spec, h, observe=flow.step))
         if result.errors:
             log.error("%s: after self-fence: %s", self.vfs, "; ".join(result.errors))
             flow.failed("; ".join(result.errors))

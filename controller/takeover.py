@@ -105,7 +105,6 @@ class TakeoverContext:
     timings: dict[str, float] = field(default_factory=dict)  # step -> seconds, for status
     # Each step runs inside observe(name) (the flow's trace: failover_trace.Flow.step); nothing by default.
     observe: Callable[[str], AbstractContextManager[object]] = lambda _name: contextlib.nullcontext()
-    node: str = ""
     epoch_base: int = 0  # added to the holding's epoch for the storage epoch (see the docstring)
     not_before: float = 0.0  # monotonic time before which nothing is mounted (0: no wait)
     sleep: Callable[[float], None] = time.sleep  # injectable for tests
@@ -116,9 +115,6 @@ class TakeoverContext:
     @property
     def storage_epoch(self) -> int:
         return self.epoch_base + self.holding.epoch
-
-    def step_span(self, name: str) -> AbstractContextManager[object]:
-        return self.observe(name)
 
 
 class Step(Protocol):
@@ -319,7 +315,7 @@ def bring_up(steps: Sequence[Step], ctx: TakeoverContext) -> None:
             if getattr(step, "touches_shared", False) and not ctx.holding.valid():
                 raise StepFailed(f"the holding is no longer valid (fenced, released or past its deadline) "
                                  f"before step {step.name}; not touching shared state")
-            with ctx.step_span(step.name):
+            with ctx.observe(step.name):
                 step.up(ctx)
             ctx.timings[step.name] = round(time.monotonic() - started, 4)
         except Exception as exc:
@@ -346,7 +342,7 @@ def bring_down(steps: Sequence[Step], ctx: TakeoverContext) -> DownResult:
             continue
         started = time.monotonic()
         try:
-            with ctx.step_span(f"{step.name}_down"):
+            with ctx.observe(f"{step.name}_down"):
                 step.down(ctx)
             ctx.timings[f"{step.name}_down"] = round(time.monotonic() - started, 4)
         except Exception as exc:

@@ -609,7 +609,7 @@ def test_an_expired_claim_frees_the_vfs_for_a_new_epoch(env: Env) -> None:
 def test_a_deleted_vfs_status_goes_only_without_owner_and_spec(env: Env) -> None:
     c = coordination(env)
     ks = c.keyspace
-    c.put_spec("home", "{}")
+    env.store.put(ks.spec("home"), "{}")
     assert c.write_status("home", 0, {"phase": "unplaced"})
     assert not c.remove_status("home")  # the spec is there
     env.store.delete(ks.spec("home"))
