@@ -4,7 +4,7 @@
   status writes, releases, node registrations, leases, load and watch of the whole keyspace. Its
   arguments and results are domain values (VFS and node names, epochs, lease ids, status
   documents); it is the only code that builds a key (with controller/keyspace.py's layout) or
-  calls a store's writes. The reconcile loop (controller/reconcile.py), the view keeper
+  calls a store's writes. The reconcile loop (controller/reconcile.py, vfs_actions.py), the view keeper
   (controller/watcher.py), the agent (node/agent.py) and the CLI go through it; the lease keeper
   (controller/ownership.py) needs only its lease calls.
 - `KeyStore` (the protocol below) is the etcd semantics it is built on: keys, revisions, leases,

@@ -1,5 +1,5 @@
 """Who may still have a VFS's disk mounted, as its status tells, and how long to wait for them: the pure
-decisions behind the disk bound (the rule itself is stated in controller/reconcile.py's docstring and
+decisions behind the disk bound (the rule itself is stated in controller/vfs_actions.py's docstring and
 docs/safety.md). Everything read here was published by other nodes: junk counts as the worst case."""
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def disk_risk(present: bool, status: dict[str, Any] | None, me: str) -> DiskRisk
 
 
 class ReleaseBoundClock:
-    """One VFS's disk bound as counted on this node (the rule: controller/reconcile.py's docstring).
+    """One VFS's disk bound as counted on this node (the rule: controller/vfs_actions.py's docstring).
 
     The wait runs from when this node first saw the VFS without an owner key; an owner that came and
     went since (a status newer than that moment) restarts it. Monotonic time only, injectable."""

@@ -350,3 +350,41 @@ def bring_down(steps: Sequence[Step], ctx: TakeoverContext) -> DownResult:
             errors.append(f"{step.name}: {exc}")
             critical = critical or step.critical_down
     return DownResult(errors, critical)
+
+
+class RestartBudget:
+    """How many restarts of a held VFS's dead NFS server are allowed before the VFS is given up.
+
+    More than `allowed` within `window` seconds means the server cannot stay up on this node;
+    another candidate may do better. The clock is injectable for tests.
+    """
+
+    def __init__(self, allowed: int = 3, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.allowed, self.window, self._clock = allowed, window, clock
+        self._times: list[float] = []
+
+    def spend(self) -> bool:
+        """Count one restart; False once the budget is exceeded."""
+        now = self._clock()
+        self._times = [t for t in self._times if now - t < self.window] + [now]
+        return len(self._times) <= self.allowed
+
+    def used(self) -> int:
+        return len(self._times)
+
+
+def restart_dead(steps: Sequence[Step], ctx: TakeoverContext, budget: RestartBudget) -> str | None:
+    """Restart every step that reports itself unhealthy; the reason to give the VFS up, or None."""
+    for step in steps:
+        healthy = getattr(step, "healthy", None)
+        if healthy is None or healthy(ctx):
+            continue
+        if not budget.spend():
+            return f"{step.name} died {budget.used()} times in {budget.window:.0f}s"
+        log.warning("%s: %s is not running; restarting it", ctx.spec.name, step.name)
+        try:
+            step.down(ctx)
+            step.up(ctx)
+        except Exception as exc:
+            return f"{step.name} died and could not be restarted: {exc}"
+    return None

@@ -42,7 +42,7 @@ class AgentConfig:
     release_bound: float = 10.0
     reset_command: tuple[str, ...] = ()  # argv the fence guard runs as its last escalation (power cycle)
     # Takeovers this agent runs at once (0: 8 per CPU). Most of a VIP takeover is waiting for the ARP
-    # probe, but an unbounded storm of them starves the keepalives (controller/reconcile.py TakeoverGate);
+    # probe, but an unbounded storm of them starves the keepalives (controller/gate.py TakeoverGate);
     # 16 per CPU already did on the loaded 2-core lab (bench/scale).
     parallel_takeovers: int = 0
 

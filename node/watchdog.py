@@ -19,7 +19,7 @@ INVARIANTS (this module keeps them; `WatchdogArm.tick` is the whole rule)
      node can own the VFS.
    - fenced, VIP down, disk still mounted: bound = `h.last_ack + h.ttl + release_bound`. A new
      owner mounts no earlier than T_release (release_bound) after it saw the lease expire
-     (controller/reconcile.py), so a node whose unmount hangs is reset before that: the
+     (controller/vfs_actions.py), so a node whose unmount hangs is reset before that: the
      watchdog is the guard's last escalation step where one is configured (node/guard.py).
 3. A healthy agent that loses etcd is not reset: the last pet is at most PET_INTERVAL before
    `last_ack + ttl - timeout`, so the reset could come no earlier than `last_ack + ttl - PET_INTERVAL`,

@@ -200,10 +200,10 @@ def test_the_wait_counts_from_when_the_owner_key_was_first_seen_gone() -> None:
     store, rec, mount = setup({"phase": "serving", "node": "node-b"}, release_bound=0.5)
     store._put(KS.owner("home"), json.dumps({"node": "node-b"}), 7)
     rec.reconcile()  # owner present: nothing to do
-    assert rec._bound._gone_since is None
+    assert rec.act.bound._gone_since is None
     del store.keys[KS.owner("home")]
-    rec._bound.note_owner(False, store.rev)
-    gone = rec._bound._gone_since
+    rec.act.bound.note_owner(False, store.rev)
+    gone = rec.act.bound._gone_since
     assert gone is not None
     time.sleep(0.3)
     rec.reconcile()
@@ -338,7 +338,7 @@ def test_any_status_naming_a_node_or_carrying_risk_waits(status: dict[str, Any])
 def test_an_unreadable_status_waits_the_longest_bound(junk: str) -> None:
     store, rec, _ = setup(None, release_bound=0.4)
     store._put(KS.status("home"), junk)
-    assert rec._bound.until(rec._risk(store.view()), {}, 0) - time.monotonic() > 599
+    assert rec.act.bound.until(rec.act.risk(store.view()), {}, 0) - time.monotonic() > 599
 
 
 def test_the_wait_is_the_larger_of_ours_and_the_lost_owners_published_bound() -> None:
@@ -352,7 +352,7 @@ def test_an_owner_that_came_and_went_between_two_passes_restarts_the_count() -> 
     store, rec, mount = setup(None, release_bound=0.5)
     store._put(KS.spec("home"), json.dumps({**SPEC, "candidates": ["node-b"]}))  # not ours for now
     rec.reconcile()
-    assert rec._bound._gone_since is not None
+    assert rec.act.bound._gone_since is not None
     time.sleep(0.6)
     # node-b acquired and was lost while this node did not look: only its status shows it
     store._put(KS.status("home"), json.dumps({"phase": "serving", "node": "node-b"}))
@@ -383,7 +383,7 @@ def test_the_risk_is_carried_by_a_failed_takeover_and_by_status_written_without_
     assert status["disk_at_risk"] is True
     # an unowned status rewrite (no live candidate) keeps it too
     store._put(KS.spec("home"), json.dumps({**SPEC, "candidates": ["node-c"]}))
-    rec._write_unowned_status(store.view().config("home"), store.view())
+    rec.act.write_unowned_status(store.view().config("home"), store.view())
     status = json.loads(store.keys[KS.status("home")].value)
     assert status["phase"] == "unplaced" and status["lost_owner"] == "node-b"
 
@@ -419,10 +419,10 @@ def test_a_deleted_vfs_keeps_its_status_while_a_node_may_still_have_the_disk() -
     del store.keys[KS.spec("home")]
     deleted: list[list[str]] = []
     store.delete_if_no_owner = lambda owner, keys, absent=(): deleted.append(list(keys)) or True  # type: ignore
-    rec._write_unowned_status(store.view().config("home"), store.view())
+    rec.act.write_unowned_status(store.view().config("home"), store.view())
     assert deleted == []  # kept: it is the only record of the risk
     time.sleep(0.35)
-    rec._write_unowned_status(store.view().config("home"), store.view())
+    rec.act.write_unowned_status(store.view().config("home"), store.view())
     assert deleted == [[KS.status("home")]]
 
 
@@ -500,3 +500,43 @@ def test_the_release_bound_clock_on_a_fake_clock() -> None:
     assert not clock.pending(risk, 20)
     assert clock.pending(risk, 21)  # a new risky status: counted afresh
     assert not clock.pending(DiskRisk(), 21)
+
+
+@dataclass
+class DeadServer:
+    """An NFS server step stand-in whose server is dead and whose restart fails."""
+
+    name: str = "nfs_server"
+    critical_down: bool = False
+    has_down: bool = True
+    touches_shared: bool = True
+    starts: int = 0
+
+    def up(self, ctx: TakeoverContext) -> None:
+        self.starts += 1
+        if self.starts > 1:
+            raise RuntimeError("ganesha.nfsd exited at once")
+
+    def down(self, ctx: TakeoverContext) -> None:
+        pass
+
+    def healthy(self, ctx: TakeoverContext) -> bool:
+        return False
+
+
+def test_a_held_vfs_whose_nfs_server_cannot_be_restarted_is_released_with_the_reason() -> None:
+    """The health check restarts a dead server; when that fails the VFS is let go (owner key deleted,
+    the reason in the status) so another candidate may serve it, and this node backs off."""
+    store, rec, mount = setup(None)
+    server = DeadServer()
+    rec.ctx.steps.append(server)
+    rec.reconcile()
+    assert rec.holding is not None and server.starts == 1
+    rec.reconcile()  # the health check: the restart fails
+    assert rec.act.must_release == "nfs_server died and could not be restarted: ganesha.nfsd exited at once"
+    rec.reconcile()  # the release
+    assert rec.holding is None and KS.owner("home") not in store.keys
+    status = json.loads(store.keys[KS.status("home")].value)
+    assert status["phase"] == "error" and "could not be restarted" in status["error"]
+    assert status["node"] is None and mount.downs == 1
+    assert rec.ctx.backoff.remaining("home") > 0

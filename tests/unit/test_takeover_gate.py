@@ -1,4 +1,4 @@
-"""controller/reconcile.py TakeoverGate: at most `limit` takeovers at once, first choices first."""
+"""controller/gate.py TakeoverGate: at most `limit` takeovers at once, first choices first."""
 
 from __future__ import annotations
 

@@ -8,7 +8,15 @@ import pytest
 
 from controller.ownership import Holding
 from controller.spec import parse_spec
-from controller.takeover import StepFailed, TakeoverContext, bring_down, bring_up, takeover_steps
+from controller.takeover import (
+    RestartBudget,
+    StepFailed,
+    TakeoverContext,
+    bring_down,
+    bring_up,
+    restart_dead,
+    takeover_steps,
+)
 
 SPEC = {"vip": "10.77.0.100/24", "candidates": ["node-a"],
         "storage": {"device": "/dev/loop3", "fstype": "xfs"},
@@ -142,3 +150,47 @@ def test_a_slash_32_vip_fits_any_interface():
     host.networks = set()
     bring_up(takeover_steps(host), ctx(spec={"vip": "10.77.0.100/32", "candidates": ["node-a"]}))
     assert "vip_up" in host.calls
+
+
+class DeadServerHost(FakeHost):
+    """An NFS server that is found dead `deaths` times; a restart brings it back until then."""
+
+    def __init__(self, deaths: int, fail: str = ""):
+        super().__init__(fail=fail)
+        self.deaths = deaths
+
+    def nfs_alive(self, vfs):
+        return self.deaths <= 0
+
+    def nfs_start(self, spec, epoch):
+        self._do("nfs_start")
+        self.deaths -= 1
+
+
+def test_a_dead_nfs_server_is_restarted_and_the_vfs_kept():
+    host = DeadServerHost(deaths=1)
+    assert restart_dead(takeover_steps(host), ctx(), RestartBudget()) is None
+    assert host.calls == ["nfs_stop", "nfs_start"]
+    assert restart_dead(takeover_steps(host), ctx(), RestartBudget()) is None  # alive again: nothing done
+    assert host.calls == ["nfs_stop", "nfs_start"]
+
+
+def test_restarts_beyond_the_budget_give_the_vfs_up_and_old_ones_expire():
+    now = [0.0]
+    budget = RestartBudget(allowed=2, window=60.0, clock=lambda: now[0])
+    host = DeadServerHost(deaths=100)
+    steps = takeover_steps(host)
+    assert restart_dead(steps, ctx(), budget) is None
+    now[0] = 30.0
+    assert restart_dead(steps, ctx(), budget) is None
+    now[0] = 59.0
+    assert restart_dead(steps, ctx(), budget) == "nfs_server died 3 times in 60s"
+    assert host.calls.count("nfs_start") == 2  # the third death is not restarted
+    now[0] = 120.0  # every earlier restart is out of the window
+    assert restart_dead(steps, ctx(), budget) is None
+
+
+def test_a_restart_that_fails_gives_the_vfs_up_with_the_reason():
+    host = DeadServerHost(deaths=1, fail="nfs_start")
+    reason = restart_dead(takeover_steps(host), ctx(), RestartBudget())
+    assert reason == "nfs_server died and could not be restarted: nfs_start broke"
