@@ -9,7 +9,9 @@ import sys
 from typing import Any
 
 from controller.coordination import Coordination
+from controller.etcdaccess import EtcdAccess
 from controller.keyspace import DEFAULT_PREFIX, InvalidName, Keyspace, check_name
+from controller.placement import refusals
 from controller.spec import SpecError, parse_intent, parse_spec
 from controller.store import EtcdStore, StoreError
 from controller.timeline import add_timeline_parser, cmd_timeline
@@ -33,6 +35,8 @@ def collect(view: ClusterView) -> dict[str, Any]:
         errors = [e for e in (config.error, status.get("error", "")) if e]
         if len(errors) == 2 and errors[0] in errors[1]:
             errors = errors[1:]  # the status already says it
+        errors += [f"{n} refuses: {why}" for n, why in sorted(refusals(config, live).items())
+                   if not any(f"{n} refuses" in e for e in errors)]
         vfs_rows.append({
             "vfs": name,
             "vip": config.spec.vip_cidr if config.spec else status.get("vip"),
@@ -147,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd", default=os.environ.get("NFS_HA_ETCD", "http://127.0.0.1:2379"),
                         help="comma-separated etcd endpoints (env NFS_HA_ETCD)")
     parser.add_argument("--prefix", default=os.environ.get("NFS_HA_PREFIX", DEFAULT_PREFIX))
+    for name, what in (("ca", "PEM CA file that signed etcd's certificate"), ("cert", "PEM client certificate"),
+                       ("key", "PEM key of --etcd-cert (mode 0600)"), ("user", "etcd user name"),
+                       ("password-file", "file holding the etcd password (mode 0600)")):
+        env = f"NFS_HA_ETCD_{name.upper().replace('-', '_')}"
+        parser.add_argument(f"--etcd-{name}", default=os.environ.get(env, ""), help=f"{what} (env {env})")
     sub = parser.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("status", help="one row per VFS and per node")
     st.add_argument("--json", action="store_true")
@@ -161,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "timeline":
         return cmd_timeline(args)  # reads span files or Jaeger, not etcd
     try:
-        store = Coordination(EtcdStore(args.etcd, timeout=5.0), Keyspace(args.prefix))
+        # The password only from a file or NFS_HA_ETCD_PASSWORD: an option would show in `ps`.
+        access = EtcdAccess.from_settings(args.etcd, ca=args.etcd_ca, cert=args.etcd_cert, key=args.etcd_key,
+                                          user=args.etcd_user, password=os.environ.get("NFS_HA_ETCD_PASSWORD", ""),
+                                          password_file=args.etcd_password_file)
+        store = Coordination(EtcdStore(access, timeout=5.0), Keyspace(args.prefix))
     except ValueError as exc:
         return _fail(str(exc))
     try:

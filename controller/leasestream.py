@@ -20,9 +20,13 @@ Contract (coordination.Coordination.lease_stream, as etcd's clientv3 keeps lease
 - A generation is one connection. When it ends (an error, a failed write, the peer's end, reset())
   `on_ended(generation)` is told once, no answer of it is reported after that, and the next send
   opens a new connection on the next endpoint. close() ends it without on_ended.
+- TLS (https endpoints): the TLS state is driven through memory BIOs under the connection's `io`
+  lock, so the reader thread and the keeper's writes never use OpenSSL's connection at once; the
+  handshake, like the TCP connect, is bounded by CONNECT_TIMEOUT and must agree on HTTP/2 (ALPN).
+- etcd authentication: the call carries the store's current token, if it has one; a call etcd ends
+  as UNAUTHENTICATED (the token expired) marks the token stale (store.EtcdStore.stream_token).
 Not guaranteed: that a request is answered at all, or in time; the keeper (ownership.LeaseKeeper)
-resets a stream that answers nothing for a keepalive interval. Not supported yet: TLS and etcd
-authentication (store.parse_endpoints accepts only http endpoints).
+resets a stream that answers nothing for a keepalive interval.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,15 +69,67 @@ def first_endpoint(count: int) -> int:
 class _Connection:
     """One TCP connection carrying one LeaseKeepAlive call. `io` guards the h2 state and socket writes."""
 
-    def __init__(self, host: str, port: int, addresses: list[tuple[int, tuple[Any, ...]]]) -> None:
+    def __init__(self, host: str, port: int, addresses: list[tuple[int, tuple[Any, ...]]],
+                 tls: ssl.SSLContext | None = None, token: str | None = None) -> None:
         self.sock = _connect(addresses)
+        self.tls: ssl.SSLObject | None = None
         try:
-            self._start(host, port)
+            if tls is not None:
+                self._handshake(tls, host)
+            self._start(host, port, token)
         except BaseException:
             self.sock.close()
             raise
 
-    def _start(self, host: str, port: int) -> None:
+    def _handshake(self, ctx: ssl.SSLContext, host: str) -> None:
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(self._in, self._out, server_hostname=host)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self._out.read())
+                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                data = self.sock.recv(65536)
+                if not data:
+                    raise OSError("etcd closed the connection during the TLS handshake") from None
+                self._in.write(data)
+        self.sock.sendall(self._out.read())
+        if tls.selected_alpn_protocol() != "h2":
+            raise OSError("etcd did not agree to HTTP/2 in the TLS handshake (ALPN)")
+        self.tls = tls
+
+    def _send(self, data: bytes) -> None:
+        """Send bytes of the HTTP/2 connection (encrypted first with TLS). Under `io`, or before the reader runs."""
+        if self.tls is not None:
+            self.tls.write(data)
+            data = self._out.read()
+        self.sock.sendall(data)
+
+    def _decrypt(self, data: bytes) -> bytes:
+        """The HTTP/2 bytes in what the socket gave (all of it without TLS). Under `io`."""
+        if self.tls is None:
+            return data
+        self._in.write(data)
+        plain = bytearray()
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                raise OSError("etcd closed the TLS session") from None
+            if not chunk:
+                break
+            plain += chunk
+        pending = self._out.read()  # e.g. the answer to a TLS key update
+        if pending:
+            self.sock.sendall(pending)
+        return bytes(plain)
+
+    def _start(self, host: str, port: int, token: str | None) -> None:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(None)  # reads block until data or shutdown(); writes have SO_SNDTIMEO
         secs = int(SEND_TIMEOUT)
@@ -81,11 +139,13 @@ class _Connection:
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         self.h2.initiate_connection()
         self.stream_id = self.h2.get_next_available_stream_id()
-        self.h2.send_headers(self.stream_id, [
-            (b":method", b"POST"), (b":scheme", b"http"), (b":path", PATH),
-            (b":authority", f"{host}:{port}".encode()), (b"content-type", b"application/grpc"),
-            (b"te", b"trailers")])
-        self.sock.sendall(self.h2.data_to_send())
+        headers = [(b":method", b"POST"), (b":scheme", b"https" if self.tls else b"http"), (b":path", PATH),
+                   (b":authority", f"{host}:{port}".encode()), (b"content-type", b"application/grpc"),
+                   (b"te", b"trailers")]
+        if token:
+            headers.append((b"token", token.encode()))
+        self.h2.send_headers(self.stream_id, headers)
+        self._send(self.h2.data_to_send())
 
     def write(self, payload: bytes) -> None:
         with self.io:
@@ -94,17 +154,17 @@ class _Connection:
             step = self.h2.max_outbound_frame_size
             for i in range(0, len(payload), step):
                 self.h2.send_data(self.stream_id, payload[i:i + step])
-            self.sock.sendall(self.h2.data_to_send())
+            self._send(self.h2.data_to_send())
 
     def receive(self, data: bytes) -> list[h2.events.Event]:
         with self.io:
-            events = self.h2.receive_data(data)
+            events = self.h2.receive_data(self._decrypt(data))
             for ev in events:
                 if isinstance(ev, h2.events.DataReceived) and ev.flow_controlled_length:
                     self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             out = self.h2.data_to_send()  # window updates, settings and ping acknowledgements
             if out:
-                self.sock.sendall(out)
+                self._send(out)
         return events
 
     def shut(self) -> None:
@@ -117,11 +177,19 @@ class _Connection:
 class _Ended(Exception):
     """The call or the connection ended (the message says how)."""
 
+    def __init__(self, message: str, unauthenticated: bool = False) -> None:
+        super().__init__(message)
+        self.unauthenticated = unauthenticated
+
 
 class H2LeaseStream:
     def __init__(self, endpoints: Sequence[tuple[str, int]], on_answer: Callable[[int, int, int], None],
-                 on_ended: Callable[[int], None]) -> None:
+                 on_ended: Callable[[int], None], tls: ssl.SSLContext | None = None,
+                 token: Callable[[bool], str | None] | None = None) -> None:
         self._endpoints = list(endpoints)
+        self._tls = tls
+        self._token = token  # the auth token: token(stale) (store.EtcdStore.stream_token)
+        self._stale_token = False  # etcd refused the last one: fetch a new one on the next connection
         self._addresses: dict[tuple[str, int], list[tuple[int, tuple[Any, ...]]]] = {}  # see _resolved
         self._at = first_endpoint(len(self._endpoints))
         self._on_answer = on_answer
@@ -155,9 +223,11 @@ class H2LeaseStream:
     def _open(self) -> None:
         """Connect to the current endpoint (the next one after a failure). Under self._lock."""
         host, port = self._endpoints[self._at]
+        token = self._token(self._stale_token) if self._token is not None else None
+        self._stale_token = False
         try:
-            conn = _Connection(host, port, self._resolved(host, port))
-        except (OSError, h2.exceptions.H2Error) as exc:
+            conn = _Connection(host, port, self._resolved(host, port), self._tls, token)
+        except (OSError, h2.exceptions.H2Error) as exc:  # ssl.SSLError is an OSError
             self._addresses.pop((host, port), None)  # a name may have moved: looked up again next time
             self._at = (self._at + 1) % len(self._endpoints)
             raise StoreError(f"etcd lease keepalive stream to {host}:{port} failed: {exc}") from exc
@@ -199,7 +269,8 @@ class H2LeaseStream:
         except _Ended as exc:
             if generation == self.generation:
                 log.debug("lease keepalive stream ended: %s", exc)
-        except (OSError, h2.exceptions.H2Error) as exc:
+                self._stale_token = self._stale_token or exc.unauthenticated
+        except (OSError, h2.exceptions.H2Error) as exc:  # ssl.SSLError is an OSError
             if generation == self.generation:
                 log.debug("lease keepalive stream failed: %s: %s", type(exc).__name__, exc)
         except Exception as exc:  # a bug: counted; the requests left unanswered make the keeper reset
@@ -272,7 +343,8 @@ def _check(ev: h2.events.Event, stream_id: int) -> None:
         headers = dict(ev.headers)
         status, grpc_status = headers.get(b":status"), headers.get(b"grpc-status")
         if status not in (None, b"200") or grpc_status not in (None, b"0"):
-            raise _Ended(f"HTTP status {status!r}, grpc-status {grpc_status!r}: {headers.get(b'grpc-message', b'')!r}")
+            raise _Ended(f"HTTP status {status!r}, grpc-status {grpc_status!r}: {headers.get(b'grpc-message', b'')!r}",
+                         unauthenticated=grpc_status == b"16")
     elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset) and ev.stream_id == stream_id:
         raise _Ended(f"the call ended ({type(ev).__name__})")
     elif isinstance(ev, h2.events.ConnectionTerminated):

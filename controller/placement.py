@@ -7,6 +7,8 @@ that); placement only decides who tries first.
 Preference order for a VFS: the intent node, if it is a live candidate; then the live
 candidates in spec order. Nodes that are backing off from the VFS after a failed
 takeover go last, so they are not chosen again while another candidate can serve.
+Nodes whose own policy refuses the VFS (controller/policy.py; they publish why in their
+registration) are no candidates at all, and a holder that refuses it releases it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ def backing_off(node_info: dict[str, Any], vfs: str) -> bool:
     return isinstance(backoff, dict) and vfs in backoff
 
 
+def refusals(config: VfsConfig, live: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Live candidates whose node policy refuses this VFS, with their reasons (as they published them)."""
+    if config.spec is None:
+        return {}
+    out = {}
+    for node in config.spec.candidates:
+        refused = live.get(node, {}).get("refused")
+        if isinstance(refused, dict) and config.name in refused:
+            out[node] = str(refused[config.name])[:300]
+    return out
+
+
 def preference(config: VfsConfig, live: dict[str, dict[str, Any]]) -> list[str]:
     """Live candidates, best first."""
     if config.spec is None:
@@ -45,19 +59,23 @@ def preference(config: VfsConfig, live: dict[str, dict[str, Any]]) -> list[str]:
     if config.intent in order:
         order.remove(config.intent)
         order.insert(0, config.intent)
-    alive = [n for n in order if n in live]
+    refusing = refusals(config, live)
+    alive = [n for n in order if n in live and n not in refusing]
     ready = [n for n in alive if not backing_off(live[n], config.name)]
     return ready + [n for n in alive if n not in ready]
 
 
 def decide(me: str, config: VfsConfig, owner: Owner | None, live: dict[str, dict[str, Any]],
-           held_vip: str | None) -> Decision:
-    """What `me` should do for one VFS. `held_vip`: the VIP this agent process holds it with."""
+           held_vip: str | None, refused: str | None = None) -> Decision:
+    """What `me` should do for one VFS. `held_vip`: the VIP this agent process holds it with;
+    `refused`: why this node's own policy refuses the spec (None: it does not)."""
     if owner is not None and owner.node == me and held_vip is None:
         return Decision(Action.CLEAR_STALE, "owner key left by an earlier run of this agent")
     if held_vip is not None:
+        if refused and config.spec is not None:
+            return Decision(Action.RELEASE, f"spec_changed: refused by this node's policy: {refused}")
         return _decide_holder(me, config, live, held_vip)
-    if owner is not None or config.spec is None:
+    if owner is not None or config.spec is None or refused:
         return Decision(Action.NOTHING)
     order = preference(config, live)
     if me not in order:
@@ -77,6 +95,7 @@ def _decide_holder(me: str, config: VfsConfig, live: dict[str, dict[str, Any]], 
     if config.spec.vip_cidr != held_vip:
         return Decision(Action.RELEASE, f"spec_changed: VIP is now {config.spec.vip_cidr}")
     target = config.intent
-    if target and target != me and target in live and not backing_off(live[target], config.name):
+    if target and target != me and target in live and not backing_off(live[target], config.name) \
+            and target not in refusals(config, live):
         return Decision(Action.RELEASE, f"intent: move to {target}")
     return Decision(Action.NOTHING)

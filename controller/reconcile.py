@@ -14,7 +14,8 @@ Rules kept here (the acting rules are in vfs_actions.py, the ownership invariant
   the newest view (the wait may have changed the picture), and never while stopping.
 - Lower-ranked candidates wait first (PlacementWait, controller/gate.py): the better
   candidates get their chance, longer while the first candidate's backlog keeps moving.
-- No takeover starts during a failure back-off or the hold-off after an etcd restore.
+- No takeover starts during a failure back-off or the hold-off after an etcd restore, nor of a
+  spec this node's policy refuses (controller/policy.py); a held one it refuses is released.
 - A thread holding a VFS is never stopped without a release: stop(release=False) ends the
   loop only at a pass that leaves nothing held.
 """
@@ -127,7 +128,9 @@ class VfsReconciler:
             return None
         # Decide.
         held_vip = act.held_spec.vip_cidr if (h and act.held_spec) else None
-        decision = decide(self.ctx.me, config, owner, view.live_nodes(), held_vip)
+        refused = self.ctx.refuses(config.spec) if config.spec is not None else None
+        self.ctx.note_refusal(self.vfs, refused)
+        decision = decide(self.ctx.me, config, owner, view.live_nodes(), held_vip, refused)
         if decision != self._last_decision:
             log.debug("%s: %s (rev %d, owner %s, live %s)", self.vfs, decision, view.revision,
                       owner.node if owner else None, sorted(view.live_nodes()))
@@ -192,5 +195,6 @@ class VfsReconciler:
             return None
         view = self.ctx.view()
         config = view.config(self.vfs)
-        decision = decide(self.ctx.me, config, view.owner(self.vfs), view.live_nodes(), None)
+        refused = self.ctx.refuses(config.spec) if config.spec is not None else None
+        decision = decide(self.ctx.me, config, view.owner(self.vfs), view.live_nodes(), None, refused)
         return config.spec if decision.action is Action.ACQUIRE else None

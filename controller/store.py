@@ -3,7 +3,11 @@
 All etcd traffic of nfs-ha goes through here, so the client's pitfalls are handled once:
 - each endpoint's `time_retry` is lowered (the default shuns an endpoint for 300 s after
   one error, which turns a brief etcd hiccup into a five-minute outage);
-- every call has a timeout, and every failure becomes a StoreError;
+- every call has a timeout, and every failure becomes a StoreError that says what it likely
+  means (controller/etcdaccess.py: TLS, authentication, RBAC);
+- TLS and authentication as controller/etcdaccess.py says; the token is fetched on first use and
+  fetched again once when etcd calls it invalid, then the call is retried (a request refused for its
+  token was not applied);
 - gRPC keepalive pings (no more often than etcd allows) detect a dead connection;
 - lease keepalives of all of a node's leases share one LeaseKeepAlive stream, as etcd's own
   client does, spoken with h2 rather than grpcio (controller/leasestream.py says why).
@@ -16,13 +20,14 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import grpc
 import pyetcd
-from pyetcd.client import Endpoint, MultiEndpointEtcd3Client
+from pyetcd import etcdrpc
+from pyetcd.client import Endpoint, EtcdTokenCallCredentials, MultiEndpointEtcd3Client
 
 from controller import loops
+from controller.etcdaccess import EtcdAccess
 from controller.view import KeyRecord
 
 if TYPE_CHECKING:
@@ -40,7 +45,14 @@ GRPC_OPTIONS = [
 
 
 class StoreError(RuntimeError):
-    """etcd could not be reached or refused the request."""
+    """etcd could not be reached or refused the request.
+
+    `refused`: etcd or its TLS refused who we are (wrong password, untrusted certificate, no role):
+    retrying will not help until the settings or etcd's users are fixed."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass(frozen=True)
@@ -61,30 +73,23 @@ class OwnerCreated:
     read: bytes | None = None  # the value of the key create_owner was asked to read, None if absent
 
 
-def parse_endpoints(spec: str | Iterable[str]) -> list[tuple[str, int]]:
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    result = []
-    for item in items:
-        item = item.strip()
-        if not item:
-            continue
-        url = urlsplit(item if "://" in item else f"http://{item}")
-        if url.scheme != "http" or not url.hostname:
-            raise ValueError(f"etcd endpoint {item!r}: only http://HOST:PORT is supported")
-        result.append((url.hostname, url.port or 2379))
-    if not result:
-        raise ValueError("no etcd endpoints given")
-    return result
-
-
 def _record(kv: Any) -> KeyRecord:
     return KeyRecord(value=bytes(kv.value), create_revision=kv.create_revision,
                      mod_revision=kv.mod_revision, lease=kv.lease)
 
 
+def _detail(exc: BaseException) -> str:
+    """The gRPC status of a failure (pyetcd replaces some by exceptions without a message)."""
+    for err in (exc, exc.__context__, exc.__cause__):
+        if isinstance(err, grpc.RpcError) and hasattr(err, "code") and hasattr(err, "details"):
+            return f"{err.code().name}: {err.details()}"
+    return f"{type(exc).__name__} {exc}".strip()
+
+
 class EtcdStore:
-    def __init__(self, endpoints: str | Iterable[str], timeout: float = 2.0) -> None:
-        self._endpoints = parse_endpoints(endpoints)
+    def __init__(self, access: EtcdAccess | str | Iterable[str], timeout: float = 2.0) -> None:
+        self.access = access if isinstance(access, EtcdAccess) else EtcdAccess.from_settings(access)
+        self._endpoints = list(self.access.endpoints)
         self.timeout = timeout
         # Set by close(): grpc 1.85 segfaults when pyetcd makes its first stub of a kind on a closed
         # channel, so every later call must fail here, as a StoreError, before reaching it.
@@ -95,20 +100,59 @@ class EtcdStore:
 
     def new_client(self, timeout: float) -> MultiEndpointEtcd3Client:
         self._check_open()
-        eps = [Endpoint(host, port, secure=False, time_retry=ENDPOINT_RETRY_SECONDS, opts=GRPC_OPTIONS)
-               for host, port in self._endpoints]
+        creds = self.access.grpc_credentials()
+        eps = [Endpoint(host, port, secure=self.access.tls, creds=creds, time_retry=ENDPOINT_RETRY_SECONDS,
+                        opts=GRPC_OPTIONS) for host, port in self._endpoints]
+        # No user here: pyetcd would log in at once, and a store is made before etcd need be up.
         return MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout, failover=True)
+
+    def _login(self, client: MultiEndpointEtcd3Client) -> None:
+        """Fetch a token for `client`; every later call of it carries the token."""
+        request = etcdrpc.AuthenticateRequest(name=self.access.user, password=self.access.password)
+        try:
+            resp = client.authstub.Authenticate(request, self.timeout)
+        except grpc.RpcError as exc:
+            client._manage_grpc_errors(exc)  # an unreachable endpoint is skipped next time, as for any call
+            raise
+        client.metadata = (("token", resp.token),)
+        client.call_credentials = grpc.metadata_call_credentials(EtcdTokenCallCredentials(resp.token))
+
+    def stream_token(self, stale: bool = False) -> str | None:
+        """The auth token the lease stream sends (None without a user or before the first login).
+
+        Never logs in itself: it runs on the keeper's thread, where a login (up to the store timeout)
+        would hold up every lease's keepalive. `stale`: etcd refused the token, so the next call of
+        any other thread logs in again (etcd 3.4 does not check LeaseKeepAlive's token; later ones may).
+        """
+        if not self.access.user:
+            return None
+        metadata = self._client.metadata
+        if stale:
+            self._client.metadata = None
+            return None
+        return metadata[0][1] if metadata else None
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("etcd store is closed")
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+    def _call(self, what: str, fn: Callable[[], Any], client: MultiEndpointEtcd3Client | None = None) -> Any:
         self._check_open()
-        try:
-            return fn()
-        except (grpc.RpcError, pyetcd.exceptions.Etcd3Exception, ValueError) as exc:
-            raise StoreError(f"etcd {what} failed: {type(exc).__name__} {exc}") from exc
+        c = client or self._client
+        for attempt in (1, 2):
+            try:
+                if self.access.user and c.metadata is None:
+                    self._login(c)
+                return fn()
+            except (grpc.RpcError, pyetcd.exceptions.Etcd3Exception, ValueError) as exc:
+                detail = _detail(exc)
+                if attempt == 1 and self.access.user and "invalid auth token" in detail:
+                    log.debug("etcd %s: the auth token expired; logging in again", what)
+                    c.metadata = None
+                    continue
+                raise StoreError(f"etcd {what} failed: {self.access.explain(detail)}",
+                                 refused=self.access.refused(detail)) from exc
+        raise AssertionError("unreachable")
 
     # --- reads -------------------------------------------------------------------------
 
@@ -154,7 +198,7 @@ class EtcdStore:
             on_batch(WatchBatch(resp.header.revision, events))
 
         return self._call("watch", lambda: client.add_watch_prefix_callback(
-            prefix, callback, start_revision=start_revision))
+            prefix, callback, start_revision=start_revision), client)
 
     def close(self) -> None:
         with self._lock:
@@ -175,7 +219,9 @@ class EtcdStore:
         from controller.leasestream import H2LeaseStream  # it imports StoreError from here
 
         self._check_open()
-        return H2LeaseStream(self._endpoints, on_answer, on_ended)
+        return H2LeaseStream(self._endpoints, on_answer, on_ended,
+                             tls=self.access.ssl_context() if self.access.tls else None,
+                             token=self.stream_token if self.access.user else None)
 
     def grant(self, ttl: int) -> tuple[int, int]:
         lease = self._call("lease grant", lambda: self._client.lease(ttl))
@@ -184,7 +230,7 @@ class EtcdStore:
     def keepalive(self, lease_id: int, client: MultiEndpointEtcd3Client | None = None) -> int:
         """One keepalive; returns the TTL etcd granted anew (<= 0: the lease is gone)."""
         c = client or self._client
-        responses = self._call("lease keepalive", lambda: list(c.refresh_lease(lease_id)))
+        responses = self._call("lease keepalive", lambda: list(c.refresh_lease(lease_id)), c)
         if not responses:
             raise StoreError("etcd lease keepalive got no answer")
         return int(responses[0].TTL)

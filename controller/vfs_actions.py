@@ -51,7 +51,7 @@ from controller.diskrisk import DiskRisk, ReleaseBoundClock, disk_risk
 from controller.failover_trace import FailoverTracer, Flow, TakeoverFlow
 from controller.gate import Backoff, GateSlot, TakeoverGate
 from controller.ownership import Holding, LeaseKeeper
-from controller.placement import preference
+from controller.placement import preference, refusals
 from controller.spec import VfsSpec
 from controller.status import make_status, same
 from controller.store import StoreError
@@ -80,6 +80,8 @@ class AgentContext:
     release_bound: float = 10.0  # T_release, seconds (node/config.py validates it)
     hold_off: Callable[[], float] = lambda: 0.0  # seconds no takeover may start (after an etcd restore)
     takeovers: TakeoverGate | None = None  # how many takeovers run at once (None: no limit)
+    refuses: Callable[[VfsSpec], str | None] = lambda _spec: None  # this node's policy (controller/policy.py)
+    note_refusal: Callable[[str, str | None], None] = lambda _vfs, _why: None  # published in the registration
 
 
 class VfsActions:
@@ -369,8 +371,9 @@ class VfsActions:
         if config.spec is None:
             wanted = make_status("error", None, 0, config.error)
         elif not preference(config, live):
+            refused = "; ".join(f"{n} refuses: {why}" for n, why in sorted(refusals(config, live).items()))
             wanted = make_status("unplaced", None, 0, _join(config.error, "no live candidate among "
-                                 f"{list(config.spec.candidates)}"), vip=config.spec.vip_cidr)
+                                 f"{list(config.spec.candidates)}", refused), vip=config.spec.vip_cidr)
         else:
             return  # a candidate will acquire it and write status then
         current = view.status(self.vfs)

@@ -59,6 +59,7 @@ from controller.takeover import Step, takeover_steps
 from controller.view import ClusterView
 from controller.watcher import ViewKeeper
 from node import config as agent_config
+from node import sdnotify
 from node.fencing import FenceCommand
 from node.guard import GuardClient, read_actions
 from node.host import Host
@@ -77,7 +78,7 @@ class StopRequested(Exception):
 class Agent:
     def __init__(self, cfg: agent_config.AgentConfig) -> None:
         self.cfg = cfg
-        self.store = Coordination(EtcdStore(cfg.etcd), Keyspace(cfg.prefix))
+        self.store = Coordination(EtcdStore(cfg.etcd_access()), Keyspace(cfg.prefix))
         self.host = Host(cfg.interface, cfg.node_state_dir)
         self.keeper = LeaseKeeper(self.store, on_deadline=self._guard_hold, on_deadlines=self._guard_holds,
                                   on_removed=self._guard_release,
@@ -87,6 +88,8 @@ class Agent:
                                      release_bound=cfg.release_bound) if cfg.watchdog else None)
         self._guard_records: list[dict[str, object]] = []
         self.backoff = Backoff(on_change=self._register_soon)
+        self.policy = cfg.node_policy()
+        self._refused: dict[str, str] = {}  # VFS this node's policy refuses, with why (published)
         self.views = ViewKeeper(self.store, lambda view: self._on_view(view, self.views.affected),
                                 on_went_back=self._etcd_went_back)
         self._quiet_until = 0.0  # monotonic; no takeover before (etcd restored from a snapshot)
@@ -110,7 +113,8 @@ class Agent:
                                 min_ttl=WATCHDOG_MIN_TTL if cfg.watchdog else 1,
                                 release_bound=cfg.release_bound,
                                 hold_off=lambda: max(0.0, self._quiet_until - time.monotonic()),
-                                takeovers=TakeoverGate(cfg.takeover_limit()))
+                                takeovers=TakeoverGate(cfg.takeover_limit()),
+                                refuses=self.policy.refuses, note_refusal=self._note_refusal)
 
     def _steps(self) -> list[Step]:
         steps = takeover_steps(self.host)
@@ -125,6 +129,7 @@ class Agent:
             "version": _version(), "interface": self.cfg.interface, "mac": self.host.mac,
             "addresses": sorted(a.with_prefixlen for a in self.host.iface.addresses()),
             "hostname": socket.gethostname(), "started": self._started, "backoff": self.backoff.published(),
+            "refused": dict(self._refused),
             "guard": self._guard_records[-5:], "watchdog": self.cfg.watchdog or None,
             "release_bound": self.cfg.release_bound, "reset": self._reset_means(), "loop_errors": loops.errors(),
             # The TTLs this node holds leases with, for the hold after an etcd restore (restore_hold).
@@ -148,6 +153,18 @@ class Agent:
         self._node_lease = 0
         self._registration_due.set()
 
+    def _note_refusal(self, vfs: str, why: str | None) -> None:
+        """A reconciler's policy verdict on its VFS; a change is published (placement skips this node)."""
+        with self._lock:
+            if self._refused.get(vfs) == why:
+                return
+            if why is None:
+                del self._refused[vfs]
+            else:
+                self._refused[vfs] = why
+                log.error("%s: refused by this node's policy: %s", vfs, why)
+        self._register_soon()
+
     def _register_soon(self) -> None:
         self._registration_due.set()
 
@@ -161,6 +178,9 @@ class Agent:
             except ValueError as exc:
                 log.critical("%s", exc)
                 raise SystemExit(2) from exc
+        if not self.cfg.allowed_devices:
+            log.warning("no allowed_devices in the node policy: a spec may name any device under /dev/ "
+                        "(docs/operations.md, \"Node policy\")")
         view = self._retry("initial load", self.views.load)
         try:
             removed = self.host.remove_leftovers(_managed_vips(view))
@@ -181,6 +201,8 @@ class Agent:
         self._on_view(self.views.view)
         log.info("agent %s started on %s (lease TTL %ds, prefix %s)", self.cfg.name, self.cfg.interface,
                  self.cfg.lease_ttl, self.store.keyspace.prefix)
+        # Type=notify: `systemctl start` returns once the node is registered and its VFS are being placed.
+        sdnotify.notify("READY=1", f"STATUS=registered as {self.cfg.name}, prefix {self.store.keyspace.prefix}")
 
     def request_stop(self) -> None:
         """Ask start-up (and the registration loop) to give up; safe from a signal handler."""
@@ -191,6 +213,11 @@ class Agent:
             try:
                 return fn()
             except StoreError as exc:
+                if exc.refused:
+                    # A wrong password, CA or certificate, or a missing role: nothing is held yet, and
+                    # retrying will not help; exit with the reason (as a bad config file does).
+                    log.critical("%s: etcd refused this agent, fix the etcd settings: %s", what, exc)
+                    raise SystemExit(2) from exc
                 log.warning("%s failed, retrying: %s", what, exc)
                 self._stopping.wait(1.0)
         raise StopRequested(what)
@@ -353,6 +380,7 @@ class Agent:
 
     def stop(self) -> None:
         """Hand everything over: VIPs down, owner keys deleted, leases revoked."""
+        sdnotify.notify("STOPPING=1", "STATUS=handing every VFS over")
         self._stopping.set()
         self.views.stop()
         with self._lock:
@@ -439,11 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda num, _frame: signals.append(num))
     try:
-        cfg = agent_config.load(argv)
+        cfg, options = agent_config.load_with_options(argv)
         level = _log_level(cfg.log_level)
     except (ValueError, OSError) as exc:
         print(f"nfs-ha-agent: {exc}", file=sys.stderr)
         return 2
+    if options.check_config:
+        return _check_config(cfg)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     _set_log_level(level)
     provider = tracing.setup(cfg.name, cfg.span_file)
@@ -490,6 +520,17 @@ def main(argv: list[str] | None = None) -> int:
     _flush(provider)
     log.info("stopped")
     return 0
+
+
+def _check_config(cfg: agent_config.AgentConfig) -> int:
+    """--check-config (as keepalived -t): the values were checked by loading them; now this machine."""
+    problems = agent_config.check_environment(cfg)
+    print(agent_config.describe(cfg))
+    for problem in problems:
+        print(f"nfs-ha-agent: {problem}", file=sys.stderr)
+    if not problems:
+        print("configuration OK", file=sys.stderr)
+    return 2 if problems else 0
 
 
 def _start_failed(exc: BaseException) -> int:

@@ -2,7 +2,14 @@
 
 Every value is checked for type and range (`AgentConfig.validate`): a bad one is a ValueError naming
 the field, never another exception; durations are finite and not negative; nothing with a NUL byte
-reaches a path or an argv.
+reaches a path or an argv. The etcd settings (TLS files, user, password) are checked as
+controller/etcdaccess.py says, files included.
+
+The config file may hold a password and names commands run as root (fence_command, reset_command):
+it is refused, as ssh refuses such files, when others may read it or anyone but its owner may
+write it, or when it belongs to someone but root and this user. The password has no command-line
+option (argv is visible to every user): it comes from the file, NFS_HA_ETCD_PASSWORD or
+etcd_password_file.
 """
 
 from __future__ import annotations
@@ -13,13 +20,14 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from controller.etcdaccess import EtcdAccess, check_private
 from controller.keyspace import DEFAULT_PREFIX, InvalidName, check_name, normalize_prefix
+from controller.policy import NodePolicy
 from controller.spec import MAX_LEASE_TTL, MIN_LEASE_TTL
-from controller.store import parse_endpoints
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,27 @@ class AgentConfig:
     # probe, but an unbounded storm of them starves the keepalives (controller/gate.py TakeoverGate);
     # 16 per CPU already did on the loaded 2-core lab (bench/scale).
     parallel_takeovers: int = 0
+    # etcd TLS and authentication (controller/etcdaccess.py): https:// endpoints with a CA file (the
+    # system's CAs without one), a client certificate and key, and/or an etcd user and password.
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_user: str = ""
+    etcd_password: str = field(default="", repr=False)  # config file or NFS_HA_ETCD_PASSWORD only
+    etcd_password_file: str = ""
+    # Node policy (controller/policy.py): what this node serves whatever a spec asks.
+    allowed_devices: tuple[str, ...] = ()  # fnmatch patterns of storage.device; empty: any under /dev/
+    allowed_client_networks: tuple[str, ...] = ()  # export clients must lie inside these; empty: any
+    nfs_backends: tuple[str, ...] = ("ganesha",)  # add "kernel" to allow the kernel nfsd backend
+
+    def node_policy(self) -> NodePolicy:
+        return NodePolicy.from_settings(self.allowed_devices, self.allowed_client_networks, self.nfs_backends)
+
+    def etcd_access(self) -> EtcdAccess:
+        """How to reach etcd; ValueError naming the setting if it cannot be used."""
+        return EtcdAccess.from_settings(self.etcd, ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key,
+                                        user=self.etcd_user, password=self.etcd_password,
+                                        password_file=self.etcd_password_file)
 
     def takeover_limit(self) -> int:
         # The CPUs this process may run on (a container's cgroup cpuset), not the host's.
@@ -57,7 +86,8 @@ class AgentConfig:
             check_name(self.name, "node name")
         except InvalidName as exc:
             raise ValueError(str(exc)) from None
-        parse_endpoints(self.etcd)
+        self.etcd_access()
+        self.node_policy()
         if not INTERFACE_RE.fullmatch(self.interface) or self.interface in (".", ".."):
             raise ValueError(f"invalid interface name {self.interface!r}: at most 15 of A-Z a-z 0-9 _ . @ -, "
                              "starting with a letter, digit or _")
@@ -169,6 +199,9 @@ def _coerce(name: str, value: Any) -> Any:
             items = json.loads(value) if isinstance(value, str) else value
         except RecursionError:
             raise ValueError(f"{name} is nested too deeply") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name} must be a JSON list of strings, e.g. '[\"/usr/sbin/x\", \"{{node}}\"]': "
+                             f"{exc.msg} at character {exc.pos}") from None
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ValueError(f"{name} must be a list of strings (JSON on the command line or in NFS_HA_*)")
         return tuple(items)
@@ -176,10 +209,24 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def load(argv: list[str] | None = None) -> AgentConfig:
+    return load_with_options(argv)[0]
+
+
+def load_with_options(argv: list[str] | None = None) -> tuple[AgentConfig, argparse.Namespace]:
+    """The configuration, and the options that are no setting (--check-config)."""
     parser = argparse.ArgumentParser(prog="nfs-ha-agent", description="nfs-ha node agent")
     parser.add_argument("--config", help="TOML file with the same keys as the long options (underscores)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the configuration (and the files and commands it names), print it, and exit: "
+                        "0 if usable, 2 with the reason otherwise")
     parser.add_argument("--name", help="this node's name")
-    parser.add_argument("--etcd", help="comma-separated etcd endpoints, http://HOST:PORT")
+    parser.add_argument("--etcd", help="comma-separated etcd endpoints, http://HOST:PORT or https://HOST:PORT")
+    parser.add_argument("--etcd-ca", help="PEM file of the CA(s) that signed etcd's certificate (https endpoints)")
+    parser.add_argument("--etcd-cert", help="PEM client certificate for etcd (etcd --client-cert-auth)")
+    parser.add_argument("--etcd-key", help="PEM key of --etcd-cert (must not be readable by group or others)")
+    parser.add_argument("--etcd-user", help="etcd user name (etcd auth); the password: etcd_password_file, "
+                        "NFS_HA_ETCD_PASSWORD or etcd_password in the config file")
+    parser.add_argument("--etcd-password-file", help="file holding the etcd password (mode 0600)")
     parser.add_argument("--interface", help="interface that carries the VIPs")
     parser.add_argument("--lease-ttl", type=int, help="default per-VFS lease TTL in seconds (default 5)")
     parser.add_argument("--prefix", help=f"etcd key prefix (default {DEFAULT_PREFIX})")
@@ -199,6 +246,12 @@ def load(argv: list[str] | None = None) -> AgentConfig:
                         'in time, e.g. \'["/usr/local/sbin/nfs-ha-sysrq-reboot"]\'')
     parser.add_argument("--parallel-takeovers", type=int,
                         help="takeovers run at once (default 0: 8 per CPU)")
+    parser.add_argument("--allowed-devices", help='JSON list of device patterns specs may name, e.g. '
+                        '\'["/dev/disk/by-id/*"]\' (default: any under /dev/)')
+    parser.add_argument("--allowed-client-networks", help='JSON list of networks export clients must lie in, '
+                        'e.g. \'["10.0.0.0/16"]\' (default: any)')
+    parser.add_argument("--nfs-backends", help='JSON list of NFS backends this node runs (default \'["ganesha"]\'; '
+                        'add "kernel" for the kernel nfsd)')
     parser.add_argument("--watchdog", help="hardware watchdog device (e.g. /dev/watchdog), armed while this "
                         "node holds a VFS; see docs/safety.md")
     args = parser.parse_args(argv)
@@ -206,8 +259,13 @@ def load(argv: list[str] | None = None) -> AgentConfig:
     values: dict[str, Any] = {}
     config_file = args.config or os.environ.get("NFS_HA_CONFIG")
     if config_file:
+        check_private("config file", config_file, forbidden=0o026,
+                      why="it may hold a password and names commands run as root")
         with open(config_file, "rb") as fh:
-            data = tomllib.load(fh)
+            try:
+                data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"config file {config_file}: not valid TOML: {exc}") from None
         values.update({k.replace("-", "_"): v for k, v in data.items()})
     for f in fields(AgentConfig):
         env = os.environ.get(f"NFS_HA_{f.name.upper()}")
@@ -222,4 +280,27 @@ def load(argv: list[str] | None = None) -> AgentConfig:
     missing = [k for k in ("name", "etcd", "interface") if k not in values]
     if missing:
         raise ValueError(f"missing required settings: {missing} (options, NFS_HA_* or config file)")
-    return AgentConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+    return AgentConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate(), args
+
+
+def check_environment(cfg: AgentConfig) -> list[str]:
+    """What --check-config finds wrong on this machine beyond the values: commands that cannot run,
+    a watchdog device that is missing."""
+    problems = []
+    for name, argv in (("fence_command", cfg.fence_command), ("reset_command", cfg.reset_command)):
+        if argv and not (os.path.isfile(argv[0]) and os.access(argv[0], os.X_OK)):
+            problems.append(f"{name}: {argv[0]} is not an executable file")
+    if cfg.watchdog and not os.path.exists(cfg.watchdog):
+        problems.append(f"watchdog: {cfg.watchdog} does not exist")
+    return problems
+
+
+def describe(cfg: AgentConfig) -> str:
+    """The effective configuration, for --check-config (the password shown only as set or not)."""
+    lines = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "etcd_password":
+            value = "(set)" if value else ""
+        lines.append(f"{f.name} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
+    return "\n".join(lines)

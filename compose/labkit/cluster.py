@@ -208,6 +208,13 @@ class LabCluster:
         self.reset_command: bool | None = None
         self.release_bound: float | None = None  # --release-bound for every agent (None: its default)
         self.agent_ttl: dict[str, int] = {}  # the TTL each node's agent was last started with
+        # Another etcd than the lab's plain one (e.g. TLS with auth, tests/lab/test_etcd_security.py):
+        # options the agent of a node gets (a --config file, --etcd), the CLI's etcd options, and
+        # etcdctl's flags and endpoints for put/get/delete.
+        self.agent_args: Callable[[str], list[str]] | None = None
+        self.cli_etcd: list[str] = []
+        self.etcdctl_flags: list[str] = []
+        self.etcdctl_endpoints: list[str] | None = None
 
     # --- agents ---------------------------------------------------------------------------
 
@@ -230,6 +237,8 @@ class LabCluster:
             argv += ["--reset-command", json.dumps(self.reset_argv(node))]
         if self.release_bound is not None and "--release-bound" not in extra:
             argv += ["--release-bound", str(self.release_bound)]
+        if self.agent_args is not None:
+            argv += self.agent_args(node)
         argv += list(extra)
         if self.span_dir is not None:
             argv += ["--span-file", str(self.span_dir / f"spans-{node}.jsonl")]
@@ -305,7 +314,7 @@ class LabCluster:
         return f"{self.prefix}/vfs/{vfs}/{field}"
 
     def put(self, key: str, value: str) -> None:
-        self.lab.etcdctl("put", key, value)
+        self.lab.etcdctl(*self.etcdctl_flags, "put", key, value, endpoints=self.etcdctl_endpoints)
 
     def put_spec(self, vfs: str, vip: str, candidates: tuple[str, ...] | list[str] = NODE_NAMES,
                  **extra: Any) -> None:
@@ -315,14 +324,16 @@ class LabCluster:
         self.put(self.key(vfs, "intent"), node)
 
     def delete(self, key: str) -> None:
-        self.lab.etcdctl("del", key)
+        self.lab.etcdctl(*self.etcdctl_flags, "del", key, endpoints=self.etcdctl_endpoints)
 
     def get_json(self, key: str) -> dict[str, Any] | None:
-        out = self.lab.etcdctl("get", key, "--print-value-only").stdout.strip()
+        out = self.lab.etcdctl(*self.etcdctl_flags, "get", key, "--print-value-only",
+                               endpoints=self.etcdctl_endpoints).stdout.strip()
         return json.loads(out) if out else None
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [str(self.bindir / "nfs-ha"), "--etcd", self.lab.etcd_endpoints_arg, "--prefix", self.prefix, *args]
+        argv = [str(self.bindir / "nfs-ha"), "--etcd", self.lab.etcd_endpoints_arg, *self.cli_etcd,
+                "--prefix", self.prefix, *args]
         return subprocess.run(self.lab.client_cmd(argv), capture_output=True, text=True, timeout=30)
 
     def status(self) -> dict[str, Any]:

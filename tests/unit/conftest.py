@@ -16,10 +16,12 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from controller.etcdaccess import EtcdAccess
 from controller.store import EtcdStore, StoreError
 
 ETCD = shutil.which("etcd")
@@ -37,9 +39,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ready(url: str, proc: subprocess.Popen[bytes], deadline: float) -> bool:
+def _ready(url: str, proc: subprocess.Popen[bytes], deadline: float, access: EtcdAccess | None = None) -> bool:
     """Wait until etcd answers a read; False if it exited first (a port clash: try other ports)."""
-    store = EtcdStore(url, timeout=1.0)
+    store = EtcdStore(access or url, timeout=1.0)
     try:
         while proc.poll() is None:
             try:
@@ -54,15 +56,31 @@ def _ready(url: str, proc: subprocess.Popen[bytes], deadline: float) -> bool:
         store.close()
 
 
+@dataclass(frozen=True)
+class TlsServer:
+    """What a TLS etcd member needs: its certificate and key, and the CA its clients' certificates
+    must be signed by (--client-cert-auth); `root`: a client certificate with CN root, for set-up."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    root: EtcdAccess | None = None
+
+    def args(self) -> list[str]:
+        return ["--cert-file", str(self.cert), "--key-file", str(self.key), "--trusted-ca-file", str(self.ca),
+                "--client-cert-auth"]
+
+
 @contextlib.contextmanager
-def etcd_server() -> Iterator[str]:
-    """Run one etcd member; yields its client URL."""
+def etcd_server(tls: TlsServer | None = None, extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """Run one etcd member; yields its client URL (https:// with `tls`)."""
     assert ETCD is not None
     with tempfile.TemporaryDirectory(prefix="nfs-ha-etcd-") as tmp:
         log = Path(tmp) / "etcd.log"
         for attempt in range(1, START_ATTEMPTS + 1):
             client, peer = _free_port(), _free_port()
-            url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+            url = f"{'https' if tls else 'http'}://127.0.0.1:{client}"
+            peer_url = f"http://127.0.0.1:{peer}"
             data = Path(tmp) / f"data{attempt}"
             with log.open("ab") as out:
                 proc = subprocess.Popen(
@@ -70,10 +88,12 @@ def etcd_server() -> Iterator[str]:
                      "--listen-client-urls", url, "--advertise-client-urls", url,
                      "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
                      "--initial-cluster", f"t={peer_url}",
-                     "--heartbeat-interval", "50", "--election-timeout", "500"],
+                     "--heartbeat-interval", "50", "--election-timeout", "500",
+                     *(tls.args() if tls else ()), *extra],
                     stdout=out, stderr=out)
             try:
-                if _ready(url, proc, time.monotonic() + START_SECONDS):
+                access = replace(tls.root, endpoints=((("127.0.0.1", client),))) if tls and tls.root else None
+                if _ready(url, proc, time.monotonic() + START_SECONDS, access):
                     yield url
                     return
             finally:

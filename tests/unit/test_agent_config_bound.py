@@ -25,3 +25,34 @@ def test_reset_command_must_be_an_absolute_argv() -> None:
         config.load([*BASE, "--reset-command", '["reboot"]'])
     with pytest.raises(ValueError, match="list of strings"):
         config.load([*BASE, "--reset-command", '"/sbin/reboot -f"'])
+
+
+def check_config(*args: str) -> tuple[int, str, str]:
+    """`nfs-ha-agent --check-config ARGS` in a process of its own: exit code, stdout, stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "node.agent", "--check-config", *args], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+                          env={"PATH": "/usr/bin:/bin"})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_check_config_prints_the_settings_and_says_ok() -> None:
+    code, out, err = check_config(*BASE, "--fence-command", '["/bin/true", "{node}"]')
+    assert code == 0, err
+    assert 'fence_command = ["/bin/true", "{node}"]' in out and "configuration OK" in err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--log-level", "LOUD"], "log_level must be one of ['DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL']"),
+    (["--fence-command", "[/bin/true"], "fence_command must be a JSON list of strings"),
+    (["--fence-command", '["/nonexistent/fence"]'], "fence_command: /nonexistent/fence is not an executable file"),
+    (["--lease-ttl", "x"], "argument --lease-ttl: invalid int value: 'x'"),
+    (["--etcd", "https://root:pw@e:2379"], "no credentials in the URL"),
+])
+def test_check_config_names_the_bad_setting_without_a_traceback(args: list[str], message: str) -> None:
+    code, out, err = check_config(*BASE, *args)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert "pw@" not in err + out

@@ -1,0 +1,36 @@
+"""systemd's readiness protocol (sd_notify): one datagram to $NOTIFY_SOCKET per state change.
+
+Written out rather than a dependency: the protocol is one sendto() (systemd's sd_notify(3)
+documents it as stable), the maintained binding (python-systemd) needs libsystemd headers to build,
+and the pure-Python `sdnotify` package has had no release since 2017. Without $NOTIFY_SOCKET (not
+started by systemd with Type=notify) every call does nothing. A failure is logged, never raised:
+readiness reporting must not stop an agent that works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+def notify(*fields: str) -> bool:
+    """Send "KEY=value" fields (e.g. "READY=1", "STATUS=..."); True if a datagram went out."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    elif not address.startswith("/"):
+        log.warning("NOTIFY_SOCKET %r is neither a path nor an abstract socket; not notifying", address)
+        return False
+    message = "\n".join(f.replace("\n", " ") for f in fields).encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message, address)
+    except OSError as exc:
+        log.warning("sd_notify %s failed: %s", fields, exc)
+        return False
+    return True
