@@ -15,9 +15,11 @@ Rules kept here (the agent's and the CLI's settings both end up in an EtcdAccess
   invalid (it expires after --auth-token-ttl of disuse, 300 s by default, and with every etcd
   restart): controller/store.py. With TLS client certificates and no user, etcd takes the
   certificate's CN as the user name (etcd --client-cert-auth).
-Not guaranteed: files are read at each (re)connection, not watched: a rotated certificate is used
-from the next connection on, and a certificate that expires while connected is noticed when etcd
-closes the connection.
+- Rotation: the lease stream reads the files at each new connection; the main gRPC client is rebuilt
+  from them when a call fails after they changed (their inode, mtime or size); a watch at its next
+  re-creation. So replace the files before the old certificate expires.
+Not guaranteed: the files are not watched; a certificate that expires while connected is noticed
+when etcd closes the connection, and one that etcd stops trusting only when a call fails.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ class EtcdAccess:
                 raise ValueError(f"etcd_password_file {password_file}: empty")
         if bool(user) != bool(password):
             raise ValueError("etcd_user needs a password (etcd_password_file) and a password needs etcd_user")
+        if user and not tls:
+            # gRPC sends no credentials over a plain channel, and the password would cross the network in clear.
+            raise ValueError("etcd_user needs https:// endpoints (the password and token go over TLS only)")
         if any(c in user for c in "\0\n\r") or any(c in password for c in "\0\n\r"):
             raise ValueError("etcd_user and the password must be one line without NUL")
         access = cls(tuple(eps), tls, ca, cert, key, user, password)
@@ -135,11 +140,25 @@ class EtcdAccess:
         ctx.set_alpn_protocols(["h2"])
         return ctx
 
+    def files_stamp(self) -> tuple[tuple[str, int, int, int] | None, ...]:
+        """What identifies the TLS files' contents now (a changed stamp: they were rotated)."""
+        stamps: list[tuple[str, int, int, int] | None] = []
+        for path in (self.ca, self.cert, self.key):
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            stamps.append((path, st.st_ino, st.st_mtime_ns, st.st_size) if st else None)
+        return tuple(stamps)
+
     def grpc_credentials(self) -> grpc.ChannelCredentials | None:
         if not self.tls:
             return None
+        # Without etcd_ca, the system's CAs, as the lease stream's ssl context uses (gRPC's own
+        # default is a bundle of its own, which may differ).
+        ca = self.ca or _system_ca_file()
         return grpc.ssl_channel_credentials(
-            _read("etcd_ca", self.ca) if self.ca else None,
+            _read("etcd_ca", ca) if ca else None,
             _read_secret("etcd_key", self.key) if self.key else None,
             _read("etcd_cert", self.cert) if self.cert else None)
 
@@ -166,6 +185,14 @@ class EtcdAccess:
         if "user name is empty" in text:
             return f"{detail} (etcd has auth enabled: set etcd_user and a password, or a client certificate)"
         return detail
+
+
+def _system_ca_file() -> str:
+    paths = ssl.get_default_verify_paths()
+    for path in (paths.cafile, paths.openssl_cafile):
+        if path and os.path.isfile(path):
+            return path
+    return ""
 
 
 def _read(setting: str, path: str) -> bytes:

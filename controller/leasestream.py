@@ -24,7 +24,8 @@ Contract (coordination.Coordination.lease_stream, as etcd's clientv3 keeps lease
   lock, so the reader thread and the keeper's writes never use OpenSSL's connection at once; the
   handshake, like the TCP connect, is bounded by CONNECT_TIMEOUT and must agree on HTTP/2 (ALPN).
 - etcd authentication: the call carries the store's current token, if it has one; a call etcd ends
-  as UNAUTHENTICATED (the token expired) marks the token stale (store.EtcdStore.stream_token).
+  as UNAUTHENTICATED (the token expired) has the store drop that token (store.EtcdStore.stream_token),
+  so the next call of another thread logs in again; this thread never logs in.
 Not guaranteed: that a request is answered at all, or in time; the keeper (ownership.LeaseKeeper)
 resets a stream that answers nothing for a keepalive interval.
 """
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 PATH = b"/etcdserverpb.Lease/LeaseKeepAlive"
 # Connecting is synchronous on the keeper's thread, so a black-holed endpoint may hold every lease's
 # keepalive up this long (then the next endpoint is tried): well under a keepalive interval (TTL/4).
+# With TLS the handshake has as long again: a frozen etcd accepts TCP (the kernel does) and stalls the
+# handshake instead, so one failing endpoint costs at most 2 x CONNECT_TIMEOUT.
 CONNECT_TIMEOUT = 0.3
 SEND_TIMEOUT = 0.3  # a peer that stopped reading: the write fails, the generation ends
 PREFIX = struct.Struct(">BI")  # gRPC message prefix: compressed flag, length
@@ -184,12 +187,13 @@ class _Ended(Exception):
 
 class H2LeaseStream:
     def __init__(self, endpoints: Sequence[tuple[str, int]], on_answer: Callable[[int, int, int], None],
-                 on_ended: Callable[[int], None], tls: ssl.SSLContext | None = None,
-                 token: Callable[[bool], str | None] | None = None) -> None:
+                 on_ended: Callable[[int], None], tls: Callable[[], ssl.SSLContext] | None = None,
+                 token: Callable[[str | None], str | None] | None = None) -> None:
         self._endpoints = list(endpoints)
-        self._tls = tls
-        self._token = token  # the auth token: token(stale) (store.EtcdStore.stream_token)
-        self._stale_token = False  # etcd refused the last one: fetch a new one on the next connection
+        self._tls = tls  # makes the TLS context at each connection: rotated certificate files are read anew
+        self._token = token  # the auth token: token(refused) (store.EtcdStore.stream_token)
+        self._sent_token: str | None = None
+        self._refused_token: str | None = None  # etcd ended a call for this token: the store drops it
         self._addresses: dict[tuple[str, int], list[tuple[int, tuple[Any, ...]]]] = {}  # see _resolved
         self._at = first_endpoint(len(self._endpoints))
         self._on_answer = on_answer
@@ -223,10 +227,14 @@ class H2LeaseStream:
     def _open(self) -> None:
         """Connect to the current endpoint (the next one after a failure). Under self._lock."""
         host, port = self._endpoints[self._at]
-        token = self._token(self._stale_token) if self._token is not None else None
-        self._stale_token = False
+        token = self._token(self._refused_token) if self._token is not None else None
+        self._refused_token = None
         try:
-            conn = _Connection(host, port, self._resolved(host, port), self._tls, token)
+            tls = self._tls() if self._tls is not None else None
+        except ValueError as exc:  # the files, mid-rotation: like a failed connection, nothing was sent
+            raise StoreError(f"etcd lease keepalive stream: {exc}") from exc
+        try:
+            conn = _Connection(host, port, self._resolved(host, port), tls, token)
         except (OSError, h2.exceptions.H2Error) as exc:  # ssl.SSLError is an OSError
             self._addresses.pop((host, port), None)  # a name may have moved: looked up again next time
             self._at = (self._at + 1) % len(self._endpoints)
@@ -235,6 +243,7 @@ class H2LeaseStream:
                                   daemon=True)
         self.generation += 1
         self._conn = conn
+        self._sent_token = token
         try:
             reader.start()
         except RuntimeError as exc:  # "can't start new thread": nobody would ever read it
@@ -269,7 +278,8 @@ class H2LeaseStream:
         except _Ended as exc:
             if generation == self.generation:
                 log.debug("lease keepalive stream ended: %s", exc)
-                self._stale_token = self._stale_token or exc.unauthenticated
+                if exc.unauthenticated:
+                    self._refused_token = self._sent_token
         except (OSError, h2.exceptions.H2Error) as exc:  # ssl.SSLError is an OSError
             if generation == self.generation:
                 log.debug("lease keepalive stream failed: %s: %s", type(exc).__name__, exc)

@@ -128,7 +128,7 @@ class VfsReconciler:
             return None
         # Decide.
         held_vip = act.held_spec.vip_cidr if (h and act.held_spec) else None
-        refused = self.ctx.refuses(config.spec) if config.spec is not None else None
+        refused = self._refused(config)
         self.ctx.note_refusal(self.vfs, refused)
         decision = decide(self.ctx.me, config, owner, view.live_nodes(), held_vip, refused)
         if decision != self._last_decision:
@@ -153,6 +153,11 @@ class VfsReconciler:
         if owner is None:
             act.write_unowned_status(config, view)
         return None
+
+    def _refused(self, config: VfsConfig) -> str | None:
+        """Why this node's policy refuses the spec; only asked of a candidate (what it publishes stays small)."""
+        spec = config.spec
+        return self.ctx.refuses(spec) if spec is not None and self.ctx.me in spec.candidates else None
 
     def _lost(self, h: Holding, view: ClusterView) -> bool:
         owner = view.owner(self.vfs)
@@ -195,6 +200,5 @@ class VfsReconciler:
             return None
         view = self.ctx.view()
         config = view.config(self.vfs)
-        refused = self.ctx.refuses(config.spec) if config.spec is not None else None
-        decision = decide(self.ctx.me, config, view.owner(self.vfs), view.live_nodes(), None, refused)
+        decision = decide(self.ctx.me, config, view.owner(self.vfs), view.live_nodes(), None, self._refused(config))
         return config.spec if decision.action is Action.ACQUIRE else None

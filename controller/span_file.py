@@ -121,11 +121,35 @@ def append_line(path: Path, line: str) -> None:
         os.close(fd)
 
 
-class SpanFileExporter(SpanExporter):
-    """Appends each batch of spans to `path` as one OTLP/JSON line. Never raises into the SDK."""
+DEFAULT_SPAN_FILE = "/var/log/nfs-ha/spans.jsonl"  # the agent's default and `nfs-ha timeline`'s
+ROTATE_BYTES = 32 * 1024 * 1024
+ROTATE_KEEP = 3  # spans.jsonl.1 (newest) .. .3 (oldest)
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+def rotated(path: Path, keep: int = ROTATE_KEEP) -> list[Path]:
+    """`path` and its rotated files that exist, oldest first (the order to read them in)."""
+    files = [path.with_name(f"{path.name}.{i}") for i in range(keep, 0, -1)] + [path]
+    return [f for f in files if f.exists()]
+
+
+def rotate(path: Path, keep: int = ROTATE_KEEP) -> None:
+    """spans.jsonl -> .1 -> .2 ... -> .keep (the oldest is dropped). Renames only: a reader keeps its file."""
+    for i in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
+
+
+class SpanFileExporter(SpanExporter):
+    """Appends each batch of spans to `path` as one OTLP/JSON line. Never raises into the SDK.
+
+    The file is rotated once it reaches `rotate_bytes` (ROTATE_KEEP files kept), so a span file on by
+    default never fills the disk; `nfs-ha timeline` reads the rotated files too."""
+
+    def __init__(self, path: str | os.PathLike[str], rotate_bytes: int = ROTATE_BYTES) -> None:
         self.path = Path(path)
+        self.rotate_bytes = rotate_bytes
         self._lock = threading.Lock()
         self._shutdown = False
         self._failing = False  # warn once per outage, not once per batch
@@ -142,6 +166,8 @@ class SpanFileExporter(SpanExporter):
             return SpanExportResult.FAILURE
         with self._lock:
             try:
+                if self.path.exists() and self.path.stat().st_size >= self.rotate_bytes:
+                    rotate(self.path)
                 append_line(self.path, line)
             except OSError as exc:
                 if not self._failing:

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENDPOINT_RETRY_SECONDS = 1.0
+# etcd's answers to a request whose token it no longer takes: expired or lost with a restart (simple
+# tokens), issued before a user or role change (JWT), or none sent.
+TOKEN_REFUSED = ("invalid auth token", "revision of auth store is old", "user name is empty")
 GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 5000),
@@ -94,9 +97,12 @@ class EtcdStore:
         # Set by close(): grpc 1.85 segfaults when pyetcd makes its first stub of a kind on a closed
         # channel, so every later call must fail here, as a StoreError, before reaching it.
         self._closed = False
-        self._client = self.new_client(timeout)
-        self._watch_client: MultiEndpointEtcd3Client | None = None
         self._lock = threading.Lock()
+        self._login_lock = threading.Lock()  # one login at a time: etcd pays a bcrypt for each
+        self._files = self.access.files_stamp()
+        self._client = self.new_client(timeout)
+        self._retired: list[MultiEndpointEtcd3Client] = []  # replaced after a certificate rotation
+        self._watch_client: MultiEndpointEtcd3Client | None = None
 
     def new_client(self, timeout: float) -> MultiEndpointEtcd3Client:
         self._check_open()
@@ -106,31 +112,58 @@ class EtcdStore:
         # No user here: pyetcd would log in at once, and a store is made before etcd need be up.
         return MultiEndpointEtcd3Client(endpoints=eps, timeout=timeout, failover=True)
 
-    def _login(self, client: MultiEndpointEtcd3Client) -> None:
-        """Fetch a token for `client`; every later call of it carries the token."""
-        request = etcdrpc.AuthenticateRequest(name=self.access.user, password=self.access.password)
-        try:
-            resp = client.authstub.Authenticate(request, self.timeout)
-        except grpc.RpcError as exc:
-            client._manage_grpc_errors(exc)  # an unreachable endpoint is skipped next time, as for any call
-            raise
-        client.metadata = (("token", resp.token),)
-        client.call_credentials = grpc.metadata_call_credentials(EtcdTokenCallCredentials(resp.token))
+    def _login(self, client: MultiEndpointEtcd3Client, refused: Any) -> None:
+        """Fetch a token for `client` unless another thread already replaced the `refused` metadata."""
+        with self._login_lock:
+            if client.metadata is not refused:
+                return
+            request = etcdrpc.AuthenticateRequest(name=self.access.user, password=self.access.password)
+            try:
+                resp = client.authstub.Authenticate(request, self.timeout)
+            except grpc.RpcError as exc:
+                client._manage_grpc_errors(exc)  # an unreachable endpoint is skipped next time, as for any call
+                raise
+            client.call_credentials = grpc.metadata_call_credentials(EtcdTokenCallCredentials(resp.token))
+            client.metadata = (("token", resp.token),)
 
-    def stream_token(self, stale: bool = False) -> str | None:
+    def stream_token(self, refused: str | None = None) -> str | None:
         """The auth token the lease stream sends (None without a user or before the first login).
 
         Never logs in itself: it runs on the keeper's thread, where a login (up to the store timeout)
-        would hold up every lease's keepalive. `stale`: etcd refused the token, so the next call of
-        any other thread logs in again (etcd 3.4 does not check LeaseKeepAlive's token; later ones may).
+        would hold up every lease's keepalive. `refused`: a token etcd refused on the stream; if it is
+        still the current one, the next call of any other thread logs in again (etcd 3.4 and 3.5 do not
+        check LeaseKeepAlive's token; later ones may).
         """
         if not self.access.user:
             return None
-        metadata = self._client.metadata
-        if stale:
-            self._client.metadata = None
+        client = self._client
+        metadata = client.metadata
+        token = metadata[0][1] if metadata else None
+        if refused is not None and token == refused:
+            with self._login_lock:
+                if client.metadata is metadata:
+                    client.metadata = None
             return None
-        return metadata[0][1] if metadata else None
+        return token
+
+    def _certificates_rotated(self) -> None:
+        """After a failure: if the TLS files changed, later calls use a client built from the new ones.
+        The old client is not closed (calls may still run on it; grpc crashes on a closed channel)."""
+        stamp = self.access.files_stamp()
+        if stamp == self._files:
+            return
+        with self._lock:
+            if self._closed or stamp == self._files:
+                return
+            try:
+                client = self.new_client(self.timeout)
+            except (ValueError, OSError) as exc:  # files mid-rotation: the next failure looks again
+                log.warning("etcd TLS files changed but cannot be loaded yet: %s", exc)
+                return
+            self._files = stamp
+            self._retired.append(self._client)
+            self._client = client
+        log.warning("etcd TLS files changed: new connections use them")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -139,17 +172,22 @@ class EtcdStore:
     def _call(self, what: str, fn: Callable[[], Any], client: MultiEndpointEtcd3Client | None = None) -> Any:
         self._check_open()
         c = client or self._client
+        stale: Any = None  # the token etcd refused on the first attempt
         for attempt in (1, 2):
+            used = c.metadata
             try:
-                if self.access.user and c.metadata is None:
-                    self._login(c)
+                if self.access.user and (used is None or used is stale):
+                    self._login(c, used)
                 return fn()
             except (grpc.RpcError, pyetcd.exceptions.Etcd3Exception, ValueError) as exc:
                 detail = _detail(exc)
-                if attempt == 1 and self.access.user and "invalid auth token" in detail:
-                    log.debug("etcd %s: the auth token expired; logging in again", what)
-                    c.metadata = None
+                if attempt == 1 and self.access.user and used is not None and any(s in detail for s in TOKEN_REFUSED):
+                    # Refused for its token alone: etcd applied nothing, so the call is retried once.
+                    log.debug("etcd %s: the auth token is no longer valid (%s); logging in again", what, detail)
+                    stale = used
                     continue
+                if self.access.tls:
+                    self._certificates_rotated()
                 raise StoreError(f"etcd {what} failed: {self.access.explain(detail)}",
                                  refused=self.access.refused(detail)) from exc
         raise AssertionError("unreachable")
@@ -208,7 +246,8 @@ class EtcdStore:
             old, self._watch_client = self._watch_client, None
         if old is not None:
             old.close()
-        self._client.close()
+        for client in [*self._retired, self._client]:
+            client.close()
 
     # --- leases --------------------------------------------------------------------------
 
@@ -220,7 +259,7 @@ class EtcdStore:
 
         self._check_open()
         return H2LeaseStream(self._endpoints, on_answer, on_ended,
-                             tls=self.access.ssl_context() if self.access.tls else None,
+                             tls=self.access.ssl_context if self.access.tls else None,  # read at each connection
                              token=self.stream_token if self.access.user else None)
 
     def grant(self, ttl: int) -> tuple[int, int]:

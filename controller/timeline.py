@@ -22,11 +22,11 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from controller.span_file import SpanRecord, SpanSourceError, read_spans, spans_from_jaeger
+from controller.span_file import DEFAULT_SPAN_FILE, SpanRecord, SpanSourceError, read_spans, rotated, spans_from_jaeger
 
-DEFAULT_SPAN_FILE = "/var/log/nfs-ha/spans.jsonl"
 DEFAULT_SERVICE = "nfs-ha-agent"
 ROOT_PREFIX = "vfs."
 ERROR_BAR = "#"
@@ -243,7 +243,9 @@ def _load(args: argparse.Namespace) -> tuple[list[SpanRecord], str]:
         spans = spans_from_jaeger(args.jaeger, args.service, limit, tags={"nfs_ha.vfs": args.vfs})
         return spans, f"Jaeger at {args.jaeger} (service {args.service})"
     paths = args.file or [os.environ.get("NFS_HA_SPAN_FILE") or DEFAULT_SPAN_FILE]
-    return read_spans(paths), ", ".join(paths)
+    # Each file with what rotation left of it, oldest first; a missing file is still named (its error).
+    files = [str(f) for p in paths for f in (rotated(Path(p)) or [Path(p)])]
+    return read_spans(files), ", ".join(files)
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:

@@ -94,7 +94,7 @@ def setup(node: str, span_file: str = "") -> TracerProvider:
     otlp = _otlp_exporter()
     if otlp is not None:
         exporters.append(otlp)
-    if span_file:
+    if span_file and span_file != "off":
         from controller.span_file import SpanFileExporter
         exporters.append(SpanFileExporter(span_file))
     for exporter in exporters:

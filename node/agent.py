@@ -36,6 +36,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -59,7 +60,7 @@ from controller.takeover import Step, takeover_steps
 from controller.view import ClusterView
 from controller.watcher import ViewKeeper
 from node import config as agent_config
-from node import sdnotify
+from node import logsetup, sdnotify
 from node.fencing import FenceCommand
 from node.guard import GuardClient, read_actions
 from node.host import Host
@@ -71,6 +72,10 @@ log = logging.getLogger("nfs-ha-agent")
 T = TypeVar("T")
 
 
+MAX_REFUSALS_PUBLISHED = 100
+MAX_REFUSAL_TEXT = 200
+
+
 class StopRequested(Exception):
     """A stop (SIGTERM, SIGINT) came while start-up was still waiting for etcd."""
 
@@ -78,7 +83,9 @@ class StopRequested(Exception):
 class Agent:
     def __init__(self, cfg: agent_config.AgentConfig) -> None:
         self.cfg = cfg
-        self.store = Coordination(EtcdStore(cfg.etcd_access()), Keyspace(cfg.prefix))
+        access = cfg.etcd_access()
+        self.store = Coordination(EtcdStore(access), Keyspace(cfg.prefix))
+        self._etcd_endpoints = len(access.endpoints)
         self.host = Host(cfg.interface, cfg.node_state_dir)
         self.keeper = LeaseKeeper(self.store, on_deadline=self._guard_hold, on_deadlines=self._guard_holds,
                                   on_removed=self._guard_release,
@@ -129,7 +136,7 @@ class Agent:
             "version": _version(), "interface": self.cfg.interface, "mac": self.host.mac,
             "addresses": sorted(a.with_prefixlen for a in self.host.iface.addresses()),
             "hostname": socket.gethostname(), "started": self._started, "backoff": self.backoff.published(),
-            "refused": dict(self._refused),
+            "refused": self._published_refusals(),
             "guard": self._guard_records[-5:], "watchdog": self.cfg.watchdog or None,
             "release_bound": self.cfg.release_bound, "reset": self._reset_means(), "loop_errors": loops.errors(),
             # The TTLs this node holds leases with, for the hold after an etcd restore (restore_hold).
@@ -161,9 +168,25 @@ class Agent:
             if why is None:
                 del self._refused[vfs]
             else:
-                self._refused[vfs] = why
+                self._refused[vfs] = why[:MAX_REFUSAL_TEXT]
                 log.error("%s: refused by this node's policy: %s", vfs, why)
         self._register_soon()
+
+    def _published_refusals(self) -> dict[str, str]:
+        """At most MAX_REFUSALS_PUBLISHED: a registration must stay far below etcd's value limit
+        (controller/view.py reads a bigger one as empty); the rest show in this node's log only."""
+        with self._lock:
+            return dict(sorted(self._refused.items())[:MAX_REFUSALS_PUBLISHED])
+
+    def _initial_refusals(self, view: ClusterView) -> None:
+        """Before the first registration: a restarted node must not look willing for a moment (a holder
+        would move a VFS to it by intent, and it would refuse and send it on)."""
+        for name in view.vfs_names():
+            spec = view.config(name).spec
+            if spec is not None and self.cfg.name in spec.candidates:
+                why = self.policy.refuses(spec)
+                if why is not None:
+                    self._note_refusal(name, why)
 
     def _register_soon(self) -> None:
         self._registration_due.set()
@@ -195,6 +218,7 @@ class Agent:
         self.keeper.start()
         if self.watchdog is not None:
             self.watchdog.start()
+        self._initial_refusals(view)
         self._retry("registration", self.register)
         self._ready = True
         self.views.start()
@@ -209,13 +233,16 @@ class Agent:
         self._stopping.set()
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        refusals = 0
         while not self._stopping.is_set():
             try:
                 return fn()
             except StoreError as exc:
-                if exc.refused:
-                    # A wrong password, CA or certificate, or a missing role: nothing is held yet, and
-                    # retrying will not help; exit with the reason (as a bad config file does).
+                refusals = refusals + 1 if exc.refused else 0
+                # A wrong password, CA or certificate, or a missing role: nothing is held yet, and
+                # retrying will not help; exit with the reason (as a bad config file does). Only once
+                # every endpoint had its turn: one member with a bad certificate is not all of etcd.
+                if refusals > self._etcd_endpoints:
                     log.critical("%s: etcd refused this agent, fix the etcd settings: %s", what, exc)
                     raise SystemExit(2) from exc
                 log.warning("%s failed, retrying: %s", what, exc)
@@ -289,7 +316,8 @@ class Agent:
                         "fence cannot be forced off this node within release_bound (docs/safety.md)")
         self.guard = GuardClient(self.cfg.node_state_dir, self.cfg.interface, release_bound=self.cfg.release_bound,
                                  reset_command=self.cfg.reset_command, watchdog=bool(self.cfg.watchdog),
-                                 nfs_workroot=self.host.nfs_workroot)
+                                 nfs_workroot=self.host.nfs_workroot, log_level=self.cfg.log_level,
+                                 log_format=self.cfg.log_format)
         self.keeper.tell_all()  # from the keeper, not reconciler state: never a holding already released
 
     def _guard_hold(self, h: Holding) -> None:
@@ -469,12 +497,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, options = agent_config.load_with_options(argv)
         level = _log_level(cfg.log_level)
+        os.environ.pop("NFS_HA_ETCD_PASSWORD", None)  # read; no child (Ganesha, commands) inherits it
+        sdnotify.claim()
     except (ValueError, OSError) as exc:
         print(f"nfs-ha-agent: {exc}", file=sys.stderr)
         return 2
     if options.check_config:
         return _check_config(cfg)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    logsetup.configure(level, cfg.log_format, "nfs-ha-agent",
+                       "%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     _set_log_level(level)
     provider = tracing.setup(cfg.name, cfg.span_file)
     try:

@@ -27,7 +27,9 @@ from typing import Any
 from controller.etcdaccess import EtcdAccess, check_private
 from controller.keyspace import DEFAULT_PREFIX, InvalidName, check_name, normalize_prefix
 from controller.policy import NodePolicy
+from controller.span_file import DEFAULT_SPAN_FILE
 from controller.spec import MAX_LEASE_TTL, MIN_LEASE_TTL
+from node.logsetup import FORMATS
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,9 @@ class AgentConfig:
     rank_delay: float = 0.5
     state_dir: str = "/run/nfs-ha"
     log_level: str = "INFO"
-    span_file: str = ""  # also append trace spans here (OTLP/JSON lines), for `nfs-ha timeline`
+    log_format: str = "text"  # or "json": one object per line (node/logsetup.py), the guard's too
+    # Trace spans appended here (OTLP/JSON lines, rotated at 32 MiB) for `nfs-ha timeline`; "off": none.
+    span_file: str = DEFAULT_SPAN_FILE
     fence_command: tuple[str, ...] = ()  # argv run before taking over from a lost node; {node} = its name
     fence_required: bool = False  # a failing fence command blocks the takeover
     fence_timeout: float = 60.0
@@ -105,6 +109,8 @@ class AgentConfig:
                              f"parts), got {self.state_dir!r}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {list(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.log_format not in FORMATS:
+            raise ValueError(f"log_format must be one of {list(FORMATS)}, got {self.log_format!r}")
         normalize_prefix(self.prefix)
         if self.fence_command and not self.fence_command[0].startswith("/"):
             raise ValueError("fence_command must start with an absolute path (it never runs through a shell)")
@@ -114,6 +120,8 @@ class AgentConfig:
             raise ValueError("watchdog must be an absolute device path, e.g. /dev/watchdog")
         if self.reset_command and not self.reset_command[0].startswith("/"):
             raise ValueError("reset_command must start with an absolute path (it never runs through a shell)")
+        if self.span_file != "off" and not self.span_file.startswith("/"):
+            raise ValueError(f"span_file must be an absolute path or off, got {self.span_file!r}")
         check_release_bound(self.release_bound)
         return self
 
@@ -232,8 +240,10 @@ def load_with_options(argv: list[str] | None = None) -> tuple[AgentConfig, argpa
     parser.add_argument("--prefix", help=f"etcd key prefix (default {DEFAULT_PREFIX})")
     parser.add_argument("--rank-delay", type=float, help="seconds a lower-ranked candidate waits per rank")
     parser.add_argument("--state-dir", help="local state directory (default /run/nfs-ha)")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING")
-    parser.add_argument("--span-file", help="append trace spans to this file (OTLP/JSON lines)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (the fence guard's too, at start)")
+    parser.add_argument("--log-format", help="text (default) or json: one JSON object per line, the guard's too")
+    parser.add_argument("--span-file", help=f"append trace spans to this file (OTLP/JSON lines, rotated; default "
+                        f"{DEFAULT_SPAN_FILE}; off: none)")
     parser.add_argument("--fence-command", help='JSON argv run before taking over from a lost node, '
                         'e.g. \'["/usr/local/bin/power-off", "{node}"]\'')
     parser.add_argument("--fence-required", default=None, action="store_const", const="true",
@@ -266,6 +276,8 @@ def load_with_options(argv: list[str] | None = None) -> tuple[AgentConfig, argpa
                 data = tomllib.load(fh)
             except tomllib.TOMLDecodeError as exc:
                 raise ValueError(f"config file {config_file}: not valid TOML: {exc}") from None
+        if "etcd_password" in data or "etcd-password" in data:
+            check_private("config file", config_file, why="it holds etcd_password")
         values.update({k.replace("-", "_"): v for k, v in data.items()})
     for f in fields(AgentConfig):
         env = os.environ.get(f"NFS_HA_{f.name.upper()}")

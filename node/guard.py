@@ -1316,6 +1316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nfs-workroot", type=Path, default=None,
                         help="per-VFS Ganesha work dirs (default STATE_DIR/nfs)")
     parser.add_argument("--watchdog", action="store_true", help="the agent has a hardware watchdog armed")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+                        help="the agent's log_level at its start (default INFO)")
+    parser.add_argument("--log-format", default="text", choices=("text", "json"))
     args = parser.parse_args(argv)
     # Signals only set a flag; the wake-up pipe makes select() return so the loop fences at once.
     # Installed first thing, so a SIGTERM during start-up still fences what is already in the pipe.
@@ -1331,8 +1334,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s nfs-ha-guard[%(process)d] %(levelname)s %(message)s")
+    from node import logsetup
+
+    logsetup.configure(logging.getLevelName(args.log_level), args.log_format, "nfs-ha-guard",
+                       "%(asctime)s nfs-ha-guard[%(process)d] %(levelname)s %(message)s")
     os.chdir("/")  # never hold a filesystem through our own cwd
     args.state_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -1363,11 +1368,13 @@ class GuardClient:
     def __init__(self, state_dir: Path | str, interface: str, dry_run: bool = False,
                  stderr: int | None = None, python: str = sys.executable,
                  release_bound: float = DEFAULT_RELEASE_BOUND, reset_command: Sequence[str] = (),
-                 watchdog: bool = False, nfs_workroot: Path | str | None = None) -> None:
+                 watchdog: bool = False, nfs_workroot: Path | str | None = None, log_level: str = "INFO",
+                 log_format: str = "text") -> None:
         self.release_bound = check_release_bound(release_bound)
         reset = check_reset_command(reset_command)
         argv = [python, "-m", "node.guard", "--state-dir", str(state_dir), "--interface", interface,
-                "--release-bound", repr(self.release_bound)]
+                "--release-bound", repr(self.release_bound), "--log-level", log_level.upper(),
+                "--log-format", log_format]
         if reset:
             argv += ["--reset-command", json.dumps(list(reset))]
         if nfs_workroot is not None:

@@ -14,11 +14,19 @@ import os
 import socket
 
 log = logging.getLogger(__name__)
+_claimed: str | None = None  # NOTIFY_SOCKET as taken out of the environment by claim()
+
+
+def claim() -> None:
+    """Take NOTIFY_SOCKET out of the environment (as sd_notify's unset_environment): the guard, Ganesha
+    and fence commands inherit it otherwise, and systemd would take their messages for the agent's."""
+    global _claimed
+    _claimed = os.environ.pop("NOTIFY_SOCKET", "")
 
 
 def notify(*fields: str) -> bool:
     """Send "KEY=value" fields (e.g. "READY=1", "STATUS=..."); True if a datagram went out."""
-    address = os.environ.get("NOTIFY_SOCKET", "")
+    address = _claimed if _claimed is not None else os.environ.get("NOTIFY_SOCKET", "")
     if not address:
         return False
     if address.startswith("@"):

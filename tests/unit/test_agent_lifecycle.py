@@ -226,13 +226,13 @@ def test_status_is_not_removed_while_an_owner_key_or_a_spec_exists_in_etcd():
 # --- signals (a real agent process) --------------------------------------------------------
 
 
-def start_agent(tmp_path: Path, log_level: str = "INFO") -> tuple[subprocess.Popen[bytes], Path, Path]:
+def start_agent(tmp_path: Path, log_level: str = "INFO", extra: str = "") -> tuple[subprocess.Popen[bytes], Path, Path]:
     """An agent whose etcd cannot be reached (closed loopback port): it stays in start-up."""
     if os.geteuid() != 0:
         pytest.skip("the agent needs root (netlink on lo, /run state)")
     conf = tmp_path / "agent.toml"
     conf.write_text(f'name = "node-z"\netcd = "http://127.0.0.1:1"\ninterface = "lo"\n'
-                    f'state_dir = "{tmp_path}/state"\nlog_level = "{log_level}"\n')
+                    f'state_dir = "{tmp_path}/state"\nlog_level = "{log_level}"\nspan_file = "off"\n{extra}')
     conf.chmod(0o600)  # the agent refuses a config file others may read
     log_file = tmp_path / "agent.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NFS_HA_", "OTEL_"))}
@@ -476,3 +476,13 @@ def test_a_thousand_vfs_agent_wakes_per_event_only_what_the_event_concerns(
         assert len(set(everything)) >= 1000 and len(everything) <= 2 * 1001
     finally:
         agent.stop()
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    proc, log_file, _conf = start_agent(tmp_path, extra='log_format = "json"\n')
+    wait_log(proc, log_file, "initial load failed, retrying")
+    assert stop_within(proc, signal.SIGTERM, 10.0) == 0
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    warning = next(r for r in records if "initial load failed, retrying" in r["message"])
+    assert warning["level"] == "WARNING" and warning["program"] == "nfs-ha-agent" and warning["pid"] == proc.pid
+    assert {"time", "thread", "logger"} <= warning.keys()

@@ -115,14 +115,16 @@ def test_passwords_come_from_a_private_file_and_never_show(tmp_path: Path) -> No
     pw.write_text("s3cret\n")
     pw.chmod(0o640)
     with pytest.raises(ValueError, match=r"etcd_password_file .* has mode 0640"):
-        EtcdAccess.from_settings("http://a:2379", user="node-a", password_file=str(pw))
+        EtcdAccess.from_settings("https://a:2379", user="node-a", password_file=str(pw))
     pw.chmod(0o600)
-    access = EtcdAccess.from_settings("http://a:2379", user="node-a", password_file=str(pw))
+    access = EtcdAccess.from_settings("https://a:2379", user="node-a", password_file=str(pw))
     assert access.password == "s3cret" and "s3cret" not in repr(access)
     with pytest.raises(ValueError, match="etcd_user needs a password"):
-        EtcdAccess.from_settings("http://a:2379", user="node-a")
+        EtcdAccess.from_settings("https://a:2379", user="node-a")
     with pytest.raises(ValueError, match="not both"):
-        EtcdAccess.from_settings("http://a:2379", user="node-a", password="x", password_file=str(pw))
+        EtcdAccess.from_settings("https://a:2379", user="node-a", password="x", password_file=str(pw))
+    with pytest.raises(ValueError, match="etcd_user needs https:// endpoints"):
+        EtcdAccess.from_settings("http://a:2379", user="node-a", password="x")
     if os.geteuid() == 0:
         os.chown(pw, 65534, -1)
         with pytest.raises(ValueError, match="belongs to uid 65534"):
@@ -216,3 +218,26 @@ def test_the_lease_stream_renews_over_tls(secure_etcd: str, certs: Certs) -> Non
         keeper.stop()
         grants.close()
         keeper_store.close()
+
+
+def test_rotated_certificate_files_are_used_by_new_connections(secure_etcd: str, certs: Certs, tmp_path: Path) -> None:
+    """The operator replaces the certificate and key files: after the next failed call the store's client
+    is rebuilt from them (the old one is kept open for calls still running on it), and works."""
+    cert, key = tmp_path / "client.pem", tmp_path / "client-key.pem"
+    cert.write_bytes(Path(certs.node[0]).read_bytes())
+    key.write_bytes(Path(certs.node[1]).read_bytes())
+    key.chmod(0o600)
+    store = EtcdStore(access(secure_etcd, certs, cert=(str(cert), str(key)), user="node-a", password="pw-a"))
+    try:
+        store.put("/nfs-ha/t/rot", "1")
+        first = store._client
+        fresh = certs.ca.issue("node-a-new", "node-a")
+        cert.write_bytes(fresh.cert.read_bytes())
+        key.write_bytes(fresh.key.read_bytes())
+        assert store._client is first  # nothing failed yet: nothing rebuilt
+        with pytest.raises(StoreError, match="RBAC"):
+            store.put("/elsewhere", "1")  # any failure looks at the files
+        assert store._client is not first and store._retired == [first]
+        assert store.get("/nfs-ha/t/rot").value == b"1"  # the new client, with the new certificate
+    finally:
+        store.close()

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -1046,3 +1047,21 @@ def test_a_slow_fence_of_a_vip_only_vfs_resets_nothing(tmp_path: Path) -> None:
     (rec,) = f.complete_all(f.start([held(nfs_pid=None, mountpoint=None, device=None)], lambda _h: "deadline"))
     time.sleep(0.1)
     assert resets == [] and rec["reset"] is None
+
+
+def test_guard_logs_json_at_the_agents_level(tmp_path: Path) -> None:
+    """log_format json and log_level reach the guard: at WARNING its start-up INFO line is not logged,
+    and what it logs is one JSON object per line."""
+    log_path = tmp_path / "guard.log"
+    with open(log_path, "w") as err:
+        client = GuardClient(tmp_path, "eth-test", dry_run=True, stderr=err.fileno(), log_level="warning",
+                             log_format="json")
+    try:
+        client._send({"op": "nonsense"})  # logged at WARNING: an unknown message changes nothing
+        assert wait_for(lambda: log_path.read_text().strip() != "", 5.0)
+    finally:
+        assert client.close_clean() == 0
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert records and all(r["program"] == "nfs-ha-guard" and r["level"] in ("WARNING", "ERROR") for r in records)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"]) for r in records)
+    assert not any("guarding" in r["message"] for r in records)  # its INFO line

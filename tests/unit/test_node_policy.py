@@ -160,10 +160,12 @@ def test_a_config_file_others_may_read_or_others_may_write_is_refused(tmp_path: 
 
 
 def test_policy_and_password_come_from_the_config_file(tmp_path: Path) -> None:
-    path = write_config(tmp_path, BASE + 'allowed_devices = ["/dev/disk/by-id/*"]\n'
-                        'allowed_client_networks = ["10.77.0.0/24"]\nnfs_backends = ["ganesha", "kernel"]\n'
-                        'etcd_user = "node-a"\netcd_password = "pw"\n', 0o640)
-    cfg = agent_config.load(["--config", path])
+    text = BASE.replace("http://", "https://") + 'allowed_devices = ["/dev/disk/by-id/*"]\n' \
+        'allowed_client_networks = ["10.77.0.0/24"]\nnfs_backends = ["ganesha", "kernel"]\n' \
+        'etcd_user = "node-a"\netcd_password = "pw"\n'
+    with pytest.raises(ValueError, match="has mode 0640 and it holds etcd_password"):
+        agent_config.load(["--config", write_config(tmp_path, text, 0o640)])  # group-readable: no password
+    cfg = agent_config.load(["--config", write_config(tmp_path, text, 0o600)])
     assert cfg.node_policy() == NodePolicy.from_settings(["/dev/disk/by-id/*"], ["10.77.0.0/24"],
                                                          ["ganesha", "kernel"])
     assert cfg.etcd_access().user == "node-a" and "pw" not in repr(cfg)

@@ -39,6 +39,7 @@ from controller.span_file import (
     SpanRecord,
     SpanSourceError,
     read_spans,
+    rotated,
     spans_from_jaeger,
 )
 from controller.timeline import add_timeline_parser, render_json, render_text, timelines
@@ -530,3 +531,26 @@ def test_jaeger_errors(jaeger: tuple[str, list[str]], capsys: pytest.CaptureFixt
     args = parse(["timeline", "home", "--jaeger", url, "--last", "1"])
     assert args.func(args) == 0
     assert "arp_probe" in capsys.readouterr().out
+
+
+def test_a_full_span_file_is_rotated_and_timeline_reads_the_rotated_files_too(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On by default, the span file must not fill the disk: rotated at a size, three kept; the
+    timeline of a failover whose spans straddle a rotation is still whole."""
+    path = tmp_path / "spans.jsonl"
+    exporter = SpanFileExporter(path, rotate_bytes=8000)
+    provider = agent("node-b", exporter)
+    tracer = provider.get_tracer("nfs-ha")
+    for i in range(12):  # each takeover is several lines of a few hundred bytes
+        root = tracer.start_span("vfs.takeover", start_time=T0 + i * 10**9,
+                                 attributes=root_attrs("home", "node-b", 10 + i, "node_lost"))
+        root.end(end_time=run_steps(tracer, root, TAKEOVER_STEPS, T0 + i * 10**9, "home", "node-b"))
+    provider.shutdown()
+    assert [p.name for p in rotated(path)] == ["spans.jsonl.3", "spans.jsonl.2", "spans.jsonl.1", "spans.jsonl"]
+    assert not (tmp_path / "spans.jsonl.4").exists()
+    assert all(p.stat().st_size < 8000 + 2000 for p in rotated(path))
+    args = parse(["timeline", "home", "--file", str(path), "--last", "50", "--json"])
+    assert args.func(args) == 0
+    found = json.loads(capsys.readouterr().out)
+    whole = sorted(tl["epoch"] for tl in found if len(tl["rows"]) == 1 + len(TAKEOVER_STEPS))
+    assert whole[-4:] == [18, 19, 20, 21]  # the newest, across the rotated files, none cut in half
