@@ -1,4 +1,7 @@
-"""The operator CLI: `nfs-ha status`, `nfs-ha move`, `nfs-ha raise-epoch`, `nfs-ha timeline`."""
+"""The operator CLI: `nfs-ha status`, `nfs-ha move`, `nfs-ha raise-epoch`, `nfs-ha timeline`.
+
+Exit codes: 0 done (status: OK), 1 status DEGRADED, 2 an error (bad input, etcd refused or
+unreachable; status: FAILING)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from controller.coordination import Coordination
@@ -39,6 +43,7 @@ def collect(view: ClusterView) -> dict[str, Any]:
                    if not any(f"{n} refuses" in e for e in errors)]
         vfs_rows.append({
             "vfs": name,
+            "spec": view.has_spec(name),
             "vip": config.spec.vip_cidr if config.spec else status.get("vip"),
             "owner": owner.node if owner else None,
             "phase": status.get("phase", "unplaced"),
@@ -58,7 +63,37 @@ def collect(view: ClusterView) -> dict[str, Any]:
             "loop_errors": _loop_errors((info or {}).get("loop_errors")),
             "reset": (info or {}).get("reset"),
         })
-    return {"revision": view.revision, "vfs": vfs_rows, "nodes": node_rows}
+    data = {"revision": view.revision, "vfs": vfs_rows, "nodes": node_rows}
+    code, reasons = health(data)
+    data["health"] = {"code": code, "state": HEALTH_STATES[code], "reasons": reasons}
+    return data
+
+
+HEALTH_STATES = ("OK", "DEGRADED", "FAILING")
+
+
+def health(data: dict[str, Any]) -> tuple[int, list[str]]:
+    """`nfs-ha status`'s exit code for a monitoring check, and why.
+
+    2 (FAILING): a VFS with a spec is not being served (no owner, or its owner is not serving yet).
+    1 (DEGRADED): every VFS is served, but something needs a look: an error on a VFS (a bad spec
+      still served as before, a node refusing it), a dead candidate node, a node backing off from a
+      VFS, or a VFS served elsewhere than its intent asks.
+    0 (OK): none of that. (Not reading etcd at all is 2 too: the CLI fails with that code.)
+    """
+    rows = [r for r in data["vfs"] if r["spec"] or r["owner"]]  # a deleted VFS being cleaned up is neither
+    failing = [f"{r['vfs']} is {r['phase']}" + (f": {r['error']}" if r["error"] else "")
+               for r in rows if r["owner"] is None or r["phase"] != "serving"]
+    if failing:
+        return 2, failing
+    degraded = [f"{r['vfs']}: {r['error']}" for r in rows if r["error"]]
+    degraded += [f"{r['vfs']} is served by {r['owner']}, its intent asks for {r['intent']}"
+                 for r in rows if r["intent"] and r["intent"] != r["owner"]]
+    for n in data["nodes"]:
+        if not n["alive"]:
+            degraded.append(f"node {n['node']} is down")
+        degraded += [f"node {n['node']} is backing off from {vfs}: {why}" for vfs, why in n["backoff"].items()]
+    return (1 if degraded else 0), degraded
 
 
 def _loop_errors(value: Any) -> dict[str, int]:
@@ -86,14 +121,39 @@ def render(data: dict[str, Any]) -> str:
         guard = f"{last.get('vfs')} at {last.get('time')} ({last.get('reason')})" if last else "-"
         errors = ",".join(f"{k}:{v}" for k, v in sorted(r.get("loop_errors", {}).items())) or "-"
         nodes.append([r["node"], "yes" if r["alive"] else "no", ",".join(r["vfs"]) or "-", backoff, guard, errors])
-    return _table(vfs) + "\n\n" + _table(nodes)
+    health = data["health"]
+    summary = f"{health['state']}" + (": " + "; ".join(health["reasons"]) if health["reasons"] else "")
+    return _table(vfs) + "\n\n" + _table(nodes) + "\n\n" + summary
 
 
 def cmd_status(store: Coordination, args: argparse.Namespace) -> int:
+    """Exit code 0 OK, 1 DEGRADED, 2 FAILING or etcd unreadable (health()); --watch: again every N s."""
+    if args.watch is None:
+        return _status_once(store, args)
+    code = 2
+    try:
+        while True:
+            if not args.json and sys.stdout.isatty():
+                print("\x1b[H\x1b[2J", end="")  # a screen that updates in place, as watch(1)
+            print(time.strftime("%Y-%m-%d %H:%M:%S"), file=sys.stdout if not args.json else sys.stderr)
+            try:
+                code = _status_once(store, args)
+            except StoreError as exc:
+                code = _fail(str(exc))
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return code
+
+
+def _status_once(store: Coordination, args: argparse.Namespace) -> int:
     revision, keys = store.load()
     data = collect(ClusterView(store.keyspace, revision, keys))
-    print(json.dumps(data, indent=2, sort_keys=True) if args.json else render(data))
-    return 0
+    if args.json:
+        print(json.dumps(data, sort_keys=True, indent=None if args.watch is not None else 2))
+    else:
+        print(render(data))
+    return int(data["health"]["code"])
 
 
 def cmd_move(store: Coordination, args: argparse.Namespace) -> int:
@@ -141,6 +201,16 @@ def cmd_raise_epoch(store: Coordination, args: argparse.Namespace) -> int:
     return _fail("the epoch base kept changing under us; try again")
 
 
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError("the interval must be 0.1 to 3600 seconds")
+    return value
+
+
 def _fail(message: str) -> int:
     print(f"nfs-ha: {message}", file=sys.stderr)
     return 2
@@ -159,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("status", help="one row per VFS and per node")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", nargs="?", const=2.0, type=_interval, metavar="SECONDS",
+                    help="show it again every SECONDS (default 2) until interrupted; with --json one object per line")
     mv = sub.add_parser("move", help="ask for a VFS to be served by a node (writes the intent)")
     mv.add_argument("vfs")
     mv.add_argument("node")

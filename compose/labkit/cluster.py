@@ -339,8 +339,9 @@ class LabCluster:
 
     def status(self) -> dict[str, Any]:
         proc = self.cli("status", "--json")
-        if proc.returncode != 0:
-            raise RuntimeError(f"nfs-ha status failed: {proc.stderr}")
+        # 1 and 2 also say DEGRADED and FAILING, with the status on stdout; no output: it failed.
+        if proc.returncode not in (0, 1, 2) or not proc.stdout.strip():
+            raise RuntimeError(f"nfs-ha status failed ({proc.returncode}): {proc.stderr}")
         return json.loads(proc.stdout)
 
     def vfs_status(self, vfs: str) -> dict[str, Any]:

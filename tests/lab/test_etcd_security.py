@@ -144,6 +144,8 @@ def test_agents_hold_and_move_a_vip_over_tls_with_passwords_and_the_documented_r
     cluster.put_intent("tls1", "node-b")
     cluster.wait_serving("tls1", "node-b")
     cluster.wait_served_by(vip, "node-b")
+    status = cluster.cli("status")  # as monitor: every VFS served where its intent asks, every node up
+    assert status.returncode == 0 and status.stdout.rstrip().endswith("OK"), status.stdout + status.stderr
 
     # Each role is refused what it must not do, with the reason.
     denied = cluster.cli("move", "tls1", "node-a")  # the reader role cannot write

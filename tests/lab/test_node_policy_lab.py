@@ -19,6 +19,8 @@ def test_a_node_whose_policy_refuses_the_disk_leaves_the_vfs_to_the_next_candida
     row = cluster.wait_serving("home", "node-b", timeout=30)
     assert mounted_on(cluster, device) == ["node-b"]
     assert row["error"] == f"node-a refuses: storage.device {device} is not in this node's allowed_devices"
+    status = cluster.cli("status")  # served, but degraded: a monitoring check sees exit code 1
+    assert status.returncode == 1 and "DEGRADED: home: node-a refuses" in status.stdout, status.stdout
     data = b"served by the node whose policy allows this disk\n"
     assert cluster.nfs_write(vip, "/home", "policy.txt", data).returncode == 0
     cluster.wait_nfs_read(vip, "/home", "policy.txt", data, timeout=GRACE * 4 + 20)
