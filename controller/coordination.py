@@ -317,5 +317,10 @@ class Coordination:
         """Compare-and-set the epoch base (`nfs-ha raise-epoch`): iff it is still as `seen`."""
         return self.store.put_if_unchanged(self.keyspace.epoch_base, str(value), seen)
 
+    def endpoint(self) -> str:
+        """The etcd endpoint the store talks to now, for metrics ("" if it has no such notion)."""
+        where = getattr(self.store, "endpoint_in_use", None)
+        return str(where()) if callable(where) else ""
+
     def close(self) -> None:
         self.store.close()

@@ -10,19 +10,22 @@
   once the new owner's status says its takeover span has ended (`takeover_done`, written
   after it), or gives up after MOVE_WAIT seconds.
 - `vfs.fence`: a self-fence, from the moment the VIP was dropped.
+The flows also feed the metrics of controller/metrics.py: each step's duration, each takeover's
+outcome and duration.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from controller import tracing
+from controller import metrics, tracing
 from controller.ownership import Holding
 from controller.spec import VfsSpec
 from controller.view import ClusterView, Owner
@@ -140,6 +143,16 @@ class FailoverTracer:
             self._move = None
 
 
+@contextlib.contextmanager
+def _timed(name: str, inner: AbstractContextManager[Any]) -> Iterator[Any]:
+    started = time.monotonic()
+    try:
+        with inner as value:
+            yield value
+    finally:
+        metrics.STEP_SECONDS.labels(name).observe(time.monotonic() - started)
+
+
 class Flow:
     """One traced flow of a VFS on this node (a takeover, a release, a self-fence): the reconciler
     reports what happens, in domain terms, and this turns it into spans under the flow's root. A flow
@@ -147,12 +160,14 @@ class Flow:
 
     def __init__(self, root: Span | None, vfs: str, node: str) -> None:
         self.root, self._attrs = root, {"nfs_ha.vfs": vfs, "nfs_ha.node": node}
+        self.vfs, self.started, self._failed = vfs, time.monotonic(), False
 
     def step(self, name: str) -> AbstractContextManager[Any]:
-        """A named step of the flow (ownership.Observe, TakeoverContext.observe): a child span."""
+        """A named step of the flow (ownership.Observe, TakeoverContext.observe): a child span, and its
+        duration in the step histogram (controller/metrics.py)."""
         if self.root is None:
             return contextlib.nullcontext()
-        return tracing.child(self.root, name, self._attrs)
+        return _timed(name, tracing.child(self.root, name, self._attrs))
 
     def note(self, **attrs: Any) -> None:
         """Facts about the flow (epoch, outcome, the release-bound wait), as `nfs_ha.*` attributes."""
@@ -161,6 +176,7 @@ class Flow:
                 self.root.set_attribute(f"nfs_ha.{key}", value)
 
     def failed(self, error: BaseException | str) -> None:
+        self._failed = True
         if self.root is not None:
             tracing.fail(self.root, error)
 
@@ -185,6 +201,12 @@ class TakeoverFlow(Flow):
     def __init__(self, root: Span, vfs: str, node: str, cause: str) -> None:
         super().__init__(root, vfs, node)
         self.cause = cause
+        self._owner = False  # the owner transaction was won
+
+    def note(self, **attrs: Any) -> None:
+        if "epoch" in attrs:
+            self._owner = True
+        super().note(**attrs)
 
     def fence_hook(self, target: str, started_ns: int, ok: bool, detail: str) -> None:
         """The fencing hook ran on the lost owner `target` from `started_ns` until now."""
@@ -199,8 +221,12 @@ class TakeoverFlow(Flow):
     def finish(self, previous: str | None, view: ClusterView) -> None:
         """End the takeover. A node's own lease and its VFS lease expire within moments of each other,
         in either order: only now can `lease_expired` be told from `node_lost`."""
-        if self.cause == "lease_expired" and previous and previous not in view.live_nodes():
-            self.note(cause="node_lost")
+        cause = self.cause
+        if cause == "lease_expired" and previous and previous not in view.live_nodes():
+            cause = "node_lost"
+            self.note(cause=cause)
+        outcome = "failed" if self._failed else "served" if self._owner else "lost"
+        metrics.takeover_finished(self.vfs, cause, outcome, time.monotonic() - self.started)
         self.end()
 
 

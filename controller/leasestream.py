@@ -217,10 +217,11 @@ class H2LeaseStream:
                 conn.write(payload)
                 return
             except (OSError, h2.exceptions.H2Error) as exc:
-                log.debug("keepalive write failed on %s: %s", self._where(), exc)
+                log.debug("keepalive write failed on %s: %s", self.where(), exc)
         self._ended(generation, failed=True)  # its requests are lost: on_ended tells the keeper
 
-    def _where(self) -> str:
+    def where(self) -> str:
+        """The endpoint in use (or to be used by the next connection)."""
         host, port = self._endpoints[self._at]
         return f"{host}:{port}"
 

@@ -49,7 +49,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from controller import loops
+from controller import loops, metrics
 from controller.coordination import Coordination, KeyStore
 from controller.status import wall_clock
 from controller.store import StoreError
@@ -180,6 +180,7 @@ class Holding:
             self.fence_reason = reason
             self.fenced_at_ns = time.time_ns()
         log.warning("%s: self-fence: %s", self.vfs, reason)
+        metrics.fenced(reason)
         self.retry_drop()
         if self.on_fence:
             with loops.guarded("on-fence", self.vfs, log):
@@ -409,6 +410,11 @@ class LeaseKeeper:
                 with loops.guarded("guard-hold", f"{len(kept)} holdings", log):
                     self._on_deadlines(kept)
 
+    def stream_endpoint(self) -> str:
+        """host:port the keepalive stream uses now ("" before it connected, or for a store without one)."""
+        where = getattr(self._stream, "where", None)
+        return str(where()) if callable(where) else ""
+
     def holdings(self) -> list[Holding]:
         """Held VFSs, and fenced ones whose VIP is still up (the watchdog protects both)."""
         with self._lock:
@@ -635,7 +641,8 @@ class LeaseKeeper:
                 return  # a request given up on (stream reset): its send time is not known for sure
             _gen, sent_at, owner = pending.popleft()
             self._failures[lease_id] = 0
-            self._last_answer_at = time.monotonic()
+            self._last_answer_at = answered = time.monotonic()
+        metrics.RENEW_SECONDS.observe(answered - sent_at)
         try:  # not loops.guarded: this runs 200 times a second at 100 leases, and an error is rare
             if isinstance(owner, Holding):
                 if ttl > 0:

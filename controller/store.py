@@ -26,7 +26,7 @@ import pyetcd
 from pyetcd import etcdrpc
 from pyetcd.client import Endpoint, EtcdTokenCallCredentials, MultiEndpointEtcd3Client
 
-from controller import loops
+from controller import loops, metrics
 from controller.etcdaccess import EtcdAccess
 from controller.view import KeyRecord
 
@@ -165,6 +165,11 @@ class EtcdStore:
             self._client = client
         log.warning("etcd TLS files changed: new connections use them")
 
+    def endpoint_in_use(self) -> str:
+        """host:port of the endpoint the main client talks to now."""
+        endpoint = self._client.endpoint_in_use
+        return endpoint.netloc if endpoint is not None else ""
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("etcd store is closed")
@@ -186,6 +191,7 @@ class EtcdStore:
                     log.debug("etcd %s: the auth token is no longer valid (%s); logging in again", what, detail)
                     stale = used
                     continue
+                metrics.ETCD_ERRORS.labels(what).inc()
                 if self.access.tls:
                     self._certificates_rotated()
                 raise StoreError(f"etcd {what} failed: {self.access.explain(detail)}",

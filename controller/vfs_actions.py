@@ -102,6 +102,10 @@ class VfsActions:
         self._timings: dict[str, float] = {}
         self._status_doc: dict[str, Any] | None = None
         self._disk_stuck: str | None = None  # a lost holding's unmount failed; retried every pass
+        # For metrics and health (read from other threads, written here only):
+        self.serving_since: float | None = None  # monotonic; the held VFS serves since
+        self.last_takeover: float | None = None  # seconds the last takeover here took
+        self.last_steps: dict[str, float] = {}
 
     def risk(self, view: ClusterView) -> DiskRisk:
         return disk_risk(view.status_revision(self.vfs) != 0, view.status(self.vfs), self.ctx.me)
@@ -131,6 +135,7 @@ class VfsActions:
         risk = self.risk(view)
         lost = risk.nodes[0] if risk.nodes else None
         flow = self.trace.start_takeover(spec, status_now, cause, lost)
+        started = time.monotonic()
         previous = lost or status_now.get("node") or status_now.get("previous")
         try:
             serving, lost_txn = self._take_over(spec, previous, flow, risk, view.status_revision(self.vfs), slot)
@@ -139,6 +144,9 @@ class VfsActions:
             raise
         finally:
             flow.finish(previous, self.ctx.view())
+        if serving is not None:
+            self.serving_since = time.monotonic()
+            self.last_takeover, self.last_steps = self.serving_since - started, dict(self._timings)
         if serving is not None and status_now.get("trace"):
             # Tell the releasing node that this part of its move trace has ended, so its
             # `vfs.move` span ends after it (it learns that only through etcd).
@@ -310,7 +318,7 @@ class VfsActions:
     def _end_holding(self, h: Holding, final_status: dict[str, Any], flow: Flow) -> None:
         """Let go of the holding: the keeper stops renewing it, the owner key goes (if still ours)."""
         self.ctx.keeper.remove(h)
-        self.holding, self.held_spec = None, None
+        self.holding, self.held_spec, self.serving_since = None, None, None
         ownership.release(self.ctx.store, self.vfs, h.epoch, h.lease_id, final_status, flow.step)
 
     def clear_stale(self, epoch: int, lease_id: int) -> None:

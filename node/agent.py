@@ -33,6 +33,7 @@ without a config file it changes nothing. It never stops the agent.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -46,7 +47,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import TypeVar
 
-from controller import loops, tracing
+from controller import loops, metrics, tracing
 from controller.coordination import Coordination
 from controller.diskrisk import restore_hold
 from controller.gate import Backoff, TakeoverGate
@@ -64,6 +65,7 @@ from node import logsetup, sdnotify
 from node.fencing import FenceCommand
 from node.guard import GuardClient, read_actions
 from node.host import Host
+from node.observe import ObservabilityServer
 from node.vip import VipError
 from node.watchdog import MIN_TTL as WATCHDOG_MIN_TTL
 from node.watchdog import WatchdogArm, WatchdogDevice, WatchdogStep, check_device
@@ -96,6 +98,9 @@ class Agent:
         self._guard_records: list[dict[str, object]] = []
         self.backoff = Backoff(on_change=self._register_soon)
         self.policy = cfg.node_policy()
+        self.observer = None if cfg.metrics_address == "off" else ObservabilityServer(
+            cfg.metrics_address, metrics.REGISTRY, self.health_problems, self.ready)
+        self._collector = metrics.AgentCollector(self.metrics_state)
         self._refused: dict[str, str] = {}  # VFS this node's policy refuses, with why (published)
         self.views = ViewKeeper(self.store, lambda view: self._on_view(view, self.views.affected),
                                 on_went_back=self._etcd_went_back)
@@ -130,6 +135,61 @@ class Agent:
         return steps
 
     # --- node registration -------------------------------------------------------------
+
+    # --- metrics and health (node/observe.py) ----------------------------------------------------
+
+    def ready(self) -> bool:
+        return self._ready and not self._stopping.is_set()
+
+    def metrics_state(self) -> metrics.NodeState:
+        """What the metrics read at a scrape: O(VFS), from the view and the reconcilers."""
+        view, now = self.views.view, time.monotonic()
+        with self._lock:
+            recs = dict(self.reconcilers)
+            refused = len(self._refused)
+        rows = []
+        for name in view.vfs_names():
+            rec = recs.get(name)
+            h = rec.holding if rec is not None else None
+            held = h is not None and not h.fenced
+            act = rec.act if rec is not None else None
+            spec = act.held_spec if act is not None else None
+            grace = None
+            if held and spec is not None and spec.nfs is not None and act is not None and act.serving_since:
+                grace = max(0.0, spec.nfs.grace_seconds - (now - act.serving_since))
+            rows.append(metrics.VfsState(
+                name, held, str((view.status(name) or {}).get("phase", "unplaced")),
+                epoch=h.epoch if held and h is not None else None, grace_remaining=grace,
+                last_takeover=act.last_takeover if act is not None else None,
+                last_steps=dict(act.last_steps) if act is not None else {}))
+        margins = [h.deadline - now for h in self.keeper.holdings() if not h.fenced]
+        return metrics.NodeState(
+            rows, min(margins) if margins else None, self.guard is not None and self.guard.alive(),
+            {"grpc": self.store.endpoint(), "keepalive": self.keeper.stream_endpoint()},
+            {name: int(v.get("count", 0)) for name, v in loops.errors().items()}, refused)
+
+    def health_problems(self) -> list[str]:
+        """Why /healthz fails: the guard is gone, or a VFS held and serving lacks its VIP or its mount,
+        or a holding is within one keepalive interval (TTL/4) of its self-fence deadline."""
+        problems = []
+        if self.guard is None or not self.guard.alive():
+            problems.append("the fence guard is not running")
+        with self._lock:
+            recs = list(self.reconcilers.values())
+        addresses = {a.ip for a in self.host.iface.addresses()} if recs else set()
+        now = time.monotonic()
+        for rec in recs:
+            h, act = rec.holding, rec.act
+            spec = act.held_spec
+            if h is None or h.fenced or spec is None or act.serving_since is None:
+                continue  # not held, or still being taken over or released
+            if spec.vip.ip not in addresses:
+                problems.append(f"{rec.vfs}: VIP {spec.vip_cidr} is not on {self.cfg.interface}")
+            if spec.storage is not None and not self.host.storage.mounted(rec.vfs):
+                problems.append(f"{rec.vfs}: its disk is not mounted")
+            if h.deadline - now < h.ttl / 4:
+                problems.append(f"{rec.vfs}: {h.deadline - now:.2f}s to its self-fence deadline (keepalives late)")
+        return problems
 
     def _registration(self) -> str:
         return json.dumps({
@@ -195,6 +255,9 @@ class Agent:
 
     def start(self) -> None:
         self._started = wall_clock()
+        metrics.REGISTRY.register(self._collector)
+        if self.observer is not None:
+            self.observer.start()  # from the start: /readyz says "not yet" while etcd is awaited
         if self.cfg.watchdog:
             try:
                 check_device(self.cfg.watchdog)
@@ -293,6 +356,7 @@ class Agent:
             if self.reconcilers.get(name) is rec:
                 del self.reconcilers[name]
             self._retiring.pop(name, None)
+        metrics.forget(name)
         log.info("%s: no spec, owner or status left: its reconciler stopped", name)
         self._on_view(self.views.view)  # a spec written meanwhile gets a new reconciler
 
@@ -438,6 +502,10 @@ class Agent:
             except StoreError as exc:
                 log.warning("could not revoke node lease: %s", exc)
         self.store.close()
+        if self.observer is not None:
+            self.observer.stop()
+        with contextlib.suppress(KeyError):
+            metrics.REGISTRY.unregister(self._collector)
 
 
 def _managed_vips(view: ClusterView) -> list[ipaddress.IPv4Interface]:

@@ -30,6 +30,7 @@ from controller.policy import NodePolicy
 from controller.span_file import DEFAULT_SPAN_FILE
 from controller.spec import MAX_LEASE_TTL, MIN_LEASE_TTL
 from node.logsetup import FORMATS
+from node.observe import parse_address
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class AgentConfig:
     allowed_devices: tuple[str, ...] = ()  # fnmatch patterns of storage.device; empty: any under /dev/
     allowed_client_networks: tuple[str, ...] = ()  # export clients must lie inside these; empty: any
     nfs_backends: tuple[str, ...] = ("ganesha",)  # add "kernel" to allow the kernel nfsd backend
+    # /metrics, /healthz, /readyz (node/observe.py): HOST:PORT, or off. Not on the client-facing address.
+    metrics_address: str = "127.0.0.1:9640"
 
     def node_policy(self) -> NodePolicy:
         return NodePolicy.from_settings(self.allowed_devices, self.allowed_client_networks, self.nfs_backends)
@@ -92,6 +95,8 @@ class AgentConfig:
             raise ValueError(str(exc)) from None
         self.etcd_access()
         self.node_policy()
+        if self.metrics_address != "off":
+            parse_address(self.metrics_address)
         if not INTERFACE_RE.fullmatch(self.interface) or self.interface in (".", ".."):
             raise ValueError(f"invalid interface name {self.interface!r}: at most 15 of A-Z a-z 0-9 _ . @ -, "
                              "starting with a letter, digit or _")
@@ -262,6 +267,8 @@ def load_with_options(argv: list[str] | None = None) -> tuple[AgentConfig, argpa
                         'e.g. \'["10.0.0.0/16"]\' (default: any)')
     parser.add_argument("--nfs-backends", help='JSON list of NFS backends this node runs (default \'["ganesha"]\'; '
                         'add "kernel" for the kernel nfsd)')
+    parser.add_argument("--metrics-address", help="HOST:PORT of /metrics, /healthz and /readyz (default "
+                        "127.0.0.1:9640; off: none)")
     parser.add_argument("--watchdog", help="hardware watchdog device (e.g. /dev/watchdog), armed while this "
                         "node holds a VFS; see docs/safety.md")
     args = parser.parse_args(argv)

@@ -232,7 +232,8 @@ def start_agent(tmp_path: Path, log_level: str = "INFO", extra: str = "") -> tup
         pytest.skip("the agent needs root (netlink on lo, /run state)")
     conf = tmp_path / "agent.toml"
     conf.write_text(f'name = "node-z"\netcd = "http://127.0.0.1:1"\ninterface = "lo"\n'
-                    f'state_dir = "{tmp_path}/state"\nlog_level = "{log_level}"\nspan_file = "off"\n{extra}')
+                    f'state_dir = "{tmp_path}/state"\nlog_level = "{log_level}"\nspan_file = "off"\n'
+                    f'metrics_address = "off"\n{extra}')
     conf.chmod(0o600)  # the agent refuses a config file others may read
     log_file = tmp_path / "agent.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NFS_HA_", "OTEL_"))}
