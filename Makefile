@@ -7,7 +7,7 @@ APT_PACKAGES := python3 python3-venv python3-pip etcd-server etcd-client iproute
 STAMP_APT := .deps-apt
 STAMP_VENV := $(VENV)/.installed
 
-.PHONY: deps test lint unit demo bench bench-scale bench-keepalive chaos lab-down clean
+.PHONY: deps test lint unit demo bench bench-scale bench-keepalive bench-operations chaos lab-down clean
 
 deps: $(STAMP_APT) $(STAMP_VENV)
 
@@ -24,7 +24,8 @@ $(STAMP_VENV): pyproject.toml $(STAMP_APT)
 
 # The scripts without a .py suffix are named: `ruff check .` would skip them.
 lint: deps
-	$(VENV)/bin/ruff check . bench/failover bench/scale bench/events bench/keepalive compose/chaos compose/lab compose/demo
+	$(VENV)/bin/ruff check . bench/failover bench/scale bench/events bench/keepalive bench/operations compose/chaos \
+		compose/lab compose/demo
 
 unit: deps
 	$(VENV)/bin/pytest -q tests/unit
@@ -47,6 +48,9 @@ bench-scale: deps
 
 bench-keepalive: deps
 	$(PY) bench/keepalive
+
+bench-operations: deps
+	$(PY) bench/operations
 
 chaos: deps
 	$(PY) compose/chaos --faults 200 --seed 1

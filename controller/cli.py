@@ -1,4 +1,5 @@
-"""The operator CLI: `nfs-ha status`, `nfs-ha move`, `nfs-ha raise-epoch`, `nfs-ha timeline`.
+"""The operator CLI: `nfs-ha status`, `nfs-ha raise-epoch`, `nfs-ha timeline`, and the commands of
+controller/operate.py (validate, apply, delete, move, drain, undrain, pause, resume).
 
 Exit codes: 0 done (status: OK), 1 status DEGRADED, 2 an error (bad input, etcd refused or
 unreachable; status: FAILING)."""
@@ -12,11 +13,13 @@ import sys
 import time
 from typing import Any
 
+import shtab
+
+from controller import operate
 from controller.coordination import Coordination
 from controller.etcdaccess import EtcdAccess
-from controller.keyspace import DEFAULT_PREFIX, InvalidName, Keyspace, check_name
+from controller.keyspace import DEFAULT_PREFIX, Keyspace
 from controller.placement import refusals
-from controller.spec import SpecError, parse_intent, parse_spec
 from controller.store import EtcdStore, StoreError
 from controller.timeline import add_timeline_parser, cmd_timeline
 from controller.view import ClusterView, parse_epoch_base
@@ -25,9 +28,10 @@ from controller.view import ClusterView, parse_epoch_base
 def collect(view: ClusterView) -> dict[str, Any]:
     """Everything `status` shows, as plain data."""
     live = view.live_nodes()
+    drained = set(view.drained())
     vfs_rows = []
     held: dict[str, list[str]] = {}
-    known_nodes = set(live)
+    known_nodes = set(live) | drained
     for name in view.vfs_names():
         config = view.config(name)
         owner = view.owner(name)
@@ -49,6 +53,7 @@ def collect(view: ClusterView) -> dict[str, Any]:
             "phase": status.get("phase", "unplaced"),
             "epoch": owner.epoch if owner else None,
             "intent": view.raw_intent(name),
+            "paused": view.paused(name),
             "error": "; ".join(dict.fromkeys(errors)),
             "status_updated": status.get("updated"),
             "steps": status.get("steps") or {},
@@ -58,6 +63,7 @@ def collect(view: ClusterView) -> dict[str, Any]:
         info = live.get(node)
         node_rows.append({
             "node": node, "alive": info is not None, "vfs": sorted(held.get(node, [])),
+            "drained": node in drained,
             "backoff": (info or {}).get("backoff") or {}, "addresses": (info or {}).get("addresses", []),
             "guard": (info or {}).get("guard") or [],
             "loop_errors": _loop_errors((info or {}).get("loop_errors")),
@@ -78,7 +84,7 @@ def health(data: dict[str, Any]) -> tuple[int, list[str]]:
     2 (FAILING): a VFS with a spec is not being served (no owner, or its owner is not serving yet).
     1 (DEGRADED): every VFS is served, but something needs a look: an error on a VFS (a bad spec
       still served as before, a node refusing it), a dead candidate node, a node backing off from a
-      VFS, or a VFS served elsewhere than its intent asks.
+      VFS, a VFS served elsewhere than its intent asks, a paused VFS, a drained node.
     0 (OK): none of that. (Not reading etcd at all is 2 too: the CLI fails with that code.)
     """
     rows = [r for r in data["vfs"] if r["spec"] or r["owner"]]  # a deleted VFS being cleaned up is neither
@@ -89,9 +95,13 @@ def health(data: dict[str, Any]) -> tuple[int, list[str]]:
     degraded = [f"{r['vfs']}: {r['error']}" for r in rows if r["error"]]
     degraded += [f"{r['vfs']} is served by {r['owner']}, its intent asks for {r['intent']}"
                  for r in rows if r["intent"] and r["intent"] != r["owner"]]
+    degraded += [f"{r['vfs']} is paused" for r in rows if r["paused"]]
     for n in data["nodes"]:
         if not n["alive"]:
             degraded.append(f"node {n['node']} is down")
+        if n["drained"]:
+            degraded.append(f"node {n['node']} is drained" + (f", still holding {', '.join(n['vfs'])}"
+                                                               if n["vfs"] else ""))
         degraded += [f"node {n['node']} is backing off from {vfs}: {why}" for vfs, why in n["backoff"].items()]
     return (1 if degraded else 0), degraded
 
@@ -112,7 +122,8 @@ def _table(rows: list[list[str]]) -> str:
 def render(data: dict[str, Any]) -> str:
     vfs = [["VFS", "VIP", "OWNER", "PHASE", "EPOCH", "INTENT", "ERROR"]]
     for r in data["vfs"]:
-        vfs.append([r["vfs"], r["vip"] or "-", r["owner"] or "-", r["phase"], str(r["epoch"] or "-"),
+        phase = r["phase"] + (" (paused)" if r["paused"] else "")
+        vfs.append([r["vfs"], r["vip"] or "-", r["owner"] or "-", phase, str(r["epoch"] or "-"),
                     r["intent"] or "-", r["error"] or "-"])
     nodes = [["NODE", "ALIVE", "VFS", "BACKOFF", "LAST GUARD FENCE", "LOOP ERRORS"]]
     for r in data["nodes"]:
@@ -120,7 +131,8 @@ def render(data: dict[str, Any]) -> str:
         last = r["guard"][-1] if r["guard"] else None
         guard = f"{last.get('vfs')} at {last.get('time')} ({last.get('reason')})" if last else "-"
         errors = ",".join(f"{k}:{v}" for k, v in sorted(r.get("loop_errors", {}).items())) or "-"
-        nodes.append([r["node"], "yes" if r["alive"] else "no", ",".join(r["vfs"]) or "-", backoff, guard, errors])
+        alive = ("yes" if r["alive"] else "no") + (" (drained)" if r["drained"] else "")
+        nodes.append([r["node"], alive, ",".join(r["vfs"]) or "-", backoff, guard, errors])
     health = data["health"]
     summary = f"{health['state']}" + (": " + "; ".join(health["reasons"]) if health["reasons"] else "")
     return _table(vfs) + "\n\n" + _table(nodes) + "\n\n" + summary
@@ -154,27 +166,6 @@ def _status_once(store: Coordination, args: argparse.Namespace) -> int:
     else:
         print(render(data))
     return int(data["health"]["code"])
-
-
-def cmd_move(store: Coordination, args: argparse.Namespace) -> int:
-    try:
-        check_name(args.vfs, "VFS name")
-        check_name(args.node, "node name")
-    except InvalidName as exc:
-        return _fail(str(exc))
-    rec = store.spec_record(args.vfs)
-    if rec is None:
-        return _fail(f"VFS {args.vfs!r} has no spec")
-    try:
-        spec = parse_spec(args.vfs, rec.value)
-        parse_intent(args.node, spec)
-    except SpecError as exc:
-        return _fail(str(exc))
-    store.put_intent(args.vfs, args.node)
-    if store.node_record(args.node) is None:
-        print(f"warning: {args.node} is not alive; {args.vfs} moves there when it registers", file=sys.stderr)
-    print(f"intent for {args.vfs}: {args.node}")
-    return 0
 
 
 MAX_EPOCH = 10**18 - 1  # the agents read at most 18 digits (controller/view.py epoch_base)
@@ -228,16 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--etcd-{name}", default=os.environ.get(env, ""), help=f"{what} (env {env})")
     sub = parser.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("status", help="one row per VFS and per node")
+    st.set_defaults(func=cmd_status)
     st.add_argument("--json", action="store_true")
     st.add_argument("--watch", nargs="?", const=2.0, type=_interval, metavar="SECONDS",
                     help="show it again every SECONDS (default 2) until interrupted; with --json one object per line")
-    mv = sub.add_parser("move", help="ask for a VFS to be served by a node (writes the intent)")
-    mv.add_argument("vfs")
-    mv.add_argument("node")
     re_ = sub.add_parser("raise-epoch", help="after etcd was restored from a snapshot: make every new owner's "
                          "storage epoch higher than N (the number a refused takeover names)")
     re_.add_argument("epoch")
+    re_.set_defaults(func=cmd_raise_epoch)
+    operate.add_parsers(sub)
     add_timeline_parser(sub)
+    shtab.add_argument_to(parser, ["--print-completion"], help="print a shell completion script (bash, zsh, tcsh)")
     args = parser.parse_args(argv)
     if args.cmd == "timeline":
         return cmd_timeline(args)  # reads span files or Jaeger, not etcd
@@ -250,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     try:
-        return {"status": cmd_status, "move": cmd_move, "raise-epoch": cmd_raise_epoch}[args.cmd](store, args)
+        return int(args.func(store, args))
     except StoreError as exc:
+        if args.cmd == "validate":  # the file is still checked on its own
+            print(f"nfs-ha: not checked against the stored specs: {exc}", file=sys.stderr)
+            return int(operate.cmd_validate(None, args))
         return _fail(str(exc))
     finally:
         store.close()

@@ -313,6 +313,33 @@ class Coordination:
     def put_intent(self, vfs: str, node: str) -> None:
         self.store.put(self.keyspace.intent(vfs), node)
 
+    def clear_intent(self, vfs: str) -> None:
+        self.store.delete(self.keyspace.intent(vfs))
+
+    def put_spec(self, vfs: str, spec: str, seen: KeyRecord | None) -> bool:
+        """Write a VFS's spec iff it is still as `seen` (None: absent), so two operators' applies
+        cannot silently overwrite each other."""
+        return self.store.put_if_unchanged(self.keyspace.spec(vfs), spec, seen)
+
+    def delete_vfs(self, vfs: str) -> None:
+        """Delete what operators wrote for a VFS (spec, intent, pause). Its holder then releases it
+        (a planned release) and the status writer removes its status (controller/vfs_actions.py)."""
+        for key in (self.keyspace.spec(vfs), self.keyspace.intent(vfs), self.keyspace.pause(vfs)):
+            self.store.delete(key)
+
+    def set_drain(self, node: str, note: str) -> None:
+        self.store.put(self.keyspace.drain(node), note)
+
+    def clear_drain(self, node: str) -> None:
+        self.store.delete(self.keyspace.drain(node))
+
+    def set_pause(self, vfs: str | None, note: str) -> None:
+        """Pause one VFS, or (None) the whole cluster."""
+        self.store.put(self.keyspace.pause(vfs) if vfs else self.keyspace.pause_all, note)
+
+    def clear_pause(self, vfs: str | None) -> None:
+        self.store.delete(self.keyspace.pause(vfs) if vfs else self.keyspace.pause_all)
+
     def set_epoch_base(self, value: int, seen: KeyRecord | None) -> bool:
         """Compare-and-set the epoch base (`nfs-ha raise-epoch`): iff it is still as `seen`."""
         return self.store.put_if_unchanged(self.keyspace.epoch_base, str(value), seen)

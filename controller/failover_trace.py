@@ -36,7 +36,8 @@ MOVE_WAIT = 120.0
 def cause_of(reason: str) -> str:
     """The `nfs_ha.cause` word for a release reason."""
     head = reason.split(":", 1)[0].strip()
-    return {"intent": "intent", "spec_changed": "spec_changed", "agent stopping": "shutdown"}.get(head, "unhealthy")
+    return {"intent": "intent", "spec_changed": "spec_changed", "agent stopping": "shutdown",
+            "drain": "drain"}.get(head, "unhealthy")
 
 
 class FailoverTracer:
@@ -120,7 +121,7 @@ class FailoverTracer:
         cause = cause_of(reason)
         attrs = self.attrs(spec, h.epoch, **{"nfs_ha.cause": cause, "nfs_ha.reason": reason})
         move = None
-        if cause in ("intent", "spec_changed", "shutdown"):
+        if cause in ("intent", "spec_changed", "shutdown", "drain"):
             move = tracing.tracer().start_span("vfs.move", attributes=attrs)
         parent = trace.set_span_in_context(move) if move is not None else None
         root = tracing.tracer().start_span("vfs.release", context=parent, attributes=attrs)

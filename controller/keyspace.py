@@ -5,7 +5,11 @@
     <prefix>/vfs/<vfs>/owner    agent-written, bound to the owner's per-VFS lease;
                                 its create_revision is the VFS epoch (fencing token)
     <prefix>/vfs/<vfs>/status   JSON status, written by the owner (or the status writer)
+    <prefix>/vfs/<vfs>/pause    operator-written (`nfs-ha pause VFS`): nothing moves (placement.py)
     <prefix>/nodes/<node>       node registration, bound to the node's lease
+    <prefix>/drain/<node>       operator-written (`nfs-ha drain NODE`): no VFS is placed on the node,
+                                and what it holds moves away where another candidate can take it
+    <prefix>/pause              operator-written (`nfs-ha pause --all`): nothing moves, cluster-wide
     <prefix>/epoch-base         operator-written integer (`nfs-ha raise-epoch N`), only ever raised:
                                 storage epoch = epoch-base + owner create_revision
 
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 DEFAULT_PREFIX = "/nfs-ha"
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z, not $: "$" also matches before a final newline
-VFS_FIELDS = ("spec", "intent", "owner", "status")
+VFS_FIELDS = ("spec", "intent", "owner", "status", "pause")
 
 
 class InvalidName(ValueError):
@@ -70,8 +74,18 @@ class Keyspace:
     def status(self, vfs: str) -> str:
         return self.vfs_key(vfs, "status")
 
+    def pause(self, vfs: str) -> str:
+        return self.vfs_key(vfs, "pause")
+
     def node(self, node: str) -> str:
         return f"{self.prefix}/nodes/{node}"
+
+    def drain(self, node: str) -> str:
+        return f"{self.prefix}/drain/{node}"
+
+    @property
+    def pause_all(self) -> str:
+        return f"{self.prefix}/pause"
 
     @property
     def epoch_base(self) -> str:
@@ -79,7 +93,8 @@ class Keyspace:
         return f"{self.prefix}/epoch-base"
 
     def parse(self, key: str) -> tuple[str, str, str] | None:
-        """Map a key to ("vfs", name, field) or ("node", name, ""); None for foreign and junk keys.
+        """Map a key to ("vfs", name, field), ("node", name, ""), ("drain", node, "") or ("pause", "", "")
+        (cluster-wide); None for foreign and junk keys (and the epoch base).
 
         Only valid names are returned: a junk key (see the module docstring) must not start a
         reconciler or count as a live node (an invalid node name could sort first and make
@@ -90,8 +105,10 @@ class Keyspace:
         parts = key[len(self.root):].split("/")
         if len(parts) == 3 and parts[0] == "vfs" and parts[2] in VFS_FIELDS and NAME_RE.match(parts[1]):
             return ("vfs", parts[1], parts[2])
-        if len(parts) == 2 and parts[0] == "nodes" and NAME_RE.match(parts[1]):
-            return ("node", parts[1], "")
+        if len(parts) == 2 and parts[0] in ("nodes", "drain") and NAME_RE.match(parts[1]):
+            return ("node" if parts[0] == "nodes" else "drain", parts[1], "")
+        if key == self.pause_all:
+            return ("pause", "", "")
         return None
 
     def is_junk(self, key: str) -> bool:

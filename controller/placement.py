@@ -9,6 +9,14 @@ candidates in spec order. Nodes that are backing off from the VFS after a failed
 takeover go last, so they are not chosen again while another candidate can serve.
 Nodes whose own policy refuses the VFS (controller/policy.py; they publish why in their
 registration) are no candidates at all, and a holder that refuses it releases it.
+
+Operator controls:
+- A drained node (`nfs-ha drain`) is no candidate; a VFS it holds moves to the first candidate
+  that can take it (live, not drained, not refusing, not backing off), and stays if there is none:
+  a drain never stops a VFS that has nowhere to go.
+- A paused VFS (`nfs-ha pause`, or the whole cluster) does not move: nobody takes it over and its
+  holder keeps it, whatever intent, spec, drain or policy say. Only a stale owner key of this very
+  node's earlier run is still cleared (that moves nothing). The self-fence rules still apply.
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ def preference(config: VfsConfig, live: dict[str, dict[str, Any]]) -> list[str]:
         order.remove(config.intent)
         order.insert(0, config.intent)
     refusing = refusals(config, live)
-    alive = [n for n in order if n in live and n not in refusing]
+    alive = [n for n in order if n in live and n not in refusing and not live[n].get("drained")]
     ready = [n for n in alive if not backing_off(live[n], config.name)]
     return ready + [n for n in alive if n not in ready]
 
@@ -71,6 +79,8 @@ def decide(me: str, config: VfsConfig, owner: Owner | None, live: dict[str, dict
     `refused`: why this node's own policy refuses the spec (None: it does not)."""
     if owner is not None and owner.node == me and held_vip is None:
         return Decision(Action.CLEAR_STALE, "owner key left by an earlier run of this agent")
+    if config.paused:
+        return Decision(Action.NOTHING, "paused")
     if held_vip is not None:
         if refused and config.spec is not None:
             return Decision(Action.RELEASE, f"spec_changed: refused by this node's policy: {refused}")
@@ -95,7 +105,11 @@ def _decide_holder(me: str, config: VfsConfig, live: dict[str, dict[str, Any]], 
     if config.spec.vip_cidr != held_vip:
         return Decision(Action.RELEASE, f"spec_changed: VIP is now {config.spec.vip_cidr}")
     target = config.intent
-    if target and target != me and target in live and not backing_off(live[target], config.name) \
-            and target not in refusals(config, live):
+    order = preference(config, live)
+    if target and target != me and target in order and not backing_off(live[target], config.name):
         return Decision(Action.RELEASE, f"intent: move to {target}")
+    if live.get(me, {}).get("drained"):
+        ready = [n for n in order if n != me and not backing_off(live[n], config.name)]
+        if ready:
+            return Decision(Action.RELEASE, f"drain: move to {ready[0]}")
     return Decision(Action.NOTHING)

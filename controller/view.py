@@ -93,6 +93,7 @@ class VfsConfig:
     spec: VfsSpec | None
     intent: str | None
     errors: tuple[str, ...] = ()
+    paused: bool = False  # nothing moves (controller/placement.py)
 
     @property
     def error(self) -> str:
@@ -142,8 +143,8 @@ class ViewIndex:
     """Lookups derived from a view's keys, kept per key as events arrive (copy on write: a new view
     gets a copy, an existing one is never changed). Values are frozensets so copies share them."""
 
-    __slots__ = ("backlog", "by_device", "by_vip", "fields", "intents", "junk", "nodes", "owner_vip",
-                 "owners_by_vip", "specs", "waiting_on")
+    __slots__ = ("backlog", "by_device", "by_vip", "drained", "fields", "intents", "junk", "nodes", "owner_vip",
+                 "owners_by_vip", "paused_all", "specs", "waiting_on")
 
     def __init__(self) -> None:
         self.fields: dict[str, frozenset[str]] = {}  # VFS -> which of its keys exist
@@ -161,6 +162,8 @@ class ViewIndex:
         # the first candidate): how much a node has still to take over (placement's backlog wait).
         self.waiting_on: dict[str, str] = {}
         self.backlog: dict[str, int] = {}
+        self.drained: dict[str, None] = {}  # nodes an operator drained (an ordered set)
+        self.paused_all: dict[str, None] = {}  # {"": None} while the cluster-wide pause key exists
 
     @classmethod
     def build(cls, ks: Keyspace, keys: dict[str, KeyRecord], previous: ViewIndex | None = None,
@@ -191,6 +194,21 @@ class ViewIndex:
                     self.junk[key] = None
             return
         kind, name, field_name = parsed
+        if kind == "pause":
+            if record is None:
+                self.paused_all.pop("", None)
+            else:
+                self.paused_all[""] = None
+            return
+        if kind == "drain":
+            if record is None:
+                self.drained.pop(name, None)
+            else:
+                self.drained[name] = None
+            if not bulk:  # who each VFS waits for skips drained nodes
+                for vfs in list(self.specs):
+                    self._count_waiting(vfs)
+            return
         if kind == "node":
             joined_or_left = (record is None) == (name in self.nodes)
             if record is None:
@@ -234,7 +252,7 @@ class ViewIndex:
         if raw is not None:
             with contextlib.suppress(Exception):  # a bad intent is the spec's error, reported elsewhere
                 order.insert(0, parse_intent(raw, spec))
-        head = next((n for n in order if n in self.nodes), None)  # the first live one (placement's order)
+        head = next((n for n in order if n in self.nodes and n not in self.drained), None)  # placement's order
         if head is None:
             return
         self.waiting_on[name] = head
@@ -338,7 +356,7 @@ class ClusterView:
             if parsed is None:
                 continue
             kind, name, field_name = parsed
-            if kind == "node":
+            if kind in ("node", "drain", "pause"):
                 return None
             names.add(name)
             for view in (before, self):
@@ -371,12 +389,24 @@ class ClusterView:
         return sorted(self.index.fields)
 
     def has_reconcilable_keys(self, vfs: str) -> bool:
-        """A spec, owner or status key exists (an intent alone does not make a VFS)."""
-        return bool(self.index.fields.get(vfs, frozenset()) - {"intent"})
+        """A spec, owner or status key exists (an intent or a pause alone does not make a VFS)."""
+        return bool(self.index.fields.get(vfs, frozenset()) - {"intent", "pause"})
 
     def live_nodes(self) -> dict[str, dict[str, Any]]:
-        """Registrations by node name (the same parsed dicts on every call: do not change them)."""
-        return dict(self.index.nodes)
+        """Registrations by node name (the same parsed dicts on every call: do not change them). A drained
+        node's carries "drained": True (placement.preference skips it), whatever the node wrote."""
+        live = dict(self.index.nodes)
+        for node, info in live.items():
+            if node in self.index.drained or info.get("drained"):
+                live[node] = {**info, "drained": node in self.index.drained}
+        return live
+
+    def drained(self) -> list[str]:
+        return list(self.index.drained)
+
+    def paused(self, vfs: str) -> bool:
+        """Nothing moves for this VFS (`nfs-ha pause VFS` or `pause --all`)."""
+        return bool(self.index.paused_all) or "pause" in self.index.fields.get(vfs, frozenset())
 
     def owner(self, vfs: str) -> Owner | None:
         rec = self._get(self.keyspace.owner(vfs))
@@ -400,6 +430,11 @@ class ClusterView:
         return rec.value.decode(errors="replace").strip() if rec else None
 
     def config(self, vfs: str) -> VfsConfig:
+        """The validated spec and intent of one VFS, including cross-VFS checks, and whether it is paused."""
+        config = self._config(vfs)
+        return replace(config, paused=True) if self.paused(vfs) else config
+
+    def _config(self, vfs: str) -> VfsConfig:
         """The validated spec and intent of one VFS, including cross-VFS checks.
 
         Never raises: whatever goes wrong with one VFS's keys is that VFS's error (parse_spec and
