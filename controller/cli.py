@@ -40,7 +40,7 @@ def collect(view: ClusterView) -> dict[str, Any]:
             known_nodes.update(config.spec.candidates)
         if owner:
             held.setdefault(owner.node, []).append(name)
-        errors = [e for e in (config.error, status.get("error", "")) if e]
+        errors = [e for e in (config.error, _text(status.get("error"))) if e]
         if len(errors) == 2 and errors[0] in errors[1]:
             errors = errors[1:]  # the status already says it
         errors += [f"{n} refuses: {why}" for n, why in sorted(refusals(config, live).items())
@@ -48,9 +48,9 @@ def collect(view: ClusterView) -> dict[str, Any]:
         vfs_rows.append({
             "vfs": name,
             "spec": view.has_spec(name),
-            "vip": config.spec.vip_cidr if config.spec else status.get("vip"),
+            "vip": config.spec.vip_cidr if config.spec else (_text(status.get("vip")) or None),
             "owner": owner.node if owner else None,
-            "phase": status.get("phase", "unplaced"),
+            "phase": _text(status.get("phase")) or "unplaced",
             "epoch": owner.epoch if owner else None,
             "intent": view.raw_intent(name),
             "paused": view.paused(name),
@@ -64,8 +64,9 @@ def collect(view: ClusterView) -> dict[str, Any]:
         node_rows.append({
             "node": node, "alive": info is not None, "vfs": sorted(held.get(node, [])),
             "drained": node in drained,
-            "backoff": (info or {}).get("backoff") or {}, "addresses": (info or {}).get("addresses", []),
-            "guard": (info or {}).get("guard") or [],
+            "backoff": {str(k): _text(v) for k, v in _dict((info or {}).get("backoff")).items()},
+            "addresses": [a for a in _list((info or {}).get("addresses")) if isinstance(a, str)],
+            "guard": [g for g in _list((info or {}).get("guard")) if isinstance(g, dict)],
             "loop_errors": _loop_errors((info or {}).get("loop_errors")),
             "reset": (info or {}).get("reset"),
         })
@@ -104,6 +105,19 @@ def health(data: dict[str, Any]) -> tuple[int, list[str]]:
                                                                if n["vfs"] else ""))
         degraded += [f"node {n['node']} is backing off from {vfs}: {why}" for vfs, why in n["backoff"].items()]
     return (1 if degraded else 0), degraded
+
+
+# Node registrations and statuses are untrusted input too: junk in one must not break `status`.
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else str(value)[:500]
+
+
+def _dict(value: Any) -> dict[Any, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _loop_errors(value: Any) -> dict[str, int]:
@@ -150,8 +164,8 @@ def cmd_status(store: Coordination, args: argparse.Namespace) -> int:
             print(time.strftime("%Y-%m-%d %H:%M:%S"), file=sys.stdout if not args.json else sys.stderr)
             try:
                 code = _status_once(store, args)
-            except StoreError as exc:
-                code = _fail(str(exc))
+            except Exception as exc:  # a watch goes on through etcd outages (and anything else)
+                code = _fail(str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
             sys.stdout.flush()
             time.sleep(args.watch)
     except KeyboardInterrupt:

@@ -17,7 +17,6 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -52,15 +51,25 @@ def read_specs(path: str) -> dict[str, dict[str, Any]]:
     """A file (JSON or YAML; `-`: stdin) mapping VFS names to specs, each checked as an agent checks it.
     ValueError listing every problem found."""
     try:
-        text = sys.stdin.read(MAX_FILE_BYTES + 1) if path == "-" else Path(path).read_text()[:MAX_FILE_BYTES + 1]
+        if path == "-":
+            raw = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+        else:
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_FILE_BYTES + 1)
+        text = raw.decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot be read: {exc}") from None
-    if len(text) > MAX_FILE_BYTES:
+    if len(raw) > MAX_FILE_BYTES:
         raise ValueError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
     try:
+        # No anchors and aliases: a few lines of them expand into gigabytes when the specs are encoded.
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise ValueError(f"{path}: YAML aliases (*name) are not accepted in spec files")
         data = yaml.safe_load(text)  # JSON is YAML too
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: neither JSON nor YAML: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply") from None
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a mapping of VFS names to specs, e.g. "
                          "{home: {vip: 10.0.0.100/24, candidates: [node-a, node-b]}}")
@@ -74,20 +83,27 @@ def read_specs(path: str) -> dict[str, dict[str, Any]]:
             specs[name] = spec
         except (InvalidName, SpecError) as exc:
             problems.append(f"{name}: {exc}")
+        except (TypeError, ValueError, RecursionError) as exc:  # a date, a set, binary, mixed keys: not JSON
+            problems.append(f"{name!s:.64}: not a JSON-compatible spec ({type(exc).__name__}: {str(exc)[:200]})")
     if problems:
         raise ValueError("; ".join(problems))
     return specs
 
 
 def check_against(view: ClusterView, specs: dict[str, dict[str, Any]]) -> list[str]:
-    """The cross-VFS checks of the agents (VIP and device clashes) on the cluster as it would be."""
+    """The agents' cross-VFS checks (VIP and device clashes) on the cluster as it would be: errors of the
+    file's VFS, and of every other VFS the file would make invalid (a clash can cost the other one)."""
     keys = dict(view.keys)
     for name, spec in specs.items():
         old = keys.get(view.keyspace.spec(name))
         keys[view.keyspace.spec(name)] = KeyRecord(canonical(spec).encode(), old.create_revision if old else
                                                    view.revision + 1, view.revision + 1, 0)
     after = ClusterView(view.keyspace, view.revision + 1, keys)
-    return [f"{name}: {err}" for name in specs for err in after.config(name).errors]
+    problems = [f"{name}: {err}" for name in sorted(specs) for err in after.config(name).errors]
+    for name in after.vfs_names():  # O(VFS), once per apply
+        if name not in specs and after.config(name).errors != view.config(name).errors:
+            problems += [f"{name}: {err}" for err in after.config(name).errors]
+    return problems
 
 
 def _diff(name: str, old: KeyRecord | None, new: str) -> str:
@@ -95,8 +111,8 @@ def _diff(name: str, old: KeyRecord | None, new: str) -> str:
     if old is not None:
         try:
             before = canonical(json.loads(old.value))
-        except ValueError:
-            before = old.value.decode(errors="replace") + "\n"
+        except (ValueError, RecursionError):  # the stored spec is junk: shown as it is
+            before = old.value.decode(errors="replace")[:100_000] + "\n"
     return "".join(difflib.unified_diff(before.splitlines(True), new.splitlines(True),
                                         f"{name} (stored)", f"{name} (file)"))
 
@@ -155,8 +171,11 @@ def cmd_delete(store: Coordination, args: argparse.Namespace) -> int:
     print(f"{args.vfs}: spec deleted" + (f"; {owner.node} releases it" if owner else ""))
     if not args.wait:
         return 0
-    return _wait(store, args.timeout, lambda v: (v.owner(args.vfs) is None, _owner_text(v, args.vfs)),
-                 f"{args.vfs} released")
+    def released(v: ClusterView) -> tuple[bool, str]:
+        paused = " (paused: its holder keeps it until nfs-ha resume)" if v.paused(args.vfs) else ""
+        return v.owner(args.vfs) is None, _owner_text(v, args.vfs) + paused
+
+    return _wait(store, args.timeout, released, f"{args.vfs} released")
 
 
 def cmd_move(store: Coordination, args: argparse.Namespace) -> int:
@@ -237,34 +256,53 @@ def _wait(store: Coordination, timeout: float, check: Callable[[ClusterView], tu
 
 
 def cmd_drain(store: Coordination, args: argparse.Namespace) -> int:
-    """Mark the node drained (placement skips it; what it holds moves to another candidate), then wait
-    until it holds nothing, naming what cannot move and why."""
+    """Mark the node drained (placement puts it last; what it holds moves to another candidate), then
+    wait until it holds nothing and what it held serves elsewhere, naming what cannot move and why."""
+    before = _view(store)
+    moving = [n for n in before.vfs_names() if (o := before.owner(n)) is not None and o.node == args.node]
     store.set_drain(args.node, json.dumps({"since": wall_clock(), "by": "nfs-ha drain"}))
-    print(f"{args.node} drained: nothing is placed on it; what it holds moves away")
+    print(f"{args.node} drained: VFS are placed on it only when no other node can take them; "
+          f"what it holds moves away ({', '.join(moving) or 'it holds nothing'})")
     if not args.wait:
         return 0
 
-    def empty(v: ClusterView) -> tuple[bool, str]:
-        held = [n for n in v.vfs_names() if (o := v.owner(n)) is not None and o.node == args.node]
-        reasons = [f"{n}: {_stuck_reason(v, n, args.node)}" for n in held]
-        return not held, "; ".join(reasons)
+    def moved(v: ClusterView) -> tuple[bool, str]:
+        left = [n for n in moving if not _served_elsewhere(v, n, args.node)]
+        return not left, "; ".join(f"{n}: {_stuck_reason(v, n, args.node)}" for n in left)
 
-    return _wait(store, args.timeout, empty, f"{args.node} holds nothing")
+    return _wait(store, args.timeout, moved, f"{args.node} holds nothing; what it held serves elsewhere")
+
+
+def _served_elsewhere(view: ClusterView, vfs: str, node: str) -> bool:
+    """Moved off `node` and serving, or gone (deleted meanwhile)."""
+    owner, status = view.owner(vfs), view.status(vfs) or {}
+    if not view.has_spec(vfs):
+        return owner is None or owner.node != node
+    return owner is not None and owner.node != node and status.get("phase") == "serving"
 
 
 def _stuck_reason(view: ClusterView, vfs: str, node: str) -> str:
     config = view.config(vfs)
     if config.paused:
-        return "paused"
+        return "paused (nfs-ha resume)"
+    owner = view.owner(vfs)
+    if owner is not None and owner.node != node:
+        return f"being taken over by {owner.node} ({(view.status(vfs) or {}).get('phase', '?')})"
     live = view.live_nodes()
     others = [n for n in (config.spec.candidates if config.spec else ()) if n != node]
-    movable = [n for n in others if n in live and not live[n].get("drained") and n not in refusals(config, live)]
-    return "moving" if movable else f"no other live candidate that can take it (candidates {list(others)})"
+    usable = [n for n in others if n in live and not live[n].get("drained") and n not in refusals(config, live)]
+    ready = [n for n in usable if not isinstance(b := live[n].get("backoff"), dict) or vfs not in b]
+    if ready:
+        return f"moving to {ready[0]}"
+    if usable:
+        return f"every other candidate is backing off from it ({', '.join(usable)})"
+    return f"no other live candidate can take it (candidates {others})"
 
 
 def cmd_undrain(store: Coordination, args: argparse.Namespace) -> int:
     store.clear_drain(args.node)
-    print(f"{args.node} undrained: placement may use it again (nothing moves back by itself)")
+    print(f"{args.node} undrained: placement may use it again (a VFS moves back only where its intent names "
+          f"{args.node})")
     return 0
 
 

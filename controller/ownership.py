@@ -261,7 +261,10 @@ def acquire(store: Coordination, vfs: str, node: str, ttl: int, status: dict[str
     with observe("lease_grant"):
         lease_id, granted = store.grant(ttl)
     h = new_holding(lease_id, granted, sent_at)
-    owner = {"node": node, "since": wall_clock(), "lease": f"{lease_id:x}", "ttl": granted, "vip": h.vip}
+    # The VIP and the device it is served with: while this key exists no other spec may claim either
+    # (controller/view.py, the clash rules), whatever the specs say by then.
+    owner = {"node": node, "since": wall_clock(), "lease": f"{lease_id:x}", "ttl": granted, "vip": h.vip,
+             "device": h.device}
     try:
         with observe("owner_txn"):
             claim = store.claim(vfs, owner, lease_id, status, status_revision)

@@ -11,9 +11,10 @@ Nodes whose own policy refuses the VFS (controller/policy.py; they publish why i
 registration) are no candidates at all, and a holder that refuses it releases it.
 
 Operator controls:
-- A drained node (`nfs-ha drain`) is no candidate; a VFS it holds moves to the first candidate
-  that can take it (live, not drained, not refusing, not backing off), and stays if there is none:
-  a drain never stops a VFS that has nowhere to go.
+- A drained node (`nfs-ha drain`) comes last, after every other live candidate (even those backing
+  off): it takes a VFS only when nobody else can. A VFS it holds moves to the first candidate that
+  can take it (live, not drained, not refusing, not backing off), and stays if there is none: a
+  drain never stops a VFS that has nowhere to go.
 - A paused VFS (`nfs-ha pause`, or the whole cluster) does not move: nobody takes it over and its
   holder keeps it, whatever intent, spec, drain or policy say. Only a stale owner key of this very
   node's earlier run is still cleared (that moves nothing). The self-fence rules still apply.
@@ -53,9 +54,12 @@ def refusals(config: VfsConfig, live: dict[str, dict[str, Any]]) -> dict[str, st
         return {}
     out = {}
     for node in config.spec.candidates:
-        refused = live.get(node, {}).get("refused")
+        info = live.get(node, {})
+        refused, more = info.get("refused"), info.get("refused_more")
         if isinstance(refused, dict) and config.name in refused:
             out[node] = str(refused[config.name])[:300]
+        elif isinstance(more, list) and config.name in more:
+            out[node] = "refused by its node policy (the reason is in that node's log)"
     return out
 
 
@@ -68,9 +72,10 @@ def preference(config: VfsConfig, live: dict[str, dict[str, Any]]) -> list[str]:
         order.remove(config.intent)
         order.insert(0, config.intent)
     refusing = refusals(config, live)
-    alive = [n for n in order if n in live and n not in refusing and not live[n].get("drained")]
-    ready = [n for n in alive if not backing_off(live[n], config.name)]
-    return ready + [n for n in alive if n not in ready]
+    alive = [n for n in order if n in live and n not in refusing]
+    usable = [n for n in alive if not live[n].get("drained")]
+    ready = [n for n in usable if not backing_off(live[n], config.name)]
+    return ready + [n for n in usable if n not in ready] + [n for n in alive if n not in usable]
 
 
 def decide(me: str, config: VfsConfig, owner: Owner | None, live: dict[str, dict[str, Any]],
@@ -105,11 +110,10 @@ def _decide_holder(me: str, config: VfsConfig, live: dict[str, dict[str, Any]], 
     if config.spec.vip_cidr != held_vip:
         return Decision(Action.RELEASE, f"spec_changed: VIP is now {config.spec.vip_cidr}")
     target = config.intent
-    order = preference(config, live)
-    if target and target != me and target in order and not backing_off(live[target], config.name):
+    ready = [n for n in preference(config, live) if n != me and not live[n].get("drained")
+             and not backing_off(live[n], config.name)]
+    if target and target in ready:
         return Decision(Action.RELEASE, f"intent: move to {target}")
-    if live.get(me, {}).get("drained"):
-        ready = [n for n in order if n != me and not backing_off(live[n], config.name)]
-        if ready:
-            return Decision(Action.RELEASE, f"drain: move to {ready[0]}")
+    if live.get(me, {}).get("drained") and ready:
+        return Decision(Action.RELEASE, f"drain: move to {ready[0]}")
     return Decision(Action.NOTHING)

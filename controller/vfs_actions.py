@@ -378,6 +378,9 @@ class VfsActions:
             return
         if config.spec is None:
             wanted = make_status("error", None, 0, config.error)
+        elif config.paused:  # e.g. its holder stopped or died meanwhile: nobody takes it until resumed
+            wanted = make_status("unplaced", None, 0, _join(config.error, "paused: not placed until "
+                                 "`nfs-ha resume`"), vip=config.spec.vip_cidr)
         elif not preference(config, live):
             refused = "; ".join(f"{n} refuses: {why}" for n, why in sorted(refusals(config, live).items()))
             wanted = make_status("unplaced", None, 0, _join(config.error, "no live candidate among "

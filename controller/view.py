@@ -128,6 +128,12 @@ def _owner_vip(record: KeyRecord) -> str | None:
     return vip.split("/")[0] if isinstance(vip, str) and vip else None
 
 
+def _owner_device(record: KeyRecord) -> str | None:
+    """The device an owner key records (owners since the device clash rule; older ones record none)."""
+    device = (record.json() or {}).get("device")
+    return device if isinstance(device, str) and device.startswith("/dev/") else None
+
+
 def _reusable(key: str, name: str, record: KeyRecord | None, previous: ViewIndex | None,
               previous_keys: dict[str, KeyRecord] | None) -> VfsSpec | str | None:
     """The spec `previous` parsed from this very record (same mod_revision), if any."""
@@ -143,8 +149,8 @@ class ViewIndex:
     """Lookups derived from a view's keys, kept per key as events arrive (copy on write: a new view
     gets a copy, an existing one is never changed). Values are frozensets so copies share them."""
 
-    __slots__ = ("backlog", "by_device", "by_vip", "drained", "fields", "intents", "junk", "nodes", "owner_vip",
-                 "owners_by_vip", "paused_all", "specs", "waiting_on")
+    __slots__ = ("backlog", "by_device", "by_vip", "drained", "fields", "intents", "junk", "nodes", "owner_device",
+                 "owner_vip", "owners_by_device", "owners_by_vip", "paused_all", "specs", "waiting_on")
 
     def __init__(self) -> None:
         self.fields: dict[str, frozenset[str]] = {}  # VFS -> which of its keys exist
@@ -156,6 +162,8 @@ class ViewIndex:
         self.by_device: dict[str, frozenset[str]] = {}  # device -> VFS whose valid spec names it
         self.owner_vip: dict[str, str] = {}  # VFS -> the VIP address its owner key records
         self.owners_by_vip: dict[str, frozenset[str]] = {}  # VIP address -> VFS owned with it
+        self.owner_device: dict[str, str] = {}  # VFS -> the device its owner key records
+        self.owners_by_device: dict[str, frozenset[str]] = {}  # device -> VFS owned with it
         self.junk: dict[str, None] = {}  # keys nfs-ha does not understand (an ordered set)
         self.intents: dict[str, bytes] = {}  # VFS -> its raw intent
         # Unowned VFS with a valid spec by the node they wait for (the intent node, if a candidate, else
@@ -281,6 +289,13 @@ class ViewIndex:
         if vip is not None:
             self.owner_vip[name] = vip
             _add(self.owners_by_vip, vip, name)
+        old = self.owner_device.pop(name, None)
+        if old is not None:
+            _discard(self.owners_by_device, old, name)
+        device = _owner_device(record) if record is not None else None
+        if device is not None:
+            self.owner_device[name] = device
+            _add(self.owners_by_device, device, name)
 
     def rivals(self, name: str) -> frozenset[str]:
         """VFS whose spec shares a VIP or device with `name`'s spec (itself included)."""
@@ -362,8 +377,11 @@ class ClusterView:
             for view in (before, self):
                 if field_name == "spec":
                     names |= view.index.rivals(name)
-                elif field_name == "owner" and name in view.index.owner_vip:
-                    names |= view.index.by_vip.get(view.index.owner_vip[name], frozenset())
+                elif field_name == "owner":
+                    if name in view.index.owner_vip:
+                        names |= view.index.by_vip.get(view.index.owner_vip[name], frozenset())
+                    if name in view.index.owner_device:
+                        names |= view.index.by_device.get(view.index.owner_device[name], frozenset())
         return names
 
     def junk_keys(self) -> list[str]:
@@ -464,12 +482,20 @@ class ClusterView:
 
     def _vip_clash(self, spec: VfsSpec, spec_rec: KeyRecord) -> str | None:
         """By the index: the VFS sharing this spec's VIP or device only, never every spec."""
-        # A VIP that another VFS is being served with stays with it, whatever its spec says
-        # now; otherwise the VFS whose spec was created first keeps a contested VIP.
+        # A VIP or device that another VFS is being served with stays with it, whatever its spec says
+        # now; otherwise the VFS whose spec was created first keeps a contested VIP or device.
         for other in sorted(self.index.owners_by_vip.get(spec.vip_address, frozenset()) - {spec.name}):
             other_owner = self.owner(other)
             if other_owner is not None:
                 return f"invalid spec: VIP {spec.vip_address} is in use by VFS {other!r} on {other_owner.node}"
+        # The same for a device: a spec changed to a device another VFS is mounted from must not win it
+        # by creation order, or a takeover of it elsewhere would mount the disk a second time.
+        if spec.storage is not None:
+            for other in sorted(self.index.owners_by_device.get(spec.storage.device, frozenset()) - {spec.name}):
+                other_owner = self.owner(other)
+                if other_owner is not None:
+                    return (f"invalid spec: device {spec.storage.device} is in use by VFS {other!r} "
+                            f"on {other_owner.node}")
         mine = (spec_rec.create_revision, spec.name)
         for other in sorted(self.index.rivals(spec.name) - {spec.name}):
             other_rec = self._get(self.keyspace.spec(other))

@@ -75,6 +75,7 @@ T = TypeVar("T")
 
 
 MAX_REFUSALS_PUBLISHED = 100
+MAX_REFUSED_NAMES = 500  # with 100 reasons of 200 bytes and 63-byte names, under the view's 64 KiB
 MAX_REFUSAL_TEXT = 200
 
 
@@ -192,11 +193,12 @@ class Agent:
         return problems
 
     def _registration(self) -> str:
+        refused, refused_more = self._published_refusals()
         return json.dumps({
             "version": _version(), "interface": self.cfg.interface, "mac": self.host.mac,
             "addresses": sorted(a.with_prefixlen for a in self.host.iface.addresses()),
             "hostname": socket.gethostname(), "started": self._started, "backoff": self.backoff.published(),
-            "refused": self._published_refusals(),
+            "refused": refused, "refused_more": refused_more,
             "guard": self._guard_records[-5:], "watchdog": self.cfg.watchdog or None,
             "release_bound": self.cfg.release_bound, "reset": self._reset_means(), "loop_errors": loops.errors(),
             # The TTLs this node holds leases with, for the hold after an etcd restore (restore_hold).
@@ -232,11 +234,18 @@ class Agent:
                 log.error("%s: refused by this node's policy: %s", vfs, why)
         self._register_soon()
 
-    def _published_refusals(self) -> dict[str, str]:
-        """At most MAX_REFUSALS_PUBLISHED: a registration must stay far below etcd's value limit
-        (controller/view.py reads a bigger one as empty); the rest show in this node's log only."""
+    def _published_refusals(self) -> tuple[dict[str, str], list[str]]:
+        """The refusals with their reasons, at most MAX_REFUSALS_PUBLISHED, and the names of the rest: a
+        registration must stay far below the view's value limit (controller/view.py reads a bigger one
+        as empty), but every refusal must be seen, or a holder would move a VFS here by intent and take
+        it back (placement.refusals)."""
         with self._lock:
-            return dict(sorted(self._refused.items())[:MAX_REFUSALS_PUBLISHED])
+            items = sorted(self._refused.items())
+        names = [name for name, _why in items[MAX_REFUSALS_PUBLISHED:]]
+        if len(names) > MAX_REFUSED_NAMES:
+            log.error("this node's policy refuses %d VFS; only %d are published (placement may try this "
+                      "node for the others)", len(items), MAX_REFUSALS_PUBLISHED + MAX_REFUSED_NAMES)
+        return dict(items[:MAX_REFUSALS_PUBLISHED]), names[:MAX_REFUSED_NAMES]
 
     def _initial_refusals(self, view: ClusterView) -> None:
         """Before the first registration: a restarted node must not look willing for a moment (a holder

@@ -7,7 +7,10 @@
 - /readyz: 200 once the agent is registered and placing VFS, 503 before that and while stopping.
 GET only, no authentication: bind it (metrics_address) to a management address, not to the
 client-facing one. A server that cannot start (the port is taken) is logged and counted; the agent
-goes on without it. The handlers only read: nothing here can change what the agent holds.
+goes on without it. The handlers only read: nothing here can change what the agent holds, and a
+scraper cannot make it work harder than once a second per page (answers are cached for CACHE_SECONDS),
+have more than MAX_CLIENTS requests answered at once, open more than MAX_CONNECTIONS connections
+(threads), or keep an idle one past TIMEOUT.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -25,6 +30,11 @@ from prometheus_client.exposition import choose_encoder
 from controller import loops
 
 log = logging.getLogger(__name__)
+
+CACHE_SECONDS = 1.0
+MAX_CLIENTS = 8  # requests answered at once
+MAX_CONNECTIONS = 32  # connections open at once
+TIMEOUT = 5.0
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -37,7 +47,29 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 class _Server(ThreadingHTTPServer):
+    """At most MAX_CONNECTIONS connections (each a thread, at most TIMEOUT idle); more are closed at once."""
+
     daemon_threads = True  # a slow scraper never holds up the agent's exit
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._connections.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
 
 class _Server6(_Server):
@@ -50,14 +82,28 @@ class ObservabilityServer:
         self.address = parse_address(address)
         self._registry, self._problems, self._ready = registry, problems, ready
         self._server: ThreadingHTTPServer | None = None
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._cache: dict[str, tuple[float, int, bytes, str]] = {}
+        self._cache_lock = threading.Lock()  # one computation per page at a time
 
     def start(self) -> bool:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = TIMEOUT  # an idle or slow client is dropped, its thread freed
+
             def do_GET(self) -> None:
-                with loops.guarded("metrics-http", self.path[:40], log):
+                if not outer._slots.acquire(blocking=False):
+                    outer._send(self, 503, b"busy\n", "text/plain")
+                    return
+                try:
                     outer._answer(self)
+                except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
+                    log.debug("scraper went away: %s", exc)  # its business, not an error of the agent
+                except Exception as exc:
+                    loops.record("metrics-http", exc, self.path[:40], log)
+                finally:
+                    outer._slots.release()
 
             def log_message(self, format: str, *args: object) -> None:
                 log.debug("%s %s", self.address_string(), format % args)
@@ -76,16 +122,29 @@ class ObservabilityServer:
         path = req.path.split("?", 1)[0]
         if path == "/metrics":
             encoder, content_type = choose_encoder(req.headers.get("Accept", ""))
-            self._send(req, 200, encoder(self._registry), content_type)
+            self._send(req, *self._cached(f"/metrics {content_type}", lambda: (200, encoder(self._registry),
+                                                                              content_type)))
         elif path == "/healthz":
-            problems = self._problems()
-            body = json.dumps({"ok": not problems, "problems": problems}).encode() + b"\n"
-            self._send(req, 503 if problems else 200, body, "application/json")
+            self._send(req, *self._cached(path, self._health))
         elif path == "/readyz":
             ready = self._ready()
             self._send(req, 200 if ready else 503, json.dumps({"ready": ready}).encode() + b"\n", "application/json")
         else:
             self._send(req, 404, b"not found: /metrics, /healthz, /readyz\n", "text/plain")
+
+    def _health(self) -> tuple[int, bytes, str]:
+        problems = self._problems()
+        body = json.dumps({"ok": not problems, "problems": problems}).encode() + b"\n"
+        return 503 if problems else 200, body, "application/json"
+
+    def _cached(self, key: str, make: Callable[[], tuple[int, bytes, str]]) -> tuple[int, bytes, str]:
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            now = time.monotonic()
+            if hit is None or now - hit[0] > CACHE_SECONDS:
+                hit = (now, *make())
+                self._cache[key] = hit
+            return hit[1], hit[2], hit[3]
 
     @staticmethod
     def _send(req: BaseHTTPRequestHandler, code: int, body: bytes, content_type: str) -> None:

@@ -201,8 +201,9 @@ def test_bad_specs_and_intents_move_nothing(cluster: Cluster) -> None:
     assert row["owner"] == "node-a" and row["epoch"] == first["epoch"] and row["phase"] == "serving"
     assert cluster.holders(vip) == ["node-a"] and cluster.holders(vip2) == []
 
-    text = cluster.cli("status")
-    assert text.returncode == 0 and "not valid JSON" in text.stdout and "is in use by VFS 'home'" in text.stdout
+    text = cluster.cli("status")  # FAILING (exit 2): the bad specs' VFS are served by nobody, and it says why
+    assert text.returncode == 2 and "not valid JSON" in text.stdout and "is in use by VFS 'home'" in text.stdout
+    assert "FAILING: badvip is error" in text.stdout
     for node, pid in cluster.agents.items():
         assert cluster.lab.run(node, ["kill", "-0", str(pid)], check=False).returncode == 0, f"{node} died"
     assert "Traceback" not in "".join(p.read_text() for p in cluster.logdir.glob("agent-*.log"))

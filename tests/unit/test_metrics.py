@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from controller import metrics
 from controller.failover_trace import TakeoverFlow
 from controller.keyspace import Keyspace
 from controller.view import ClusterView
+from node import observe
 from node.observe import ObservabilityServer, parse_address
 
 
@@ -97,7 +99,8 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[ObservabilityServer, list[str], list[bool]]]:
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ObservabilityServer, list[str], list[bool]]]:
+    monkeypatch.setattr(observe, "CACHE_SECONDS", 0.0)
     problems: list[str] = []
     ready = [False]
     srv = ObservabilityServer(f"127.0.0.1:{free_port()}", metrics.REGISTRY, lambda: list(problems),
@@ -136,3 +139,40 @@ def test_a_taken_port_leaves_the_agent_without_metrics_not_without_service() -> 
         srv = ObservabilityServer(f"127.0.0.1:{taken.getsockname()[1]}", metrics.REGISTRY, list, lambda: True)
         assert srv.start() is False
         srv.stop()
+
+
+def test_scrapers_are_answered_from_a_cache_and_cannot_hold_every_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(observe, "CACHE_SECONDS", 60.0)  # a loaded machine must not make it expire mid-test
+    calls: list[int] = []
+    srv = ObservabilityServer(f"127.0.0.1:{free_port()}", metrics.REGISTRY, lambda: calls.append(1) or [],
+                              lambda: True)
+    assert srv.start()
+    try:
+        for _ in range(5):
+            assert get(srv, "/healthz")[0] == 200
+        assert len(calls) == 1  # computed once a second at most, however often it is asked
+        idle = [socket.create_connection(("127.0.0.1", srv.address[1])) for _ in range(observe.MAX_CONNECTIONS)]
+        try:
+            server = srv._server
+            assert server is not None
+            deadline = time.monotonic() + 10  # until the server accepted them all (each a thread)
+            while server._connections._value > 0 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                time.sleep(0.05)
+            with pytest.raises((urllib.error.URLError, ConnectionError)):
+                get(srv, "/readyz")  # every connection slot taken: closed at once, no new thread
+        finally:
+            for conn in idle:
+                conn.close()
+        assert wait_ok(srv)  # once they are gone, it answers again
+    finally:
+        srv.stop()
+
+
+def wait_ok(srv: ObservabilityServer) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            return get(srv, "/readyz")[0] == 200
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    return False

@@ -21,11 +21,23 @@ HELD = "10.77.0.100/24"
 
 # --- placement: drain and pause -------------------------------------------------------------------
 
-def test_a_drained_node_is_no_candidate_and_its_vfs_moves_to_the_next_one() -> None:
+def test_a_drained_node_comes_last_and_its_vfs_moves_to_the_next_one() -> None:
     v = make(PLACED, owner="node-a", extra={KS.drain("node-a"): rec("{}")})
-    assert preference(v.config("home"), v.live_nodes()) == ["node-b", "node-c"]
+    assert preference(v.config("home"), v.live_nodes()) == ["node-b", "node-c", "node-a"]
     d = decide("node-a", v.config("home"), v.owner("home"), v.live_nodes(), HELD)
     assert d.action is Action.RELEASE and d.reason == "drain: move to node-b"
+
+
+def test_a_drained_node_is_the_last_resort_when_the_others_back_off() -> None:
+    """A drained node gave its VFS to node-b, whose takeover failed: the VFS must not stay down."""
+    backoff = {KS.node("node-b"): rec({"backoff": {"home": "mount failed"}})}
+    v = make({**PLACED, "candidates": ["node-a", "node-b"]}, nodes=("node-a",),
+             extra={**backoff, KS.drain("node-a"): rec("{}")})
+    assert preference(v.config("home"), v.live_nodes()) == ["node-b", "node-a"]
+    assert decide("node-a", v.config("home"), None, v.live_nodes(), None).action is Action.ACQUIRE
+    v = make({**PLACED, "candidates": ["node-a", "node-b"]}, owner="node-a", nodes=("node-a",),
+             extra={**backoff, KS.drain("node-a"): rec("{}")})
+    assert decide("node-a", v.config("home"), v.owner("home"), v.live_nodes(), HELD).action is Action.NOTHING
 
 
 def test_a_drain_never_stops_a_vfs_that_has_nowhere_to_go() -> None:
@@ -180,3 +192,37 @@ def test_the_cli_prints_a_completion_script(capsys: pytest.CaptureFixture[str]) 
 
 
 KS_T = Keyspace("/t")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("home: {vip: 10.77.0.100/24, candidates: [node-a], note: 2024-01-01}", "not a JSON-compatible spec"),
+    ("home: {vip: 10.77.0.100/24, candidates: [node-a], 1: x}", "not a JSON-compatible spec"),
+    ("a: &x [1, 1]\nb: &y [*x, *x]\nc: [*y, *y]\n", "YAML aliases (*name) are not accepted"),
+    ("home: " + "[" * 5000 + "]" * 5000, "nested too deeply"),
+    ("home: {vip: [unclosed", "neither JSON nor YAML"),
+    ("{1: {vip: 10.77.0.100/24}}", "invalid VFS name"),
+])
+def test_bad_spec_files_are_refused_with_a_reason_not_a_traceback(tmp_path: Path, text: str, message: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert operate.cmd_validate(None, ns(file=write(tmp_path, text))) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_huge_file_is_refused_without_reading_it_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert operate.cmd_validate(None, ns(file="/dev/zero")) == 2
+    assert "larger than" in capsys.readouterr().err
+
+
+def test_an_apply_that_would_make_another_vfs_invalid_writes_nothing(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Changing an older spec to the device of a newer VFS that is not in the file: the agents would
+    give the device to the older spec (or refuse both): checked on every VFS, not only the file's."""
+    s = store()
+    disk = {"storage": {"device": "/dev/loop7", "fstype": "xfs"},
+            "exports": [{"pseudo": "/x", "clients": ["10.77.0.0/24"]}]}
+    s.store.put(KS_T.spec("old"), json.dumps({"vip": "10.77.0.100/24", "candidates": ["node-a"]}))
+    s.store.put(KS_T.spec("new"), json.dumps({"vip": "10.77.0.101/24", "candidates": ["node-a"], **disk}))
+    path = write(tmp_path, json.dumps({"old": {"vip": "10.77.0.100/24", "candidates": ["node-a"], **disk}}))
+    assert operate.cmd_apply(s, ns(file=path, dry_run=False)) == 2
+    assert "new: invalid spec: device /dev/loop7 is already used by VFS 'old'" in capsys.readouterr().err
+    assert "storage" not in json.loads(s.spec_record("old").value)

@@ -148,3 +148,21 @@ def test_each_distinct_spec_is_parsed_once_however_many_reconcilers_ask(monkeypa
         for name in v.vfs_names():
             assert v.config(name).spec is not None
     assert sorted(calls) == sorted(f"v{i}" for i in range(20))  # 20 parses, not 3 x 20 x 20
+
+
+def test_a_device_being_served_stays_with_its_vfs_whatever_an_older_spec_says():
+    """An older spec changed to the device another VFS is mounted from must not win it by creation order:
+    a takeover of it elsewhere would mount the disk a second time (the owner key records the device)."""
+    disk = {"storage": {"device": "/dev/loop7", "fstype": "xfs"},
+            "exports": [{"pseudo": "/x", "clients": ["10.77.0.0/24"]}]}
+    keys = {
+        KS.spec("old"): rec({"vip": "10.77.0.100/24", "candidates": ["node-a"], **disk}, create=5),
+        KS.spec("new"): rec({"vip": "10.77.0.101/24", "candidates": ["node-b"], **disk}, create=9),
+        KS.owner("new"): rec({"node": "node-b", "vip": "10.77.0.101/24", "device": "/dev/loop7"}, create=20, lease=3),
+        KS.node("node-a"): rec({}), KS.node("node-b"): rec({}),
+    }
+    v = ClusterView(KS, 100, keys)
+    assert v.config("old").errors == ("invalid spec: device /dev/loop7 is in use by VFS 'new' on node-b",)
+    assert decide("node-a", v.config("old"), None, v.live_nodes(), None).action is Action.NOTHING
+    before = ClusterView(KS, 99, {k: r for k, r in keys.items() if k != KS.owner("new")})
+    assert "old" in v.affected(before, [KS.owner("new")])  # its release wakes the other claimant
