@@ -78,6 +78,20 @@ class TakeoverGate:
         self._cond = threading.Condition()
         self._active = 0
         self._first_waiting = 0
+        self._in_flight = 0  # takeovers between their first enter() and their finish(), waits included
+
+    def busy(self) -> bool:
+        """A takeover is waiting for a slot, running, or waiting outside its slot (tracing defers its
+        exports while this is so: controller/tracing.py)."""
+        return self._in_flight > 0
+
+    def started(self) -> None:
+        with self._cond:
+            self._in_flight += 1
+
+    def finished(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
 
     def enter(self, rank: int, timeout: float) -> bool:
         """True once a slot is this caller's (leave() it); False after `timeout`."""
@@ -111,12 +125,22 @@ class GateSlot:
     def __init__(self, gate: TakeoverGate | None, rank: int, cancelled: Callable[[], bool]) -> None:
         self.gate, self.rank, self.cancelled = gate, rank, cancelled
         self.held = False
+        if gate is not None:
+            gate.started()
+        self._finished = gate is None
 
     def enter(self, timeout: float) -> bool:
         if self.gate is None:
             return True
         self.held = self.gate.enter(self.rank, timeout)
         return self.held
+
+    def finish(self) -> None:
+        """The takeover is over (or never started): leave the slot and stop counting as in flight."""
+        self.leave()
+        if not self._finished and self.gate is not None:
+            self._finished = True
+            self.gate.finished()
 
     def leave(self) -> None:
         if self.gate is not None and self.held:

@@ -56,11 +56,14 @@ def read_specs(path: str) -> dict[str, dict[str, Any]]:
         else:
             with open(path, "rb") as fh:
                 raw = fh.read(MAX_FILE_BYTES + 1)
-        text = raw.decode()
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ValueError(f"{path}: cannot be read: {exc}") from None
     if len(raw) > MAX_FILE_BYTES:
         raise ValueError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8: {exc}") from None
     try:
         # No anchors and aliases: a few lines of them expand into gigabytes when the specs are encoded.
         if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
@@ -267,7 +270,9 @@ def cmd_drain(store: Coordination, args: argparse.Namespace) -> int:
         return 0
 
     def moved(v: ClusterView) -> tuple[bool, str]:
-        left = [n for n in moving if not _served_elsewhere(v, n, args.node)]
+        # Also what it took meanwhile (a drained node is the last resort) or was taking when we looked.
+        held = [n for n in v.vfs_names() if (o := v.owner(n)) is not None and o.node == args.node]
+        left = sorted(set(held) | {n for n in moving if not _served_elsewhere(v, n, args.node)})
         return not left, "; ".join(f"{n}: {_stuck_reason(v, n, args.node)}" for n in left)
 
     return _wait(store, args.timeout, moved, f"{args.node} holds nothing; what it held serves elsewhere")

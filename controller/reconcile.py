@@ -181,6 +181,7 @@ class VfsReconciler:
             return min(wait, BUSY_SECONDS)
         slot = GateSlot(self.ctx.takeovers, rank, self._stop.is_set)
         if not slot.enter(RETRY_SECONDS):
+            slot.finish()
             return 0.0  # every slot busy: decide again (another node may have taken it meanwhile)
         try:
             spec = self._still_to_acquire()  # the wait for the slot may have changed the picture
@@ -189,7 +190,7 @@ class VfsReconciler:
             self._placement.reset()
             acquired = self.act.acquire(spec, cause if rank == 0 else "placement", slot)
         finally:
-            slot.leave()
+            slot.finish()
         if acquired:
             return 0.0
         return None  # the owner transaction's compare failed: what changed wakes us (never a tight loop)

@@ -128,6 +128,9 @@ class Agent:
                                 hold_off=lambda: max(0.0, self._quiet_until - time.monotonic()),
                                 takeovers=TakeoverGate(cfg.takeover_limit()),
                                 refuses=self.policy.refuses, note_refusal=self._note_refusal)
+        gate = self.ctx.takeovers
+        assert gate is not None
+        tracing.defer_while(gate.busy)  # span exports wait for a takeover storm to pass
 
     def _steps(self) -> list[Step]:
         steps = takeover_steps(self.host)
@@ -650,6 +653,7 @@ def _start_failed(exc: BaseException) -> int:
 
 def _flush(provider: object) -> None:
     """Export what is queued, but never let a dead collector hold up the exit for long."""
+    tracing.stop_deferring()
     t = threading.Thread(target=provider.shutdown, daemon=True, name="trace-flush")
     t.start()
     t.join(timeout=3.0)

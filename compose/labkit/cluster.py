@@ -240,9 +240,11 @@ class LabCluster:
         if self.agent_args is not None:
             argv += self.agent_args(node)
         argv += list(extra)
-        # Never the default (/var/log/nfs-ha on the host, shared by every lab node): this run's directory.
-        span_dir = self.span_dir if self.span_dir is not None else self.logdir
-        argv += ["--span-file", str(span_dir / f"spans-{node}.jsonl")]
+        # Never the default (/var/log/nfs-ha on the host, shared by every lab node): this run's directory,
+        # unless the caller chose (e.g. --span-file=off).
+        if not any(a == "--span-file" or a.startswith("--span-file=") for a in argv):
+            span_dir = self.span_dir if self.span_dir is not None else self.logdir
+            argv += ["--span-file", str(span_dir / f"spans-{node}.jsonl")]
         # All lab nodes share one kernel: a disk another node has taken over is "in use" to this node's
         # O_EXCL release check too (node/storage.py); never set on a real node.
         env = {"NFS_HA_LAB_SHARED_KERNEL": "1", **self.agent_env}

@@ -103,7 +103,7 @@ def test_planned_move_is_one_trace_across_both_nodes(traced: Any) -> None:
         names = {k["name"] for k in kids}
         return (move, kids, spans) if {"vfs.release", "vfs.takeover"} <= names else None
 
-    move, kids, spans = wait_for(move_trace, 20, "a vfs.move trace with release and takeover")
+    move, kids, spans = wait_for(move_trace, 30, "a vfs.move trace with release and takeover")
     release = next(k for k in kids if k["name"] == "vfs.release")
     takeover = next(k for k in kids if k["name"] == "vfs.takeover")
     assert move["host"] == "node-a" and release["host"] == "node-a" and takeover["host"] == "node-b"
@@ -121,11 +121,17 @@ def test_planned_move_is_one_trace_across_both_nodes(traced: Any) -> None:
     assert_inside(release, children(spans, release))
 
     # The same failover as a local timeline, read from the agents' span files.
-    files = [a for f in sorted(cluster.span_dir.glob("spans-*.jsonl")) for a in ("--file", str(f))]
-    wait_for(lambda: len(files) == 4, 5, "span files")
-    out = subprocess.run([str(cluster.bindir / "nfs-ha"), "timeline", "home", "--last", "5", *files],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
+    def span_files() -> list[str]:
+        return [a for f in sorted(cluster.span_dir.glob("spans-*.jsonl")) for a in ("--file", str(f))]
+
+    def timeline() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(cluster.bindir / "nfs-ha"), "timeline", "home", "--last", "5", *span_files()],
+                              capture_output=True, text=True, timeout=30)
+
+    # The agents write their spans every few seconds (controller/tracing.py EXPORT_SECONDS).
+    out = wait_for(lambda: (r := timeline()).returncode == 0 and r.stdout.startswith(f"trace {move['trace']}")
+                   and "vfs.takeover" in r.stdout.split("\n\n")[0] and r, 30, "the move in the span files")
+    files = span_files()
     block = out.stdout.split("\n\n")[0]  # newest failover first: this move
     assert block.startswith(f"trace {move['trace']}"), out.stdout
     rows = [line.split()[0] for line in block.splitlines()[2:] if line.strip()]
@@ -149,7 +155,7 @@ def test_node_kill_trace_shows_detection_and_steps(traced: Any) -> None:
         roots = [s for s in spans if s["name"] == "vfs.takeover" and s["attrs"].get("nfs_ha.epoch") == row["epoch"]]
         return (roots[0], spans) if roots and roots[0]["parent"] == "" else None
 
-    root, spans = wait_for(takeover, 20, "the takeover trace after the kill")
+    root, spans = wait_for(takeover, 30, "the takeover trace after the kill")
     assert root["host"] == row["owner"]
     assert root["attrs"]["nfs_ha.cause"] == "node_lost"
     assert root["attrs"]["nfs_ha.previous_owner"] == "node-a"

@@ -160,3 +160,46 @@ def test_the_arp_probe_waits_for_answers_without_a_slot() -> None:
     rec.reconcile()
     assert free_during_probe == [True] and rec.holding is not None and len(mount.up_at) == 1
     assert gate.enter(0, timeout=0.1)  # given back at the end
+
+
+def test_the_gate_is_busy_from_a_takeovers_first_wait_to_its_finish() -> None:
+    from controller.gate import GateSlot, TakeoverGate
+
+    gate = TakeoverGate(1)
+    assert not gate.busy()
+    first = GateSlot(gate, 0, lambda: False)
+    assert gate.busy() and first.enter(1.0)
+    second = GateSlot(gate, 0, lambda: False)
+    assert not second.enter(0.05)  # waiting for a slot counts as busy too
+    second.finish()
+    with first.outside():  # out of its slot (an ARP probe): still in flight
+        assert gate.busy()
+    first.finish()
+    first.finish()  # safe twice
+    assert not gate.busy()
+
+
+def test_span_exports_wait_for_a_takeover_storm_to_pass(monkeypatch) -> None:
+    import time
+
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    from controller import tracing
+
+    exported: list[float] = []
+
+    class Inner:
+        def export(self, spans):
+            exported.append(time.monotonic())
+            return SpanExportResult.SUCCESS
+
+    busy_until = time.monotonic() + 0.5
+    monkeypatch.setattr(tracing, "_busy", lambda: time.monotonic() < busy_until)
+    started = time.monotonic()
+    assert tracing._Deferred(Inner()).export([]) is SpanExportResult.SUCCESS
+    assert exported[0] >= busy_until
+    monkeypatch.setattr(tracing, "DEFER_SECONDS", 0.2)
+    monkeypatch.setattr(tracing, "_busy", lambda: True)  # a takeover that never ends delays, never drops
+    started = time.monotonic()
+    tracing._Deferred(Inner()).export([])
+    assert len(exported) == 2 and exported[1] - started < 1.0
