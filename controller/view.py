@@ -282,20 +282,9 @@ class ViewIndex:
                 _add(self.by_device, spec.storage.device, name)
 
     def _set_owner(self, name: str, record: KeyRecord | None) -> None:
-        old = self.owner_vip.pop(name, None)
-        if old is not None:
-            _discard(self.owners_by_vip, old, name)
-        vip = _owner_vip(record) if record is not None else None
-        if vip is not None:
-            self.owner_vip[name] = vip
-            _add(self.owners_by_vip, vip, name)
-        old = self.owner_device.pop(name, None)
-        if old is not None:
-            _discard(self.owners_by_device, old, name)
-        device = _owner_device(record) if record is not None else None
-        if device is not None:
-            self.owner_device[name] = device
-            _add(self.owners_by_device, device, name)
+        _reindex(name, _owner_vip(record) if record is not None else None, self.owner_vip, self.owners_by_vip)
+        _reindex(name, _owner_device(record) if record is not None else None, self.owner_device,
+                 self.owners_by_device)
 
     def rivals(self, name: str) -> frozenset[str]:
         """VFS whose spec shares a VIP or device with `name`'s spec (itself included)."""
@@ -306,6 +295,16 @@ class ViewIndex:
         if spec.storage is not None:
             found |= self.by_device.get(spec.storage.device, frozenset())
         return found
+
+
+def _reindex(name: str, value: str | None, of: dict[str, str], by: dict[str, frozenset[str]]) -> None:
+    """`name` now has `value` (None: none): `of` maps names to values, `by` values to names."""
+    old = of.pop(name, None)
+    if old is not None:
+        _discard(by, old, name)
+    if value is not None:
+        of[name] = value
+        _add(by, value, name)
 
 
 def parse_epoch_base(value: bytes | None) -> int:

@@ -138,8 +138,6 @@ class Agent:
             steps.insert(0, WatchdogStep(self.watchdog))
         return steps
 
-    # --- node registration -------------------------------------------------------------
-
     # --- metrics and health (node/observe.py) ----------------------------------------------------
 
     def ready(self) -> bool:
@@ -194,6 +192,8 @@ class Agent:
             if h.deadline - now < h.ttl / 4:
                 problems.append(f"{rec.vfs}: {h.deadline - now:.2f}s to its self-fence deadline (keepalives late)")
         return problems
+
+    # --- node registration -------------------------------------------------------------
 
     def _registration(self) -> str:
         refused, refused_more = self._published_refusals()
@@ -553,10 +553,11 @@ def _set_log_level(level: int) -> None:
         logging.getLogger(noisy).setLevel(max(logging.INFO, level))
 
 
-def _reload_log_level(argv: list[str] | None) -> None:
-    """SIGHUP: the log level of the configuration as loaded now; nothing else changes."""
+def _reload_log_level(argv: list[str] | None, environ: dict[str, str]) -> None:
+    """SIGHUP: the log level of the configuration as loaded now; nothing else changes. `environ`: the
+    environment as at start (the password taken out of os.environ since)."""
     try:
-        level = _log_level(agent_config.load(argv).log_level)
+        level = _log_level(agent_config.load(argv, environ).log_level)
     except (ValueError, OSError) as exc:
         log.warning("SIGHUP: configuration not reloaded, log level kept: %s", exc)
         return
@@ -574,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     signals: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda num, _frame: signals.append(num))
+    start_environ = dict(os.environ)
     try:
         cfg, options = agent_config.load_with_options(argv)
         level = _log_level(cfg.log_level)
@@ -613,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         count = len(signals)
         new, handled = signals[handled:count], count
         if signal.SIGHUP in new:
-            _reload_log_level(argv)
+            _reload_log_level(argv, start_environ)
         if signal.SIGTERM in new or signal.SIGINT in new:
             break
         if outcome and outcome[0] is not None:

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -221,12 +222,15 @@ def _coerce(name: str, value: Any) -> Any:
     return str(value)
 
 
-def load(argv: list[str] | None = None) -> AgentConfig:
-    return load_with_options(argv)[0]
+def load(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    return load_with_options(argv, environ)[0]
 
 
-def load_with_options(argv: list[str] | None = None) -> tuple[AgentConfig, argparse.Namespace]:
-    """The configuration, and the options that are no setting (--check-config)."""
+def load_with_options(argv: list[str] | None = None,
+                      environ: Mapping[str, str] | None = None) -> tuple[AgentConfig, argparse.Namespace]:
+    """The configuration, and the options that are no setting (--check-config). `environ`: the
+    NFS_HA_* variables to use (default os.environ)."""
+    environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(prog="nfs-ha-agent", description="nfs-ha node agent")
     parser.add_argument("--config", help="TOML file with the same keys as the long options (underscores)")
     parser.add_argument("--check-config", action="store_true",
@@ -274,7 +278,7 @@ def load_with_options(argv: list[str] | None = None) -> tuple[AgentConfig, argpa
     args = parser.parse_args(argv)
 
     values: dict[str, Any] = {}
-    config_file = args.config or os.environ.get("NFS_HA_CONFIG")
+    config_file = args.config or environ.get("NFS_HA_CONFIG")
     if config_file:
         check_private("config file", config_file, forbidden=0o026,
                       why="it may hold a password and names commands run as root")
@@ -287,7 +291,7 @@ def load_with_options(argv: list[str] | None = None) -> tuple[AgentConfig, argpa
             check_private("config file", config_file, why="it holds etcd_password")
         values.update({k.replace("-", "_"): v for k, v in data.items()})
     for f in fields(AgentConfig):
-        env = os.environ.get(f"NFS_HA_{f.name.upper()}")
+        env = environ.get(f"NFS_HA_{f.name.upper()}")
         if env is not None:
             values[f.name] = env
         cli = getattr(args, f.name, None)

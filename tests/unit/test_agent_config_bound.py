@@ -56,3 +56,14 @@ def test_check_config_names_the_bad_setting_without_a_traceback(args: list[str],
     code, out, err = check_config(*BASE, *args)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert "pw@" not in err + out
+
+
+def test_the_environment_to_load_from_can_be_given() -> None:
+    """SIGHUP reloads from the environment the agent started with: the password was taken out of
+    os.environ by then (so that no child inherits it)."""
+    env = {"NFS_HA_ETCD_USER": "node-a", "NFS_HA_ETCD_PASSWORD": "pw", "NFS_HA_LOG_LEVEL": "warning"}
+    cfg = config.load(["--name", "node-a", "--etcd", "https://127.0.0.1:2379", "--interface", "eth0"], env)
+    assert cfg.etcd_password == "pw" and cfg.log_level == "warning"
+    with pytest.raises(ValueError, match="etcd_user needs a password"):
+        config.load(["--name", "node-a", "--etcd", "https://127.0.0.1:2379", "--interface", "eth0"],
+                    {"NFS_HA_ETCD_USER": "node-a"})
