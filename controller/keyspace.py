@@ -7,8 +7,8 @@
     <prefix>/vfs/<vfs>/status   JSON status, written by the owner (or the status writer)
     <prefix>/vfs/<vfs>/pause    operator-written (`nfs-ha pause VFS`): nothing moves (placement.py)
     <prefix>/nodes/<node>       node registration, bound to the node's lease
-    <prefix>/drain/<node>       operator-written (`nfs-ha drain NODE`): no VFS is placed on the node,
-                                and what it holds moves away where another candidate can take it
+    <prefix>/drain/<node>       operator-written (`nfs-ha drain NODE`): the node is the last resort of
+                                placement, and what it holds moves where another candidate can take it
     <prefix>/pause              operator-written (`nfs-ha pause --all`): nothing moves, cluster-wide
     <prefix>/epoch-base         operator-written integer (`nfs-ha raise-epoch N`), only ever raised:
                                 storage epoch = epoch-base + owner create_revision

@@ -355,7 +355,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--clear", action="store_true", help="remove the intent: placement decides again")
     waiting(p, False, 60.0)
     p.set_defaults(func=cmd_move)
-    p = sub.add_parser("drain", help="move every VFS away from a node and place nothing on it")
+    p = sub.add_parser("drain", help="move every VFS away from a node; place VFS there only as the last resort")
     p.add_argument("node", type=_name("node name"))
     waiting(p, True, 300.0)
     p.set_defaults(func=cmd_drain)
