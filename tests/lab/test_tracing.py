@@ -181,10 +181,16 @@ def test_collector_down_does_not_break_failover(cluster: Cluster, tmp_path: Path
         cluster.put_intent("home", target)
         cluster.wait_serving("home", target, timeout=20)
         cluster.wait_served_by(vip, target)
-    time.sleep(3)  # let the exporter try and fail a few times
-    logs = "".join(cluster.agent_log(n).read_text() for n in ("node-a", "node-b"))
-    assert "Traceback" not in logs
-    assert not [line for line in logs.splitlines() if " ERROR " in line or " CRITICAL " in line]
-    tried = [line for line in logs.splitlines() if " WARNING " in line and "10.77.0.99:4317" in line]
-    assert tried, "the exporter should have tried and warned"
-    assert len(tried) <= 4, tried  # once a minute per agent, not once per retry
+    def logs() -> str:
+        return "".join(cluster.agent_log(n).read_text() for n in ("node-a", "node-b"))
+
+    def tried() -> list[str]:
+        return [line for line in logs().splitlines() if " WARNING " in line and "10.77.0.99:4317" in line]
+
+    # Spans go out every few seconds (controller/tracing.py EXPORT_SECONDS), and a failed export is retried
+    # for a while before the exporter warns: wait for the warning, then a little longer for any repeats.
+    wait_for(tried, 40, "the exporter to try and warn")
+    time.sleep(3)
+    assert "Traceback" not in logs()
+    assert not [line for line in logs().splitlines() if " ERROR " in line or " CRITICAL " in line]
+    assert len(tried()) <= 4, tried()  # once a minute per agent, not once per retry
