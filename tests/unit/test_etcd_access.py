@@ -167,8 +167,10 @@ def test_a_store_works_over_tls_with_a_password_and_renews_an_expired_token(secu
     store = EtcdStore(access(secure_etcd, certs, user="node-a", password="pw-a"))
     try:
         store.put("/nfs-ha/t/a", "1")
+        first_token = store._client.metadata
         time.sleep(3.5)  # the token expires after 2 s without use (etcd --auth-token-ttl 2)
         assert store.get("/nfs-ha/t/a").value == b"1"  # logged in again, and the call retried
+        assert store._client.metadata not in (None, first_token)  # a new token: the old one was refused
         with pytest.raises(StoreError, match="etcd RBAC: node-a lacks a role") as err:
             store.put("/elsewhere", "1")
         assert err.value.refused

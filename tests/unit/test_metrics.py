@@ -142,7 +142,9 @@ def test_a_taken_port_leaves_the_agent_without_metrics_not_without_service() -> 
 
 
 def test_scrapers_are_answered_from_a_cache_and_cannot_hold_every_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(observe, "CACHE_SECONDS", 60.0)  # a loaded machine must not make it expire mid-test
+    # A loaded machine must not let the cache expire, or an idle connection time out, mid-test.
+    monkeypatch.setattr(observe, "CACHE_SECONDS", 60.0)
+    monkeypatch.setattr(observe, "TIMEOUT", 60.0)
     calls: list[int] = []
     srv = ObservabilityServer(f"127.0.0.1:{free_port()}", metrics.REGISTRY, lambda: calls.append(1) or [],
                               lambda: True)
