@@ -40,7 +40,7 @@ StoreError (controller.store).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -215,6 +215,11 @@ class KeyStore(Protocol):
         was applied."""
         ...
 
+    def put_all_if_unchanged(self, items: Sequence[tuple[str, str, KeyRecord | None]]) -> bool:
+        """put_if_unchanged for several keys in one transaction: all of them (one revision) or none.
+        At most 128 keys (etcd's --max-txn-ops)."""
+        ...
+
     def close(self) -> None:
         """Release the connections and end the watch (no further batch, no error). Idempotent.
 
@@ -316,10 +321,10 @@ class Coordination:
     def clear_intent(self, vfs: str) -> None:
         self.store.delete(self.keyspace.intent(vfs))
 
-    def put_spec(self, vfs: str, spec: str, seen: KeyRecord | None) -> bool:
-        """Write a VFS's spec iff it is still as `seen` (None: absent), so two operators' applies
-        cannot silently overwrite each other."""
-        return self.store.put_if_unchanged(self.keyspace.spec(vfs), spec, seen)
+    def put_specs(self, specs: Sequence[tuple[str, str, KeyRecord | None]]) -> bool:
+        """Write VFS specs (name, spec, as seen) in one transaction, iff every one is still as seen
+        (None: absent): all or none, and two operators' applies cannot silently overwrite each other."""
+        return self.store.put_all_if_unchanged([(self.keyspace.spec(vfs), spec, seen) for vfs, spec, seen in specs])
 
     def delete_vfs(self, vfs: str) -> None:
         """Delete what operators wrote for a VFS (spec, intent, pause). Its holder then releases it

@@ -396,11 +396,15 @@ class MemStore:
             return True
 
     def put_if_unchanged(self, key: str, value: str, seen: KeyRecord | None) -> bool:
-        data = _bytes(value)
+        return self.put_all_if_unchanged([(key, value, seen)])
+
+    def put_all_if_unchanged(self, items: Sequence[tuple[str, str, KeyRecord | None]]) -> bool:
+        puts = [(key, _bytes(value)) for key, value, _seen in items]
         with self._op() as etcd:
-            _check_request([(key, data)], compares=1)
-            rec = etcd.keys.get(key)
-            if (rec.mod_revision if rec else None) != (seen.mod_revision if seen else None):
-                return False
-            etcd.commit([(key, data, 0)])
+            _check_request(puts, compares=len(items))
+            for key, _value, seen in items:
+                rec = etcd.keys.get(key)
+                if (rec.mod_revision if rec else None) != (seen.mod_revision if seen else None):
+                    return False
+            etcd.commit([(key, data, 0) for key, data in puts])
             return True

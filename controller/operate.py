@@ -2,8 +2,9 @@
 
 - Specs are checked by the agents' own code (controller/spec.py, and the view's VIP and device
   clash checks) before anything is written; one bad VFS in a file writes nothing at all.
-- `apply` writes only what changed, each spec compare-and-set against the version it diffed with,
-  so two operators cannot silently overwrite each other; `--dry-run` shows the diff and stops.
+- `apply` writes only what changed, in one transaction that compares every spec with the version it
+  diffed with: all or none, and two operators cannot silently overwrite each other (more than
+  SPECS_PER_TXN changed specs go in parts, each all or none); `--dry-run` shows the diff and stops.
 - `--wait` commands poll the keyspace (every 0.25 s) until the agents have done it, and say why not
   when they give up: the node refuses, is down, drained or backing off, or the VFS is paused.
 Exit codes: 0 done, 1 waited and not done (the reason printed), 2 bad input or etcd failed.
@@ -29,6 +30,7 @@ from controller.status import wall_clock
 from controller.view import ClusterView, KeyRecord
 
 POLL_SECONDS = 0.25
+SPECS_PER_TXN = 100  # under etcd's --max-txn-ops (128): one compare and one put per spec
 MAX_FILE_BYTES = 4 * 1024 * 1024
 
 
@@ -155,11 +157,16 @@ def cmd_apply(store: Coordination, args: argparse.Namespace) -> int:
     if args.dry_run or not changes:
         print(f"{len(changes)} VFS would change (dry run)" if args.dry_run else "nothing to change")
         return 0
-    for name, new, old in changes:
-        if not store.put_spec(name, new, old):
-            return _fail(f"{name}: its spec changed in etcd since it was read; nothing more written (run apply "
-                         "again to see the new diff)")
-        print(f"{name}: {'changed' if old else 'created'}")
+    # One transaction: every changed spec, or none (each compared with the version diffed above).
+    # etcd takes at most 128 operations per transaction; a bigger apply goes in parts, each all or none.
+    parts = [changes[i:i + SPECS_PER_TXN] for i in range(0, len(changes), SPECS_PER_TXN)]
+    for number, part in enumerate(parts, 1):
+        if not store.put_specs([(name, new, old) for name, new, old in part]):
+            done = "nothing written" if number == 1 else f"the first {number - 1} of {len(parts)} parts written"
+            return _fail(f"a spec of {', '.join(n for n, _new, _old in part)} changed in etcd since it was read; "
+                         f"{done} (run apply again to see the new diff)")
+        for name, _new, old in part:
+            print(f"{name}: {'changed' if old else 'created'}")
     return 0
 
 

@@ -352,11 +352,15 @@ class EtcdStore:
 
     def put_if_unchanged(self, key: str, value: str, seen: KeyRecord | None) -> bool:
         """Put iff the key is still as `seen` (same mod_revision; absent if None): compare-and-set."""
+        return self.put_all_if_unchanged([(key, value, seen)])
+
+    def put_all_if_unchanged(self, items: Sequence[tuple[str, str, KeyRecord | None]]) -> bool:
+        """put_if_unchanged of several keys in one transaction: all or none."""
         c = self._client
-        compare = ([c.transactions.mod(key) == seen.mod_revision] if seen is not None
-                   else [c.transactions.create(key) == 0])
-        ok, _ = self._call("compare-and-set", lambda: c.transaction(
-            compare=compare, success=[c.transactions.put(key, value)], failure=[]))
+        compare = [c.transactions.mod(key) == seen.mod_revision if seen is not None
+                   else c.transactions.create(key) == 0 for key, _value, seen in items]
+        success = [c.transactions.put(key, value) for key, value, _seen in items]
+        ok, _ = self._call("compare-and-set", lambda: c.transaction(compare=compare, success=success, failure=[]))
         return bool(ok)
 
 

@@ -308,6 +308,20 @@ def test_put_if_unchanged(env: Env) -> None:
     assert s.get(key) is None
 
 
+def test_put_all_if_unchanged_is_all_or_none(env: Env) -> None:
+    s, a, b = env.store, env.key("a"), env.key("b")
+    assert s.put_all_if_unchanged([(a, "1", None), (b, "1", None)])
+    seen_a, seen_b = s.get(a), s.get(b)
+    assert seen_a is not None and seen_b is not None
+    assert seen_a.mod_revision == seen_b.mod_revision  # one transaction, one revision
+    s.put(b, "other")
+    assert not s.put_all_if_unchanged([(a, "2", seen_a), (b, "2", seen_b)])  # b changed: nothing written
+    assert s.get(a) == seen_a and s.get(b).value == b"other"
+    fresh_b = s.get(b)
+    assert s.put_all_if_unchanged([(a, "3", seen_a), (b, "3", fresh_b)])
+    assert (s.get(a).value, s.get(b).value) == (b"3", b"3")
+
+
 def test_grant_keepalive_revoke(env: Env) -> None:
     s, k = env.store, env.key
     lease, ttl = s.grant(5)

@@ -152,8 +152,29 @@ def test_apply_refuses_to_overwrite_a_spec_changed_since_it_was_read(tmp_path: P
     monkeypatch.setattr(operate, "_view", racing)
     changed = write(tmp_path, YAML.replace("[node-a, node-b]", "[node-b]"), "changed.yaml")
     assert operate.cmd_apply(s, ns(file=changed, dry_run=False)) == 2
-    assert "its spec changed in etcd since it was read" in capsys.readouterr().err
+    assert "a spec of home changed in etcd since it was read; nothing written" in capsys.readouterr().err
     assert json.loads(s.spec_record("home").value)["candidates"] == ["node-c"]
+
+
+def test_apply_writes_every_changed_spec_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Two specs change; another operator changes one of them meanwhile: neither is written."""
+    s = store()
+    assert operate.cmd_apply(s, ns(file=write(tmp_path, YAML), dry_run=False)) == 0
+    before = {n: s.spec_record(n) for n in ("home", "work")}
+    real_view = operate._view
+
+    def racing(st: Coordination) -> object:
+        view = real_view(st)
+        st.store.put(st.keyspace.spec("work"), '{"vip": "10.77.0.101/24", "candidates": ["node-c"]}')
+        return view
+
+    monkeypatch.setattr(operate, "_view", racing)
+    both = write(tmp_path, YAML.replace("candidates: [node-a, node-b]", "candidates: [node-a]")
+                 .replace("candidates: [node-b, node-a]", "candidates: [node-b]"), "both.yaml")
+    assert operate.cmd_apply(s, ns(file=both, dry_run=False)) == 2
+    assert "nothing written" in capsys.readouterr().err
+    assert s.spec_record("home") == before["home"]  # not written although its own compare held
 
 
 def test_move_wait_says_why_the_vfs_is_not_there(capsys: pytest.CaptureFixture[str]) -> None:
