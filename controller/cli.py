@@ -165,7 +165,7 @@ def cmd_status(store: Coordination, args: argparse.Namespace) -> int:
             try:
                 code = _status_once(store, args)
             except Exception as exc:  # a watch goes on through etcd outages (and anything else)
-                code = _fail(str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
+                code = operate.fail(str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}")
             sys.stdout.flush()
             time.sleep(args.watch)
     except KeyboardInterrupt:
@@ -192,7 +192,7 @@ def cmd_raise_epoch(store: Coordination, args: argparse.Namespace) -> int:
     is only ever raised (compare-and-set), so two operators cannot lower it by racing."""
     text = args.epoch.strip()
     if not text.isascii() or not text.isdigit() or not 0 < int(text) <= MAX_EPOCH:
-        return _fail(f"epoch must be a whole number from 1 to {MAX_EPOCH}, got {args.epoch!r}")
+        return operate.fail(f"epoch must be a whole number from 1 to {MAX_EPOCH}, got {args.epoch!r}")
     wanted = int(text)
     for _ in range(10):
         rec = store.epoch_base_record()
@@ -203,7 +203,7 @@ def cmd_raise_epoch(store: Coordination, args: argparse.Namespace) -> int:
         if store.set_epoch_base(wanted, rec):
             print(f"epoch base raised from {current} to {wanted}: new owners' storage epochs are above {wanted}")
             return 0
-    return _fail("the epoch base kept changing under us; try again")
+    return operate.fail("the epoch base kept changing under us; try again")
 
 
 def _interval(text: str) -> float:
@@ -215,10 +215,6 @@ def _interval(text: str) -> float:
         raise argparse.ArgumentTypeError("the interval must be 0.1 to 3600 seconds")
     return value
 
-
-def _fail(message: str) -> int:
-    print(f"nfs-ha: {message}", file=sys.stderr)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,14 +250,14 @@ def main(argv: list[str] | None = None) -> int:
                                           password_file=args.etcd_password_file)
         store = Coordination(EtcdStore(access, timeout=5.0), Keyspace(args.prefix))
     except ValueError as exc:
-        return _fail(str(exc))
+        return operate.fail(str(exc))
     try:
         return int(args.func(store, args))
     except StoreError as exc:
         if args.cmd == "validate":  # the file is still checked on its own
             print(f"nfs-ha: not checked against the stored specs: {exc}", file=sys.stderr)
             return int(operate.cmd_validate(None, args))
-        return _fail(str(exc))
+        return operate.fail(str(exc))
     finally:
         store.close()
 

@@ -34,7 +34,8 @@ SPECS_PER_TXN = 100  # under etcd's --max-txn-ops (128): one compare and one put
 MAX_FILE_BYTES = 4 * 1024 * 1024
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
+    """Say what went wrong the CLI's way (stderr) and return its exit code for it (2)."""
     print(f"nfs-ha: {message}", file=sys.stderr)
     return 2
 
@@ -127,11 +128,11 @@ def cmd_validate(store: Coordination | None, args: argparse.Namespace) -> int:
     try:
         specs = read_specs(args.file)
     except ValueError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if store is not None:
         problems = check_against(_view(store), specs)
         if problems:
-            return _fail("; ".join(problems))
+            return fail("; ".join(problems))
     print(f"{len(specs)} VFS valid: {', '.join(sorted(specs))}")
     return 0
 
@@ -140,11 +141,11 @@ def cmd_apply(store: Coordination, args: argparse.Namespace) -> int:
     try:
         specs = read_specs(args.file)
     except ValueError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     view = _view(store)
     problems = check_against(view, specs)
     if problems:
-        return _fail("nothing written: " + "; ".join(problems))
+        return fail("nothing written: " + "; ".join(problems))
     changes = []
     for name in sorted(specs):
         new, old = canonical(specs[name]), view.keys.get(view.keyspace.spec(name))
@@ -163,7 +164,7 @@ def cmd_apply(store: Coordination, args: argparse.Namespace) -> int:
     for number, part in enumerate(parts, 1):
         if not store.put_specs([(name, new, old) for name, new, old in part]):
             done = "nothing written" if number == 1 else f"the first {number - 1} of {len(parts)} parts written"
-            return _fail(f"a spec of {', '.join(n for n, _new, _old in part)} changed in etcd since it was read; "
+            return fail(f"a spec of {', '.join(n for n, _new, _old in part)} changed in etcd since it was read; "
                          f"{done} (run apply again to see the new diff)")
         for name, _new, old in part:
             print(f"{name}: {'changed' if old else 'created'}")
@@ -175,7 +176,7 @@ def cmd_delete(store: Coordination, args: argparse.Namespace) -> int:
     then its status goes. --wait (default) returns once nothing of it is left but what the agents keep."""
     view = _view(store)
     if not view.has_spec(args.vfs):
-        return _fail(f"VFS {args.vfs!r} has no spec")
+        return fail(f"VFS {args.vfs!r} has no spec")
     owner = view.owner(args.vfs)
     store.delete_vfs(args.vfs)
     print(f"{args.vfs}: spec deleted" + (f"; {owner.node} releases it" if owner else ""))
@@ -192,19 +193,19 @@ def cmd_move(store: Coordination, args: argparse.Namespace) -> int:
     view = _view(store)
     config = view.config(args.vfs)
     if not view.has_spec(args.vfs):
-        return _fail(f"VFS {args.vfs!r} has no spec")
+        return fail(f"VFS {args.vfs!r} has no spec")
     if args.clear:
         store.clear_intent(args.vfs)
         print(f"intent for {args.vfs} cleared: placement decides again")
         return 0
     if args.node is None:
-        return _fail("move needs NODE, or --clear")
+        return fail("move needs NODE, or --clear")
     if config.spec is None:
-        return _fail(f"VFS {args.vfs!r} has an invalid spec: {config.error}")
+        return fail(f"VFS {args.vfs!r} has an invalid spec: {config.error}")
     try:
         parse_intent(args.node.encode(), config.spec)
     except SpecError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     store.put_intent(args.vfs, args.node)
     print(f"intent for {args.vfs}: {args.node}")
     if not args.wait:
@@ -321,7 +322,7 @@ def cmd_undrain(store: Coordination, args: argparse.Namespace) -> int:
 def cmd_pause(store: Coordination, args: argparse.Namespace) -> int:
     target = None if args.all else args.vfs
     if target is not None and not _view(store).has_spec(target):
-        return _fail(f"VFS {target!r} has no spec")
+        return fail(f"VFS {target!r} has no spec")
     store.set_pause(target, json.dumps({"since": wall_clock(), "by": "nfs-ha pause"}))
     print(f"{'every VFS' if target is None else target} paused: nothing moves; holders keep holding")
     return 0

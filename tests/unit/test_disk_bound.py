@@ -503,22 +503,16 @@ def test_the_release_bound_clock_on_a_fake_clock() -> None:
 
 
 @dataclass
-class DeadServer:
+class DeadServer(Recorder):
     """An NFS server step stand-in whose server is dead and whose restart fails."""
 
     name: str = "nfs_server"
     critical_down: bool = False
-    has_down: bool = True
-    touches_shared: bool = True
-    starts: int = 0
 
     def up(self, ctx: TakeoverContext) -> None:
-        self.starts += 1
-        if self.starts > 1:
+        super().up(ctx)
+        if len(self.up_at) > 1:
             raise RuntimeError("ganesha.nfsd exited at once")
-
-    def down(self, ctx: TakeoverContext) -> None:
-        pass
 
     def healthy(self, ctx: TakeoverContext) -> bool:
         return False
@@ -531,7 +525,7 @@ def test_a_held_vfs_whose_nfs_server_cannot_be_restarted_is_released_with_the_re
     server = DeadServer()
     rec.ctx.steps.append(server)
     rec.reconcile()
-    assert rec.holding is not None and server.starts == 1
+    assert rec.holding is not None and len(server.up_at) == 1
     rec.reconcile()  # the health check: the restart fails
     assert rec.act.must_release == "nfs_server died and could not be restarted: ganesha.nfsd exited at once"
     rec.reconcile()  # the release
